@@ -1,0 +1,38 @@
+# Everything a fresh machine needs: `make test` and `make demo` build .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: venv data test test-all demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install $(TORCH_PINS)
+	$(PY) -m pip install -e ".[test,detection]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST is Debian's dataset-fashion-mnist; install it when we may (root), else the
+# library falls back to data.root=... or torchvision's download.
+data:
+	@if [ ! -d $(FMNIST_DIR) ] && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
+		|| echo "warning: could not apt-get install dataset-fashion-mnist"; fi
+
+test: venv data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: venv data
+	$(PY) -m pytest -m ""
+
+demo: venv data
+	$(VENV)/bin/diffkd demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,158 @@
+"""The diffusion half of DiffKD: noise schedule, DDIM denoising chain and noise predictors.
+
+All schedule arithmetic is float32 (the chain coefficients are float64 Python scalars), so it
+survives bf16/fp16 autocast, where the official release's `1 - abar_0` rounds to 0 and NaNs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+NUM_TRAIN_TIMESTEPS = 1000
+TIME_EMBEDDING_ROWS = 1280  # the official release's table size, kept for checkpoint compatibility
+
+
+class NoiseSchedule(nn.Module):
+    """Linear-beta DDPM schedule (beta 1e-4 -> 0.02 over T steps) with `add_noise` for training.
+
+    `alphas_cumprod` is a non-persistent buffer: it follows `.to(device)` but stays out of the
+    state dict, and it is kept in float32 even if the module is cast to half precision.
+    """
+
+    alphas_cumprod: Tensor
+
+    def __init__(self, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        self.num_train_timesteps = num_train_timesteps
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        abar = torch.cumprod(1.0 - betas, dim=0)
+        self.register_buffer("alphas_cumprod", abar, persistent=False)
+        self.abar_values: list[float] = abar.double().tolist()  # host copy for the chain's scalars
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        super()._apply(fn, *args, **kwargs)
+        if self.alphas_cumprod.dtype != torch.float32:
+            self.alphas_cumprod = self.alphas_cumprod.float()
+        return self
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per sample t, in float32."""
+        abar = self.alphas_cumprod.to(x0.device)[timesteps].view(-1, *([1] * (x0.dim() - 1)))
+        return abar.sqrt() * x0.float() + (1.0 - abar).sqrt() * noise.float()
+
+    def inference_timesteps(self, steps: int) -> list[int]:
+        """The last `steps` timesteps of a 2*steps DDIM schedule of stride T // (2*steps).
+
+        steps=5 gives 400, 300, 200, 100, 0: the paper's chain and its NFE ablation rule.
+        """
+        if steps < 1:
+            raise ValueError(f"inference_steps must be >= 1, got {steps}")
+        stride = self.num_train_timesteps // (2 * steps)
+        if stride < 1:
+            raise ValueError(f"inference_steps={steps} is too many for {self.num_train_timesteps} timesteps")
+        return [(steps - 1 - i) * stride for i in range(steps)]
+
+    def ddim_coefficients(self, steps: int) -> list[tuple[int, float, float]]:
+        """(t, a, b) per step so that x_prev = a * x + b * eps_hat (deterministic DDIM, eta = 0).
+
+        From x0_hat = (x - sqrt(1-abar_t) e) / sqrt(abar_t) and
+        x_prev = sqrt(abar_prev) x0_hat + sqrt(1-abar_prev) e, with abar_prev = 1 after t = 0.
+        """
+        timesteps = self.inference_timesteps(steps)
+        stride = self.num_train_timesteps // (2 * steps)
+        out = []
+        for t in timesteps:
+            abar_t = self.abar_values[t]
+            abar_prev = self.abar_values[t - stride] if t - stride >= 0 else 1.0
+            a = math.sqrt(abar_prev / abar_t)
+            b = math.sqrt(1.0 - abar_prev) - math.sqrt(abar_prev * (1.0 - abar_t) / abar_t)
+            out.append((t, a, b))
+        return out
+
+
+def ddim_step(x: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float) -> Tensor:
+    """One deterministic DDIM update written the textbook way (reference for the fused form)."""
+    x0_hat = (x - math.sqrt(1.0 - abar_t) * eps_hat) / math.sqrt(abar_t)
+    return math.sqrt(abar_prev) * x0_hat + math.sqrt(1.0 - abar_prev) * eps_hat
+
+
+def denoise(
+    x: Tensor, noise_predictor: Callable[[Tensor, int], Tensor], coefficients: list[tuple[int, float, float]]
+) -> Tensor:
+    """Run the DDIM chain from x (float32 state); gradients flow through every step."""
+    x = x.float()
+    for t, a, b in coefficients:
+        x = a * x + b * noise_predictor(x, t).float()
+    return x
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 1) -> list[nn.Module]:
+    """Conv (with bias, 'same' padding) followed by BatchNorm: the unit every box is made of."""
+    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout)]
+
+
+class Bottleneck(nn.Module):
+    """Residual bottleneck: 1x1 C->C/r, 3x3 C/r->C/r, 1x1 C/r->C (BN, ReLU between), plus input."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        mid = channels // reduction
+        self.block = nn.Sequential(
+            *conv_bn(channels, mid), nn.ReLU(inplace=True),
+            *conv_bn(mid, mid, 3), nn.ReLU(inplace=True),
+            *conv_bn(mid, channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x) + x
+
+
+class NoisePredictor(nn.Module):
+    """eps(x, t): a learned time embedding added to x, then a conv ("conv") or 1x1 MLP ("mlp") net."""
+
+    def __init__(self, channels: int, kind: str = "conv"):
+        super().__init__()
+        self.time_embedding = nn.Embedding(TIME_EMBEDDING_ROWS, channels)
+        if kind == "conv":
+            layers = [Bottleneck(channels), Bottleneck(channels), *conv_bn(channels, channels)]
+        elif kind == "mlp":
+            wide = 4 * channels
+            layers = [
+                *conv_bn(channels, wide), nn.ReLU(inplace=True),
+                *conv_bn(wide, channels),
+                *conv_bn(channels, wide), nn.ReLU(inplace=True),
+                nn.Conv2d(wide, channels, 1),
+            ]
+        else:
+            raise ValueError(f"unknown noise predictor kind {kind!r}; expected 'conv' or 'mlp'")
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, t: int | Tensor) -> Tensor:
+        if isinstance(t, int):
+            embedding = self.time_embedding.weight[t].view(1, -1, 1, 1)
+        else:
+            embedding = self.time_embedding(t.long()).view(t.shape[0], -1, 1, 1)
+        return self.layers(x + embedding)
+
+
+class AdaptiveNoiseMatcher(nn.Module):
+    """ANM: predicts per sample how much Gaussian noise to mix into the student latent (gamma)."""
+
+    def __init__(self, channels: int, kind: str = "conv"):
+        super().__init__()
+        if kind == "conv":
+            self.features = nn.Sequential(Bottleneck(channels, reduction=8), nn.AdaptiveAvgPool2d(1))
+        elif kind == "mlp":
+            self.features = nn.Sequential(
+                *conv_bn(channels, 2 * channels), nn.ReLU(inplace=True), *conv_bn(2 * channels, channels)
+            )
+        else:
+            raise ValueError(f"unknown noise matcher kind {kind!r}; expected 'conv' or 'mlp'")
+        self.head = nn.Linear(channels, 2)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """gamma in (0, 1), shape (B,): column 0 of a 2-way softmax."""
+        return self.head(self.features(z).flatten(1)).float().softmax(dim=1)[:, 0]

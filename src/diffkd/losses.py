@@ -1,0 +1,131 @@
+"""Distillation distances (DESIGN.md §4): KD, DIST, DKD, MSE and attention-weighted MSE.
+
+Every function computes in float32, whatever the autocast dtype of its inputs, so the losses stay
+finite under bf16/fp16. Dense maps (B,C,H,W) are treated as B*H*W samples of C classes.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Distance = Callable[[Tensor, Tensor], Tensor]
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """(B,K) stays; (B,C,H,W) -> (B*H*W, C): one row per sample (pixel), classes along columns."""
+    if x.dim() == 2:
+        return x.float()
+    if x.dim() == 4:
+        return x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    raise ValueError(f"expected logits of shape (B,K) or (B,C,H,W), got {tuple(x.shape)}")
+
+
+def _check_same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{what}: student and teacher shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}"
+        )
+
+
+def kd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0) -> Tensor:
+    """Hinton KD: tau^2 * KL(softmax(t/tau) || softmax(s/tau)), summed over classes, mean over samples."""
+    _check_same_shape(student, teacher, "kd_loss")
+    log_q = F.log_softmax(as_rows(student) / tau, dim=1)
+    log_p = F.log_softmax(as_rows(teacher) / tau, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * tau**2
+
+
+def pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of matching rows of a and b: centre each row, then cosine."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+
+
+def dist_loss(
+    student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0
+) -> Tensor:
+    """DIST: inter-class (per sample) plus intra-class (per class) Pearson relations of softmaxes."""
+    _check_same_shape(student, teacher, "dist_loss")
+    y_s = F.softmax(as_rows(student) / tau, dim=1)
+    y_t = F.softmax(as_rows(teacher) / tau, dim=1)
+    inter = 1.0 - pearson_rows(y_s, y_t).mean()
+    intra = 1.0 - pearson_rows(y_s.t(), y_t.t()).mean()
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def dkd_loss(
+    student: Tensor, teacher: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0
+) -> Tensor:
+    """DKD: alpha * target-class KD (binary) + beta * non-target KD (target masked out), times tau^2."""
+    _check_same_shape(student, teacher, "dkd_loss")
+    if student.dim() != 2:
+        raise ValueError(f"dkd_loss expects logits (B,K), got {tuple(student.shape)}")
+    if target.shape != student.shape[:1]:
+        raise ValueError(f"dkd_loss expects targets of shape ({student.shape[0]},), got {tuple(target.shape)}")
+    s, t = student.float() / tau, teacher.float() / tau
+    is_target = F.one_hot(target.long(), s.shape[1]).bool()
+
+    def binary_log_probs(z: Tensor) -> Tensor:
+        log_all = torch.logsumexp(z, dim=1)
+        log_target = z[is_target] - log_all
+        log_rest = torch.logsumexp(z.masked_fill(is_target, float("-inf")), dim=1) - log_all
+        return torch.stack([log_target, log_rest], dim=1)
+
+    def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+    tckd = kl(binary_log_probs(t), binary_log_probs(s))
+    rest = ~is_target
+    k_rest = s.shape[1] - 1
+    nckd = kl(
+        F.log_softmax(t[rest].view(-1, k_rest), dim=1), F.log_softmax(s[rest].view(-1, k_rest), dim=1)
+    )
+    return tau**2 * (alpha * tckd + beta * nckd)
+
+
+def mse_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared error in float32."""
+    _check_same_shape(student, teacher, "mse_loss")
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def attention_mse_loss(student: Tensor, teacher: Tensor, tau: float = 0.5) -> Tensor:
+    """MSE weighted by the teacher's spatial (H*W*softmax) and channel (C*softmax) attention."""
+    _check_same_shape(student, teacher, "attention_mse_loss")
+    if teacher.dim() != 4:
+        raise ValueError(f"attention_mse_loss expects maps (B,C,H,W), got {tuple(teacher.shape)}")
+    s, t = student.float(), teacher.float()
+    b, c, h, w = t.shape
+    magnitude = t.abs()
+    spatial = h * w * F.softmax(magnitude.mean(dim=1).reshape(b, -1) / tau, dim=1).view(b, 1, h, w)
+    channel = c * F.softmax(magnitude.mean(dim=(2, 3)) / tau, dim=1).view(b, c, 1, 1)
+    return ((s - t) ** 2 * spatial * channel).mean()
+
+
+DISTANCES: dict[str, Callable[..., Tensor]] = {
+    "mse": mse_loss,
+    "kl": kd_loss,
+    "dist": dist_loss,
+    "attention_mse": attention_mse_loss,
+}
+
+
+def resolve_distance(distance: str | Distance, tau: float | None = None) -> Distance:
+    """A distance by name (mse, kl, dist, attention_mse) or any callable(student, teacher) -> loss."""
+    if callable(distance):
+        return distance
+    if distance not in DISTANCES:
+        close = difflib.get_close_matches(str(distance), DISTANCES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown distance {distance!r}{hint}; expected one of {sorted(DISTANCES)} or a callable")
+    fn = DISTANCES[distance]
+    if distance == "mse":
+        return fn
+    if tau is None:
+        return fn
+    return lambda s, t: fn(s, t, tau=tau)

@@ -1,0 +1,227 @@
+"""DiffKD for one distilled feature pair ("a level"): the boxes of the paper's Fig. 3 in one module.
+
+student feature -> projector -> (adaptive noise matching) -> DDIM denoising with a noise predictor
+trained on teacher latents -> output projection -> distance to the (auto-encoded) teacher feature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .diffusion import AdaptiveNoiseMatcher, NoisePredictor, NoiseSchedule, conv_bn, denoise
+from .losses import Distance, resolve_distance
+
+
+@dataclass
+class DiffKDOutput:
+    """What one DiffKD level returns; `loss` is the weighted sum of the three terms."""
+
+    denoised: Tensor
+    target: Tensor
+    kd_loss: Tensor
+    diffusion_loss: Tensor
+    ae_loss: Tensor | None
+    gamma: Tensor | None
+    loss: Tensor
+
+
+class LinearAutoencoder(nn.Module):
+    """Compresses the teacher feature to the latent width (1x1 conv + BN) and reconstructs it."""
+
+    def __init__(self, channels: int, latent_channels: int):
+        super().__init__()
+        self.encoder = nn.Sequential(*conv_bn(channels, latent_channels))
+        self.decoder = nn.Sequential(nn.Conv2d(latent_channels, channels, 1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        latent = self.encoder(x)
+        return latent, self.decoder(latent)
+
+
+# Official release key prefix -> ours; the layers inside each box are numbered identically.
+OFFICIAL_KEY_PREFIXES = {
+    "trans.": "projector.",
+    "ae.": "autoencoder.",
+    "model.time_embedding.": "noise_predictor.time_embedding.",
+    "model.pred.": "noise_predictor.layers.",
+    "noise_adapter.feat.": "noise_matcher.features.",
+    "noise_adapter.pred.": "noise_matcher.head.",
+    "proj.": "output_projection.",
+}
+
+
+class DiffKD(nn.Module):
+    """One DiffKD level: denoise the student feature with a diffusion model trained on the teacher's.
+
+    kind="conv" takes maps (B,C,H,W); kind="mlp" takes vectors (B,K) or (B,K,1,1) and returns the
+    rank it was given. A student map of another spatial size is resized (bilinear) to the
+    teacher's after the 1x1 projector.
+    """
+
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        latent_channels: int | None = None,
+        *,
+        kind: str = "conv",
+        inference_steps: int = 5,
+        adaptive_noise: bool = True,
+        distance: str | Distance = "mse",
+        tau: float = 1.0,
+        kd_weight: float = 1.0,
+        diffusion_weight: float = 1.0,
+        ae_weight: float = 1.0,
+        num_train_timesteps: int = 1000,
+    ):
+        super().__init__()
+        if kind not in ("conv", "mlp"):
+            raise ValueError(f"unknown kind {kind!r}; expected 'conv' (maps) or 'mlp' (vectors)")
+        if latent_channels is not None and kind != "conv":
+            raise ValueError("the autoencoder (latent_channels) is for feature maps only (kind='conv')")
+        self.kind = kind
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.latent_channels = latent_channels
+        self.inference_steps = inference_steps
+        self.kd_weight, self.diffusion_weight, self.ae_weight = kd_weight, diffusion_weight, ae_weight
+        self.distance = resolve_distance(distance, None if distance == "mse" else tau)
+        width = latent_channels or teacher_channels
+
+        self.projector = nn.Conv2d(student_channels, width, 1)
+        self.autoencoder = LinearAutoencoder(teacher_channels, width) if latent_channels else None
+        self.noise_predictor = NoisePredictor(width, kind)
+        self.noise_matcher = AdaptiveNoiseMatcher(width, kind) if adaptive_noise else None
+        self.output_projection = nn.Sequential(*conv_bn(width, width))
+        self.schedule = NoiseSchedule(num_train_timesteps)
+        self.chain = self.schedule.ddim_coefficients(inference_steps)
+
+    # ----------------------------------------------------------------------------- input checks
+    def _as_maps(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        """Validate shapes against the configuration and bring vectors to (B,K,1,1)."""
+        for role, x, channels in (("student", student, self.student_channels), ("teacher", teacher, self.teacher_channels)):
+            expected = "(B,C,H,W)" if self.kind == "conv" else "(B,K) or (B,K,1,1)"
+            ok_rank = x.dim() == 4 if self.kind == "conv" else x.dim() in (2, 4)
+            if not ok_rank or (self.kind == "mlp" and x.dim() == 4 and x.shape[2:] != (1, 1)):
+                raise ValueError(f"DiffKD(kind={self.kind!r}) expects {role} {expected}, got {tuple(x.shape)}")
+            if x.shape[1] != channels:
+                raise ValueError(f"DiffKD expects {channels} {role} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if student.shape[0] != teacher.shape[0]:
+            raise ValueError(f"DiffKD: batch sizes differ: student {student.shape[0]}, teacher {teacher.shape[0]}")
+        if self.training and self.kind == "mlp" and student.shape[0] < 2:
+            raise ValueError(
+                "DiffKD(kind='mlp') needs a batch of at least 2 in training mode "
+                f"(its BatchNorm cannot train on one value per channel), got batch {student.shape[0]}"
+            )
+        if student.dim() == 2:
+            student, teacher = student[:, :, None, None], teacher[:, :, None, None]
+        return student, teacher
+
+    # ----------------------------------------------------------------------------- the boxes
+    def project_student(self, student: Tensor, size: torch.Size) -> Tensor:
+        """z_s: the student feature in the latent space, resized to the teacher's spatial size."""
+        z = self.projector(student)
+        if z.shape[-2:] != size:
+            z = F.interpolate(z, size=tuple(size), mode="bilinear", align_corners=False)
+        return z
+
+    def start(self, z_s: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Start of the chain: gamma * z_s + (1 - gamma) * eps (Eq. 8), or z_s without ANM."""
+        if self.noise_matcher is None:
+            return z_s.float(), None
+        gamma = self.noise_matcher(z_s)
+        if noise is None:
+            noise = torch.randn(z_s.shape, device=z_s.device, dtype=torch.float32)
+        g = gamma.view(-1, 1, 1, 1)
+        return g * z_s.float() + (1.0 - g) * noise.float(), gamma
+
+    def denoise(self, z_s: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """z_s_hat: the denoised student latent after the DDIM chain and the output projection."""
+        x, gamma = self.start(z_s, noise)
+        x = denoise(x, self.noise_predictor, self.chain)
+        return self.output_projection(x), gamma
+
+    def diffusion_loss(self, z_t: Tensor, noise: Tensor | None = None, timesteps: Tensor | None = None) -> Tensor:
+        """L_diff: the noise predictor learns to recover eps from noised teacher latents."""
+        if timesteps is None:
+            timesteps = torch.randint(0, self.schedule.num_train_timesteps, (z_t.shape[0],), device=z_t.device)
+        if noise is None:
+            noise = torch.randn(z_t.shape, device=z_t.device, dtype=torch.float32)
+        x_t = self.schedule.add_noise(z_t, noise, timesteps)
+        return F.mse_loss(self.noise_predictor(x_t, timesteps).float(), noise.float())
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        *,
+        start_noise: Tensor | None = None,
+        diffusion_noise: Tensor | None = None,
+        diffusion_timesteps: Tensor | None = None,
+    ) -> DiffKDOutput:
+        """Denoise the student feature and compute all losses; noises may be given for testing."""
+        rank = student.dim()
+        s, t = self._as_maps(student, teacher)
+        z_s = self.project_student(s, t.shape[-2:])
+        if self.autoencoder is not None:
+            latent, reconstruction = self.autoencoder(t.detach())
+            ae_loss: Tensor | None = F.mse_loss(reconstruction.float(), t.float())
+            z_t = latent.detach()
+        else:
+            ae_loss, z_t = None, t.detach()
+        denoised, gamma = self.denoise(z_s, start_noise)
+        diffusion = self.diffusion_loss(z_t, diffusion_noise, diffusion_timesteps)
+        if rank == 2:
+            denoised, z_t = denoised.flatten(1), z_t.flatten(1)
+        kd = self.distance(denoised, z_t)
+        loss = self.kd_weight * kd + self.diffusion_weight * diffusion
+        if ae_loss is not None:
+            loss = loss + self.ae_weight * ae_loss
+        return DiffKDOutput(denoised, z_t, kd, diffusion, ae_loss, gamma, loss)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, student={self.student_channels}, teacher={self.teacher_channels}, "
+            f"latent={self.latent_channels}, steps={[t for t, _, _ in self.chain]}"
+        )
+
+    # ----------------------------------------------------------------------------- official weights
+    @classmethod
+    def from_official_state_dict(cls, state_dict: Mapping[str, Tensor], **options) -> "DiffKD":
+        """Build a level from a state dict saved by the official release (its DiffKD module).
+
+        Channels, kind, AE and ANM are read off the tensors; `options` sets the rest
+        (inference_steps, distance, weights, ...).
+        """
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+        if "trans.weight" not in sd or "model.time_embedding.weight" not in sd:
+            raise ValueError(
+                "not an official DiffKD state dict: expected keys 'trans.weight' and "
+                f"'model.time_embedding.weight', got {sorted(sd)[:8]}..."
+            )
+        width, student_channels = sd["trans.weight"].shape[:2]
+        has_ae = "ae.encoder.0.weight" in sd
+        teacher_channels = sd["ae.decoder.0.weight"].shape[0] if has_ae else width
+        kind = "conv" if "model.pred.0.block.0.weight" in sd else "mlp"
+        level = cls(
+            student_channels, teacher_channels, width if has_ae else None, kind=kind,
+            adaptive_noise="noise_adapter.pred.weight" in sd, **options,
+        )
+        level.load_state_dict(convert_official_keys(sd), strict=True)
+        return level
+
+
+def convert_official_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename official DiffKD keys (trans., model.pred., noise_adapter., proj., ae.) to ours."""
+    out = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in OFFICIAL_KEY_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"unexpected key {key!r} in official DiffKD state dict")
+        out[OFFICIAL_KEY_PREFIXES[prefix] + key[len(prefix):]] = value
+    return out
