@@ -34,8 +34,9 @@ class NoiseSchedule(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
         super()._apply(fn, *args, **kwargs)
-        if self.alphas_cumprod.dtype != torch.float32:
-            self.alphas_cumprod = self.alphas_cumprod.float()
+        if self.alphas_cumprod.dtype != torch.float32:  # rebuilt from the exact host copy
+            device = self.alphas_cumprod.device
+            self.alphas_cumprod = torch.tensor(self.abar_values, dtype=torch.float32, device=device)
         return self
 
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -99,7 +100,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 4):
         super().__init__()
-        mid = channels // reduction
+        mid = max(1, channels // reduction)  # tiny widths keep one channel instead of none
         self.block = nn.Sequential(
             *conv_bn(channels, mid), nn.ReLU(inplace=True),
             *conv_bn(mid, mid, 3), nn.ReLU(inplace=True),

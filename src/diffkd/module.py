@@ -166,14 +166,14 @@ class DiffKD(nn.Module):
     ) -> DiffKDOutput:
         """Denoise the student feature and compute all losses; noises may be given for testing."""
         rank = student.dim()
-        s, t = self._as_maps(student, teacher)
+        s, t = self._as_maps(student, teacher.detach())  # the teacher gets no gradient
         z_s = self.project_student(s, t.shape[-2:])
         if self.autoencoder is not None:
-            latent, reconstruction = self.autoencoder(t.detach())
+            latent, reconstruction = self.autoencoder(t)
             ae_loss: Tensor | None = F.mse_loss(reconstruction.float(), t.float())
             z_t = latent.detach()
         else:
-            ae_loss, z_t = None, t.detach()
+            ae_loss, z_t = None, t
         denoised, gamma = self.denoise(z_s, start_noise)
         diffusion = self.diffusion_loss(z_t, diffusion_noise, diffusion_timesteps)
         if rank == 2:

@@ -1,0 +1,110 @@
+"""Read configs from YAML (safe_load only: a config never executes code), apply overrides, save them."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checking import ConfigError, build
+from .schema import RANGES, Config
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as 1e-4 (PyYAML's 1.1 rules make them strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely; a syntax error names the source (file or override)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from err
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set data[a][b][c] = value for key 'a.b.c', creating mappings and indexing lists with integers."""
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"override {key!r}: {here!r} needs an index below {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])!r} is not a mapping or a list")
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to plain config data, in order."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.05")
+        _set_dotted(data, key.strip(), parse_yaml(text, f"override {item!r}"))
+    return data
+
+
+def config_from_dict(data: Any) -> Config:
+    """Check plain data (as from YAML) against the schema and value ranges; return the typed Config."""
+    cfg = build(Config, {} if data is None else data)
+    flat = config_to_dict(cfg)
+    for key, (test, what) in RANGES.items():
+        section, name = key.split(".")
+        value = flat[section][name]
+        if not test(value):
+            raise ConfigError(f"{key}: must be {what}, got {value!r}")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain python data (dicts, lists, scalars): what YAML files and checkpoints hold."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config file, apply key=value overrides, and check the result."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from err
+    data = parse_yaml(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML text, sections in schema order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loading it back gives an equal Config)."""
+    Path(path).write_text(dump_config(cfg))

@@ -1,0 +1,424 @@
+"""Capture features from any model by module path with forward hooks, so user models stay untouched.
+
+A :class:`Tap` names one feature: a module path as in ``model.named_modules()`` ("layer4",
+"features.18", "blocks.11.mlp"; "" is the model itself), whether to take the module's output or its
+first positional input, which element of a tuple/list/dict to keep, and how to turn a (B, N, C)
+token sequence into a (B, C, H, W) map. :class:`FeatureTaps` hooks a set of named taps onto a model
+and hands out the processed captures of the model's latest forward; :func:`probe_shapes` runs one
+dry forward to learn every tap's shape (for building projectors before training starts).
+
+String syntax of :meth:`Tap.parse` (for configs and command lines)::
+
+    "layer4"                 output of model.layer4
+    "backbone[0]"            element 0 of a tuple/list output (negative indices work too)
+    "backbone['0']"          key "0" of a dict output (quotes make a digit key a string)
+    "backbone[pool]"         key "pool" of a dict output (bare non-numeric words are string keys)
+    ""                       the model's own output
+
+Other fields (``capture="input"``, ``prefix_tokens``, ``token_hw``, ``tokens_to_map``) are given
+with a :class:`Tap` or a mapping such as ``{"path": "blocks.11", "prefix_tokens": 1}``.
+
+Semantics worth knowing:
+
+* Captures are stored as produced (not detached, not cast), so gradients flow through student
+  captures and autocast dtypes are kept.
+* Every forward of the root model first drops all captures of the previous forward; a tap whose
+  module did not run in the latest forward raises instead of handing out a stale tensor. This also
+  means at most one forward's captures are kept alive.
+* If a module runs several times in one forward (weight sharing, recurrence), the last run wins.
+* Attach taps to the bare model before wrapping it in DistributedDataParallel (each process has
+  its own model and FeatureTaps). ``nn.DataParallel`` is not supported (replicas run in threads).
+* Hooks hold the FeatureTaps only weakly: dropping it without ``close()`` still removes its hooks,
+  and ``copy.deepcopy``/pickling a hooked model yields inert hooks that capture nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["Tap", "FeatureTaps", "probe_shapes"]
+
+_SPEC_RE = re.compile(r"(?P<path>[^\[\]]*)(?:\[(?P<select>[^\[\]]+)\])?")
+_INT_RE = re.compile(r"-?\d+")
+_QUOTED_RE = re.compile(r"""(?P<q>['"])(?P<key>.*)(?P=q)""")
+_MAX_PREFIX_HINT = 16  # how many leading tokens the non-square error tries when suggesting prefix_tokens
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One feature to capture: a module path plus how to select and reshape what it produces."""
+
+    path: str
+    capture: Literal["output", "input"] = "output"
+    select: int | str | None = None
+    token_hw: tuple[int, int] | None = None
+    prefix_tokens: int = 0
+    tokens_to_map: bool = True
+
+    def __post_init__(self) -> None:
+        """Reject malformed fields at construction, where the mistake is made."""
+        if not isinstance(self.path, str):
+            raise TypeError(f"Tap.path must be a str module path, got {type(self.path).__name__}")
+        if self.capture not in ("output", "input"):
+            raise ValueError(f"Tap.capture must be 'output' or 'input', got {self.capture!r}")
+        if self.select is not None and (isinstance(self.select, bool) or not isinstance(self.select, (int, str))):
+            raise TypeError(f"Tap.select must be an int index, a str key or None, got {self.select!r}")
+        if not isinstance(self.prefix_tokens, int) or isinstance(self.prefix_tokens, bool) or self.prefix_tokens < 0:
+            raise ValueError(f"Tap.prefix_tokens must be an int >= 0, got {self.prefix_tokens!r}")
+        if self.token_hw is not None:
+            ok = (
+                isinstance(self.token_hw, tuple)
+                and len(self.token_hw) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.token_hw)
+            )
+            if not ok:
+                raise ValueError(f"Tap.token_hw must be a tuple of two positive ints (H, W), got {self.token_hw!r}")
+            if not self.tokens_to_map:
+                raise ValueError("Tap.token_hw only applies with tokens_to_map=True")
+
+    @classmethod
+    def parse(cls, spec: str | Tap | Mapping[str, Any]) -> Tap:
+        """Build a Tap from a "path" / "path[0]" / "path['key']" string, a mapping of fields, or a Tap."""
+        if isinstance(spec, Tap):
+            return spec
+        if isinstance(spec, str):
+            match = _SPEC_RE.fullmatch(spec)
+            if match is None:
+                raise ValueError(
+                    f"cannot parse tap spec {spec!r}; use 'path', 'path[0]' (index), "
+                    "\"path['key']\" or 'path[key]' (dict key)"
+                )
+            raw = match.group("select")
+            return cls(match.group("path"), select=None if raw is None else _parse_select(raw))
+        if isinstance(spec, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(spec) - known)
+            if unknown:
+                raise ValueError(f"unknown Tap field(s) {unknown}; valid fields: {sorted(known)}")
+            if "path" not in spec:
+                raise ValueError(f"a Tap mapping needs a 'path' field, got {dict(spec)!r}")
+            kwargs = dict(spec)
+            if isinstance(kwargs.get("token_hw"), list):  # YAML/JSON give lists
+                kwargs["token_hw"] = tuple(kwargs["token_hw"])
+            return cls(**kwargs)
+        raise TypeError(f"a tap spec must be a str, a Tap or a mapping, got {type(spec).__name__}")
+
+
+def _parse_select(raw: str) -> int | str:
+    """Turn the text between brackets into an int index or a str key."""
+    if _INT_RE.fullmatch(raw):
+        return int(raw)
+    quoted = _QUOTED_RE.fullmatch(raw)
+    return quoted.group("key") if quoted else raw
+
+
+def _spec_string(path: str, select: int | str) -> str:
+    """The string syntax for (path, select), used in error messages so users can copy it."""
+    return f"{path}[{select}]" if isinstance(select, int) else f"{path}[{select!r}]"
+
+
+def _where(name: str, tap: Tap) -> str:
+    """Prefix for messages: which tap, which module and what it captures."""
+    path = f"path {tap.path!r}" if tap.path else "path '' = the model"
+    return f"tap {name!r} ({path}, {tap.capture})"
+
+
+def _select(name: str, tap: Tap, value: Any) -> torch.Tensor:
+    """Pick the tensor the tap asks for out of a module's output or input."""
+    where = _where(name, tap)
+    if tap.select is None:
+        if isinstance(value, Mapping):
+            keys = list(value.keys())
+            example = keys[0] if keys else "key"
+            raise ValueError(
+                f"{where} produced a {type(value).__name__} with keys {keys}; choose one with select, "
+                f"e.g. Tap({tap.path!r}, select={example!r}) or the string {_spec_string(tap.path, example)!r}"
+            )
+        if isinstance(value, (tuple, list)):
+            raise ValueError(
+                f"{where} produced a {type(value).__name__} of {len(value)} elements (indices "
+                f"{list(range(len(value)))}); choose one with select, e.g. Tap({tap.path!r}, select=0) "
+                f"or the string {_spec_string(tap.path, 0)!r}"
+            )
+        chosen, what = value, "it"
+    elif isinstance(value, Mapping):
+        if tap.select not in value:
+            raise ValueError(f"{where}: key {tap.select!r} is not in the output; valid keys: {list(value.keys())}")
+        chosen, what = value[tap.select], f"key {tap.select!r}"
+    elif isinstance(value, (tuple, list)):
+        if not isinstance(tap.select, int) or not -len(value) <= tap.select < len(value):
+            raise ValueError(
+                f"{where}: select={tap.select!r} does not fit a {type(value).__name__} of {len(value)} "
+                f"elements; valid indices: {list(range(len(value)))} (or negative)"
+            )
+        chosen, what = value[tap.select], f"element {tap.select}"
+    else:
+        raise ValueError(
+            f"{where}: select={tap.select!r} was given but the module produced a single "
+            f"{type(value).__name__}, not a tuple/list/dict; drop select"
+        )
+    if not isinstance(chosen, torch.Tensor):
+        raise TypeError(f"{where}: {what} is a {type(chosen).__name__}, not a tensor")
+    return chosen
+
+
+def _to_map(name: str, tap: Tap, t: torch.Tensor) -> torch.Tensor:
+    """Drop prefix tokens and fold a (B, N, C) token sequence into a contiguous (B, C, H, W) map."""
+    where = _where(name, tap)
+    if t.dim() != 3:
+        if tap.prefix_tokens or tap.token_hw is not None:
+            raise ValueError(
+                f"{where}: prefix_tokens/token_hw apply to (B, N, C) token captures, got shape {tuple(t.shape)}"
+            )
+        if tap.tokens_to_map and t.dim() not in (2, 4):
+            raise ValueError(
+                f"{where}: expected a (B, K) vector, a (B, N, C) token sequence or a (B, C, H, W) map, "
+                f"got shape {tuple(t.shape)}; set tokens_to_map=False to take it as is"
+            )
+        return t
+    if tap.prefix_tokens >= t.shape[1]:
+        raise ValueError(f"{where}: prefix_tokens={tap.prefix_tokens} leaves no tokens of {t.shape[1]}")
+    tokens = t[:, tap.prefix_tokens :]
+    if not tap.tokens_to_map:
+        return tokens
+    b, n, c = tokens.shape
+    if tap.token_hw is not None:
+        h, w = tap.token_hw
+        if h * w != n:
+            raise ValueError(
+                f"{where}: token_hw={tap.token_hw} needs {h * w} tokens but there are {n} "
+                f"(after dropping prefix_tokens={tap.prefix_tokens})"
+            )
+    else:
+        h = math.isqrt(n)
+        if h * h != n:
+            hint = next(
+                (k for k in range(1, min(_MAX_PREFIX_HINT, n - 1) + 1) if math.isqrt(n - k) ** 2 == n - k), None
+            )
+            extra = f", or prefix_tokens={tap.prefix_tokens + hint} if the sequence starts with class/register tokens" if hint else ""
+            raise ValueError(
+                f"{where}: N={n} tokens (after dropping prefix_tokens={tap.prefix_tokens}) is not a square "
+                f"grid; set token_hw=(H, W){extra}"
+            )
+        w = h
+    return tokens.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A capture that could not be processed: the exception type and message, raised on access.
+
+    Only the message is kept (not the exception), so no traceback pins the forward's tensors.
+    """
+
+    kind: type[Exception]
+    message: str
+
+
+class _Hook:
+    """A module hook that calls one FeatureTaps method through a weak reference; copies are inert."""
+
+    __slots__ = ("_owner", "_method", "_name")
+
+    def __init__(self, owner: FeatureTaps | None, method: str, name: str) -> None:
+        """Remember the owner weakly so a forgotten FeatureTaps can be collected (and unhook itself)."""
+        self._owner = None if owner is None else weakref.ref(owner)
+        self._method = method
+        self._name = name
+
+    def __call__(self, module: nn.Module, *hook_args: Any) -> None:
+        """Forward the hook call to the owner, if it still exists; never changes the module's data."""
+        owner = None if self._owner is None else self._owner()
+        if owner is not None:
+            getattr(owner, self._method)(self._name, *hook_args)
+
+    def __reduce__(self) -> tuple[type, tuple[None, str, str]]:
+        """Deepcopy/pickle a hooked model into inert hooks rather than ones feeding this FeatureTaps."""
+        return (_Hook, (None, self._method, self._name))
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    """Remove every hook handle (also called by the finalizer when a FeatureTaps is collected)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _unknown_path_message(model: nn.Module, name: str, path: str) -> str:
+    """Explain a bad path: the closest valid paths and the children of the deepest existing prefix."""
+    paths = [p for p, _ in model.named_modules(remove_duplicate=False) if p]
+    close = difflib.get_close_matches(path, paths, n=3)
+    module, prefix = model, ""
+    for part in path.split("."):
+        child = dict(module.named_children()).get(part)
+        if child is None:
+            break
+        module, prefix = child, f"{prefix}.{part}" if prefix else part
+    children = [n for n, _ in module.named_children()]
+    owner = f"children of {prefix!r}" if prefix else "children of the model (top level)"
+    return (
+        f"tap {name!r}: unknown module path {path!r} in {type(model).__name__}; "
+        f"closest paths: {', '.join(map(repr, close)) or '(none)'}; "
+        f"{owner}: {', '.join(map(repr, children)) or '(none)'}"
+    )
+
+
+class FeatureTaps:
+    """Named feature captures of a model, taken by forward hooks and refreshed on every forward."""
+
+    def __init__(self, model: nn.Module, taps: Mapping[str, Tap | str | Mapping[str, Any]]) -> None:
+        """Validate every tap against the model now, then hook the modules (and the root, for staleness)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"FeatureTaps needs an nn.Module, got {type(model).__name__}")
+        parsed = {name: Tap.parse(spec) for name, spec in taps.items()}
+        modules: dict[str, nn.Module] = {}
+        for name, tap in parsed.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"tap names must be non-empty strings, got {name!r}")
+            try:
+                modules[name] = model.get_submodule(tap.path)
+            except AttributeError:
+                raise ValueError(_unknown_path_message(model, name, tap.path)) from None
+        self._taps = parsed
+        self._captures: dict[str, torch.Tensor | _Failure] = {}
+        self._forwards = 0
+        handles = [model.register_forward_pre_hook(_Hook(self, "_begin_forward", ""), prepend=True)]
+        for name, tap in parsed.items():
+            if tap.capture == "input":
+                handles.append(modules[name].register_forward_pre_hook(_Hook(self, "_capture_input", name)))
+            else:
+                handles.append(modules[name].register_forward_hook(_Hook(self, "_capture_output", name)))
+        self._finalizer = weakref.finalize(self, _remove_handles, handles)
+
+    def _begin_forward(self, _name: str, _args: tuple[Any, ...]) -> None:
+        """Root pre-hook: a new forward starts, so every earlier capture is stale; drop them."""
+        self._forwards += 1
+        self._captures.clear()
+
+    def _capture_input(self, name: str, args: tuple[Any, ...]) -> None:
+        """Pre-hook: keep the module's first positional input."""
+        if not args:
+            tap = self._taps[name]
+            self._captures[name] = _Failure(
+                ValueError, f"{_where(name, tap)}: the module was called without positional arguments"
+            )
+            return
+        self._store(name, args[0])
+
+    def _capture_output(self, name: str, _args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook: keep the module's output."""
+        self._store(name, output)
+
+    def _store(self, name: str, value: Any) -> None:
+        """Process a capture now (so only the selected tensor is kept); defer errors to access time."""
+        tap = self._taps[name]
+        try:
+            self._captures[name] = _to_map(name, tap, _select(name, tap, value))
+        except (ValueError, TypeError) as exc:
+            self._captures[name] = _Failure(type(exc), str(exc))
+
+    @property
+    def taps(self) -> Mapping[str, Tap]:
+        """The parsed taps by name (read-only)."""
+        return MappingProxyType(self._taps)
+
+    def names(self) -> list[str]:
+        """Tap names in the order given."""
+        return list(self._taps)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The processed capture of tap ``name`` from the model's latest forward."""
+        if name not in self._taps:
+            raise KeyError(f"no tap named {name!r}; taps: {self.names()}")
+        tap = self._taps[name]
+        if not self._finalizer.alive:
+            raise RuntimeError(f"{_where(name, tap)}: this FeatureTaps is closed")
+        value = self._captures.get(name)
+        if value is None:
+            why = (
+                "the model has not run a forward since the taps were attached"
+                if self._forwards == 0
+                else "its module did not run (skipped branch?), and a stale capture is never reused"
+            )
+            raise RuntimeError(
+                f"tap {name!r} (path {tap.path!r}) was not executed in the latest forward of the model: {why}"
+            )
+        if isinstance(value, _Failure):
+            raise value.kind(value.message)
+        return value
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, capture) pairs of the latest forward, in tap order."""
+        return [(name, self[name]) for name in self._taps]
+
+    def close(self) -> None:
+        """Remove all hooks and drop captures; safe to call more than once."""
+        self._finalizer()
+        self._captures.clear()
+
+    def __enter__(self) -> FeatureTaps:
+        """Use as a context manager that closes on exit."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close on leaving the ``with`` block."""
+        self.close()
+
+
+def _call(model: nn.Module, example_input: Any) -> Any:
+    """Call the model: a tuple spreads as positional arguments, a mapping as keywords, else one argument."""
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    return model(example_input)
+
+
+def _random_input(model: nn.Module, shape: Iterable[int]) -> torch.Tensor:
+    """A seeded random input on the device/dtype of the model's first parameter, without touching global RNG."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(tuple(shape), generator=generator).to(device=device, dtype=dtype)
+
+
+def probe_shapes(
+    model: nn.Module,
+    taps: Mapping[str, Tap | str | Mapping[str, Any]],
+    example_input: Any = None,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    batch_size: int = 2,
+) -> dict[str, torch.Size]:
+    """Each tap's processed shape from one no-grad eval forward, leaving modes and buffers untouched.
+
+    Give ``example_input`` (a tuple spreads as positional arguments, a mapping as keywords) or
+    ``input_shape`` without the batch dimension, e.g. ``(3, 224, 224)``, for a random batch of
+    ``batch_size`` on the model's device and dtype. Every module's own training flag is restored,
+    so mixed train/eval models (frozen BN, a pinned teacher) come back exactly as they were.
+    """
+    if (example_input is None) == (input_shape is None):
+        raise ValueError("probe_shapes needs exactly one of example_input or input_shape")
+    if input_shape is not None:
+        example_input = _random_input(model, (batch_size, *input_shape))
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()  # eval mode: BatchNorm uses and does not update its running statistics
+        with FeatureTaps(model, taps) as feature_taps, torch.no_grad():
+            _call(model, example_input)
+            return {name: feature.shape for name, feature in feature_taps.items()}
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -1,0 +1,66 @@
+"""What the engine asks of a task: data, models, the task loss and metrics; nothing about labels or outputs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..config import Config, ModelConfig, TeacherConfig
+
+Reduce = Callable[[Tensor], Tensor]  # sums a tensor over all processes (identity when not distributed)
+
+
+class Metrics(ABC):
+    """Accumulates a task's metrics batch by batch; `compute` combines them over all processes."""
+
+    @abstractmethod
+    def update(self, outputs: Any, targets: Any) -> None:
+        """Add one batch (model outputs and targets, on any device)."""
+
+    @abstractmethod
+    def compute(self, reduce: Reduce) -> dict[str, float]:
+        """The metrics of everything added so far; `reduce` sums tensors over processes."""
+
+
+class Task(ABC):
+    """A task plug-in (classification, later detection, segmentation) built from the run config."""
+
+    main_metric: str  # the metric that picks best.pt, higher is better (classification: "top1")
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    @property
+    @abstractmethod
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's input shape without the batch dimension (used to probe feature shapes)."""
+
+    @abstractmethod
+    def build_dataset(self, split: str, *, limit: int | None = None) -> Dataset:
+        """One split ("train" or "test"); limit keeps that many items (None: all)."""
+
+    @abstractmethod
+    def build_model(self, spec: ModelConfig | TeacherConfig) -> nn.Module:
+        """A freshly built model for a config's model, student or teacher section (no checkpoint loaded)."""
+
+    @abstractmethod
+    def loss(self, outputs: Any, targets: Any) -> Tensor:
+        """The task loss of a batch (a scalar)."""
+
+    @abstractmethod
+    def metrics(self) -> Metrics:
+        """An empty metrics accumulator."""
+
+    def to_device(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        """Split a loader batch into (inputs, targets) on the device."""
+        inputs, targets = batch
+        return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+    def batch_size(self, inputs: Any) -> int:
+        """How many samples a batch of inputs holds (for images/s and averaging)."""
+        return len(inputs)

@@ -1,0 +1,93 @@
+"""KD, DIST, DKD and attention-MSE against formulas written out element by element here."""
+import math
+
+import pytest
+import torch
+
+from diffkd.losses import attention_mse_loss, dist_loss, dkd_loss, kd_loss
+
+S = [[1.0, 2.0, 0.5, -1.0], [0.3, -0.2, 2.5, 1.0], [-1.0, 0.0, 1.0, 3.0]]
+T = [[2.0, 1.0, 0.0, -0.5], [0.0, 0.1, 3.0, 0.2], [0.5, -0.5, 2.0, 1.0]]
+Y = [0, 2, 3]
+
+
+def softmax(row, tau=1.0):
+    e = [math.exp(v / tau) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    den = math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((y - mb) ** 2 for y in b))
+    return num / den
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_kd(tau):
+    expected = tau**2 * sum(kl(softmax(t, tau), softmax(s, tau)) for s, t in zip(S, T)) / len(S)
+    assert kd_loss(torch.tensor(S), torch.tensor(T), tau).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("tau,beta,gamma", [(1.0, 1.0, 1.0), (2.0, 0.5, 2.0)])
+def test_dist(tau, beta, gamma):
+    ys = [softmax(s, tau) for s in S]
+    yt = [softmax(t, tau) for t in T]
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ys, yt)) / len(S)
+    cols = range(len(S[0]))
+    intra = 1 - sum(pearson([r[j] for r in ys], [r[j] for r in yt]) for j in cols) / len(S[0])
+    expected = tau**2 * (beta * inter + gamma * intra)
+    got = dist_loss(torch.tensor(S), torch.tensor(T), beta=beta, gamma=gamma, tau=tau)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dist_on_maps_treats_every_pixel_as_a_sample():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    rows_s = [s[b, :, i, j].tolist() for b in range(2) for i in range(3) for j in range(4)]
+    rows_t = [t[b, :, i, j].tolist() for b in range(2) for i in range(3) for j in range(4)]
+    ys, yt = [softmax(r) for r in rows_s], [softmax(r) for r in rows_t]
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ys, yt)) / len(ys)
+    intra = 1 - sum(pearson([r[c] for r in ys], [r[c] for r in yt]) for c in range(5)) / 5
+    assert dist_loss(s, t).item() == pytest.approx(inter + intra, rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha,beta,tau", [(1.0, 8.0, 4.0), (0.5, 0.5, 1.0)])
+def test_dkd(alpha, beta, tau):
+    tckd = nckd = 0.0
+    for s, t, y in zip(S, T, Y):
+        ps, pt = softmax(s, tau), softmax(t, tau)
+        tckd += kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])
+        rest_s = softmax([v for j, v in enumerate(s) if j != y], tau)
+        rest_t = softmax([v for j, v in enumerate(t) if j != y], tau)
+        nckd += kl(rest_t, rest_s)
+    expected = tau**2 * (alpha * tckd + beta * nckd) / len(S)
+    got = dkd_loss(torch.tensor(S), torch.tensor(T), torch.tensor(Y), alpha=alpha, beta=beta, tau=tau)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_attention_mse():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 2, 3), torch.randn(2, 3, 2, 3)
+    tau, total = 0.5, 0.0
+    for b in range(2):
+        spatial_logits = [sum(abs(t[b, c, i, j].item()) for c in range(3)) / 3 / tau for i in range(2) for j in range(3)]
+        spatial = [6 * w for w in softmax(spatial_logits)]
+        channel_logits = [sum(abs(v) for v in t[b, c].flatten().tolist()) / 6 / tau for c in range(3)]
+        channel = [3 * w for w in softmax(channel_logits)]
+        for c in range(3):
+            for i in range(2):
+                for j in range(3):
+                    total += (s[b, c, i, j].item() - t[b, c, i, j].item()) ** 2 * spatial[i * 3 + j] * channel[c]
+    assert attention_mse_loss(s, t).item() == pytest.approx(total / s.numel(), rel=1e-5)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"student and teacher shapes differ: \(2, 3\) vs \(2, 4\)"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"targets of shape \(2,\)"):
+        dkd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))

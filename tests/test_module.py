@@ -1,0 +1,296 @@
+"""The DiffKD module: fingerprints, gradient routes, precision, shapes, errors, official weights."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffkd import DiffKD
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,expected",
+    [
+        ((512, 512, 1024), {}, 7_644_418),
+        ((512, 512), {}, 2_112_386),
+        ((1024, 2048, 1024), {}, 11_315_970),
+        ((1000, 1000), {"kind": "mlp"}, 23_323_002),
+        ((256, 256), {}, 694_722),
+        ((64, 128), {}, 248_802),
+        ((100, 100), {"kind": "mlp"}, 352_302),
+    ],
+)
+def test_parameter_fingerprints(args, kwargs, expected):
+    assert n_params(DiffKD(*args, **kwargs)) == expected
+
+
+# ------------------------------------------------------------------ gradient routes (DESIGN.md §1)
+def grads_of(loss, params):
+    gs = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
+    return [g for g in gs if g is not None and g.abs().sum() > 0]
+
+
+def test_gradient_routes():
+    torch.manual_seed(0)
+    level = DiffKD(8, 12, latent_channels=16)
+    s = torch.randn(4, 8, 5, 5, requires_grad=True)
+    t = torch.randn(4, 12, 5, 5, requires_grad=True)
+    out = level(s, t)
+    ae = list(level.autoencoder.parameters())
+    kd_only = [*level.projector.parameters(), *level.noise_matcher.parameters(), *level.output_projection.parameters()]
+    predictor = list(level.noise_predictor.parameters())
+
+    assert not out.target.requires_grad
+    # the autoencoder learns from L_ae only
+    assert grads_of(out.kd_loss, ae) == [] and grads_of(out.diffusion_loss, ae) == []
+    assert len(grads_of(out.ae_loss, ae)) == len(ae)
+    # projector, ANM and output projection learn from L_kd only
+    assert grads_of(out.diffusion_loss, kd_only) == []
+    assert len(grads_of(out.kd_loss, kd_only)) > 0
+    assert len(grads_of(out.kd_loss, level.noise_matcher.parameters())) > 0
+    # the noise predictor learns from both L_diff and L_kd (through the chain)
+    assert len(grads_of(out.diffusion_loss, predictor)) > 0
+    assert len(grads_of(out.kd_loss, predictor)) > 0
+    # the student gets L_kd through z_s and through gamma; the teacher gets nothing
+    assert len(grads_of(out.kd_loss, [s])) == 1
+    gamma_grad = torch.autograd.grad(out.kd_loss, out.gamma, retain_graph=True)[0]
+    assert gamma_grad.abs().sum() > 0
+    assert torch.autograd.grad(out.gamma.sum(), s, retain_graph=True)[0].abs().sum() > 0
+    assert grads_of(out.diffusion_loss, [s]) == [] and grads_of(out.ae_loss, [s]) == []
+    out.loss.backward()
+    assert t.grad is None
+
+
+def test_without_adaptive_noise_chain_starts_from_projected_student():
+    torch.manual_seed(0)
+    level = DiffKD(4, 6, adaptive_noise=False).eval()
+    s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3)
+    with torch.no_grad():
+        out = level(s, t)
+        z_s = level.projector(s)
+        x = z_s
+        for step, a, b in level.chain:
+            x = a * x + b * level.noise_predictor(x, step)
+        expected = level.output_projection(x)
+    assert out.gamma is None
+    assert torch.allclose(out.denoised, expected, atol=1e-5)
+
+
+def test_loss_is_weighted_sum():
+    torch.manual_seed(0)
+    level = DiffKD(4, 6, latent_channels=16, kd_weight=2.0, diffusion_weight=0.5, ae_weight=3.0)
+    out = level(torch.randn(3, 4, 4, 4), torch.randn(3, 6, 4, 4))
+    expected = 2.0 * out.kd_loss + 0.5 * out.diffusion_loss + 3.0 * out.ae_loss
+    assert torch.allclose(out.loss, expected)
+    assert torch.allclose(out.kd_loss, F.mse_loss(out.denoised, out.target))
+
+
+# ------------------------------------------------------------------ precision and determinism
+def test_bf16_autocast_cpu_is_finite():
+    torch.manual_seed(0)
+    level = DiffKD(16, 32, latent_channels=24)
+    logits_level = DiffKD(10, 10, kind="mlp", distance="kl")
+    s = torch.randn(4, 16, 7, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = level(s, torch.randn(4, 32, 7, 7))
+        out2 = logits_level(torch.randn(4, 10, requires_grad=True), torch.randn(4, 10))
+    total = out.loss + out2.loss
+    assert torch.isfinite(total)
+    for term in (out.kd_loss, out.diffusion_loss, out.ae_loss, out2.kd_loss, out2.diffusion_loss):
+        assert torch.isfinite(term) and term.dtype == torch.float32
+    total.backward()
+    for p in [*level.parameters(), *logits_level.parameters(), s]:
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all()
+
+
+def test_deterministic_under_manual_seed():
+    def run():
+        torch.manual_seed(123)
+        level = DiffKD(4, 8)
+        out = level(torch.randn(2, 4, 3, 3), torch.randn(2, 8, 3, 3))
+        return out.loss.detach(), out.denoised.detach()
+
+    (l1, d1), (l2, d2) = run(), run()
+    assert torch.equal(l1, l2) and torch.equal(d1, d2)
+
+
+# ------------------------------------------------------------------ shapes
+def test_odd_sizes_channels_last_and_batch_of_two():
+    level = DiffKD(6, 10)
+    s = torch.randn(2, 6, 5, 3).to(memory_format=torch.channels_last)
+    t = torch.randn(2, 10, 5, 3).to(memory_format=torch.channels_last)
+    out = level(s, t)
+    assert out.denoised.shape == (2, 10, 5, 3) and out.gamma.shape == (2,)
+    out.loss.backward()
+
+
+def test_student_map_resized_to_teacher_size():
+    level = DiffKD(6, 10)
+    out = level(torch.randn(2, 6, 4, 4), torch.randn(2, 10, 8, 8))
+    assert out.denoised.shape == (2, 10, 8, 8)
+
+
+@pytest.mark.parametrize("shape", [(3, 10), (3, 10, 1, 1)])
+def test_mlp_kind_keeps_rank(shape):
+    level = DiffKD(10, 10, kind="mlp", distance="kl")
+    out = level(torch.randn(*shape), torch.randn(*shape))
+    assert out.denoised.shape == shape and out.target.shape == shape
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: DiffKD(4, 6)(torch.randn(2, 4), torch.randn(2, 6, 3, 3)), "expects student (B,C,H,W), got (2, 4)"),
+        (lambda: DiffKD(4, 6)(torch.randn(2, 5, 3, 3), torch.randn(2, 6, 3, 3)), "expects 4 student channels, got 5"),
+        (lambda: DiffKD(4, 6)(torch.randn(2, 4, 3, 3), torch.randn(2, 7, 3, 3)), "expects 6 teacher channels, got 7"),
+        (lambda: DiffKD(4, 6)(torch.randn(2, 4, 3, 3), torch.randn(3, 6, 3, 3)), "batch sizes differ: student 2, teacher 3"),
+        (lambda: DiffKD(5, 5, kind="mlp")(torch.randn(1, 5), torch.randn(1, 5)), "needs a batch of at least 2"),
+        (lambda: DiffKD(5, 5, kind="mlp")(torch.randn(2, 5, 2, 2), torch.randn(2, 5, 2, 2)), "expects student (B,K) or (B,K,1,1)"),
+        (lambda: DiffKD(4, 6, distance="msee"), "unknown distance 'msee' (did you mean 'mse'?)"),
+        (lambda: DiffKD(4, 6, kind="transformer"), "unknown kind 'transformer'"),
+    ],
+)
+def test_bad_input_errors(make, message):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert message in str(info.value)
+
+
+def test_mlp_batch_of_one_is_fine_in_eval():
+    level = DiffKD(5, 5, kind="mlp").eval()
+    assert level(torch.randn(1, 5), torch.randn(1, 5)).denoised.shape == (1, 5)
+
+
+# ------------------------------------------------------------------ official release compatibility
+def official_fixture():
+    path = FIXTURES / "official_diffkd_state_dict.json"
+    if not path.exists():
+        pytest.skip(f"fixture {path} not found (shared/ sits beside the repository)")
+    return json.loads(path.read_text())["configs"]
+
+
+def random_official_state_dict(shapes: dict, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            sd[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            sd[key] = torch.randn(shape, generator=g) * 0.2
+    return sd
+
+
+def reference_official_forward(sd, s, t, start_noise, ddim_noise, ddim_t, steps=5):
+    """The official release's computation, written out functionally from the paper and its design
+    (train-mode BN, diffusers-style DDIM with the model output recomputed from x0_hat)."""
+    def conv(x, p):
+        w = sd[p + ".weight"]
+        return F.conv2d(x, w, sd[p + ".bias"], padding=w.shape[-1] // 2)
+
+    def bn(x, p):
+        return F.batch_norm(x, sd[p + ".running_mean"].clone(), sd[p + ".running_var"].clone(),
+                            sd[p + ".weight"], sd[p + ".bias"], True, 0.1, 1e-5)
+
+    def bottleneck(x, p):
+        y = F.relu(bn(conv(x, p + ".block.0"), p + ".block.1"))
+        y = F.relu(bn(conv(y, p + ".block.3"), p + ".block.4"))
+        return bn(conv(y, p + ".block.6"), p + ".block.7") + x
+
+    conv_kind = "model.pred.0.block.0.weight" in sd
+
+    def eps_model(x, step):
+        emb = sd["model.time_embedding.weight"][step]
+        x = x + emb.view(x.shape[0] if emb.dim() == 2 else 1, -1, 1, 1)
+        if conv_kind:
+            return bn(conv(bottleneck(bottleneck(x, "model.pred.0"), "model.pred.1"), "model.pred.2"), "model.pred.3")
+        y = F.relu(bn(conv(x, "model.pred.0"), "model.pred.1"))
+        y = bn(conv(y, "model.pred.3"), "model.pred.4")
+        y = F.relu(bn(conv(y, "model.pred.5"), "model.pred.6"))
+        return conv(y, "model.pred.8")
+
+    def adapter(x):
+        if conv_kind:
+            f = bottleneck(x, "noise_adapter.feat.0").mean(dim=(2, 3))
+        else:
+            f = bn(conv(F.relu(bn(conv(x, "noise_adapter.feat.0"), "noise_adapter.feat.1")), "noise_adapter.feat.3"),
+                   "noise_adapter.feat.4").flatten(1)
+        return F.linear(f, sd["noise_adapter.pred.weight"], sd["noise_adapter.pred.bias"]).softmax(1)[:, 0]
+
+    betas = torch.linspace(0.0001, 0.02, 1000)
+    abar = torch.cumprod(1 - betas, 0)
+    zs = conv(s, "trans")
+    rec = None
+    if "ae.encoder.0.weight" in sd:
+        hidden = bn(conv(t, "ae.encoder.0"), "ae.encoder.1")
+        rec = F.mse_loss(t, conv(hidden, "ae.decoder.0"))
+        t = hidden.detach()
+    gamma = adapter(zs).view(-1, 1, 1, 1)
+    x = gamma * zs + (1 - gamma) * start_noise
+    stride = 1000 // (2 * steps)
+    for step in [stride * i for i in range(steps - 1, -1, -1)]:
+        e = eps_model(x, step)
+        a_t = abar[step]
+        a_prev = abar[step - stride] if step - stride >= 0 else torch.tensor(1.0)
+        x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+        e = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5  # use_clipped_model_output
+        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * e
+    refined = bn(conv(x, "proj.0"), "proj.1")
+    a = abar[ddim_t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * t + (1 - a).sqrt() * ddim_noise
+    ddim_loss = F.mse_loss(eps_model(noisy, ddim_t), ddim_noise)
+    return refined, t, ddim_loss, rec
+
+
+@pytest.mark.parametrize("config", [
+    "conv, student 64, teacher 128, latent 256 (AE on)",
+    "conv, student 64, teacher 128, no AE",
+    "mlp, 100 -> 100",
+])
+def test_official_state_dict_loads_and_matches_official_outputs(config):
+    shapes = official_fixture()[config]
+    sd = random_official_state_dict(shapes, seed=1)
+    level = DiffKD.from_official_state_dict(sd)
+    ours = {k: list(v.shape) for k, v in level.state_dict().items()}
+    assert len(ours) == len(shapes)
+
+    student_c, width = sd["trans.weight"].shape[1], sd["trans.weight"].shape[0]
+    teacher_c = sd["ae.decoder.0.weight"].shape[0] if "ae.decoder.0.weight" in sd else width
+    hw = (4, 4) if level.kind == "conv" else (1, 1)
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(3, student_c, *hw, generator=g), torch.randn(3, teacher_c, *hw, generator=g)
+    start_noise, ddim_noise = torch.randn(3, width, *hw, generator=g), torch.randn(3, width, *hw, generator=g)
+    ddim_t = torch.tensor([5, 480, 999])
+
+    out = level(s, t, start_noise=start_noise, diffusion_noise=ddim_noise, diffusion_timesteps=ddim_t)
+    refined, target, ddim_loss, rec = reference_official_forward(sd, s, t, start_noise, ddim_noise, ddim_t)
+    assert torch.allclose(out.denoised, refined, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out.target, target, atol=1e-5)
+    assert out.diffusion_loss.item() == pytest.approx(ddim_loss.item(), rel=1e-5)
+    if rec is None:
+        assert out.ae_loss is None
+    else:
+        assert out.ae_loss.item() == pytest.approx(rec.item(), rel=1e-5)
+
+
+def test_official_fixture_keys_map_onto_ours():
+    for config, shapes in official_fixture().items():
+        level = DiffKD.from_official_state_dict(random_official_state_dict(shapes, seed=0))
+        assert n_params(level) == sum(math.prod(s) for k, s in shapes.items()
+                                      if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+
+def test_from_official_rejects_foreign_state_dict():
+    with pytest.raises(ValueError, match="not an official DiffKD state dict"):
+        DiffKD.from_official_state_dict({"conv.weight": torch.zeros(1)})
