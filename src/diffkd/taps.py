@@ -72,18 +72,14 @@ class Tap:
             raise TypeError(f"Tap.path must be a str module path, got {type(self.path).__name__}")
         if self.capture not in ("output", "input"):
             raise ValueError(f"Tap.capture must be 'output' or 'input', got {self.capture!r}")
-        if self.select is not None and (isinstance(self.select, bool) or not isinstance(self.select, (int, str))):
+        if self.select is not None and not (_is_int(self.select) or isinstance(self.select, str)):
             raise TypeError(f"Tap.select must be an int index, a str key or None, got {self.select!r}")
-        if not isinstance(self.prefix_tokens, int) or isinstance(self.prefix_tokens, bool) or self.prefix_tokens < 0:
+        if not _is_int(self.prefix_tokens) or self.prefix_tokens < 0:
             raise ValueError(f"Tap.prefix_tokens must be an int >= 0, got {self.prefix_tokens!r}")
         if self.token_hw is not None:
-            ok = (
-                isinstance(self.token_hw, tuple)
-                and len(self.token_hw) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.token_hw)
-            )
-            if not ok:
-                raise ValueError(f"Tap.token_hw must be a tuple of two positive ints (H, W), got {self.token_hw!r}")
+            hw = self.token_hw
+            if not (isinstance(hw, tuple) and len(hw) == 2 and all(_is_int(v) and v > 0 for v in hw)):
+                raise ValueError(f"Tap.token_hw must be a tuple of two positive ints (H, W), got {hw!r}")
             if not self.tokens_to_map:
                 raise ValueError("Tap.token_hw only applies with tokens_to_map=True")
 
@@ -115,6 +111,11 @@ class Tap:
         raise TypeError(f"a tap spec must be a str, a Tap or a mapping, got {type(spec).__name__}")
 
 
+def _is_int(value: object) -> bool:
+    """True for ints but not bools (a bool index or count is always a mistake here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _parse_select(raw: str) -> int | str:
     """Turn the text between brackets into an int index or a str key."""
     if _INT_RE.fullmatch(raw):
@@ -142,8 +143,8 @@ def _select(name: str, tap: Tap, value: Any) -> torch.Tensor:
             keys = list(value.keys())
             example = keys[0] if keys else "key"
             raise ValueError(
-                f"{where} produced a {type(value).__name__} with keys {keys}; choose one with select, "
-                f"e.g. Tap({tap.path!r}, select={example!r}) or the string {_spec_string(tap.path, example)!r}"
+                f"{where} produced a {type(value).__name__} with keys {keys}; choose one with select, e.g. "
+                f"Tap({tap.path!r}, select={example!r}) or the string {_spec_string(tap.path, example)!r}"
             )
         if isinstance(value, (tuple, list)):
             raise ValueError(
@@ -154,7 +155,10 @@ def _select(name: str, tap: Tap, value: Any) -> torch.Tensor:
         chosen, what = value, "it"
     elif isinstance(value, Mapping):
         if tap.select not in value:
-            raise ValueError(f"{where}: key {tap.select!r} is not in the output; valid keys: {list(value.keys())}")
+            keys = list(value.keys())
+            quote = str(tap.select) in keys and not isinstance(tap.select, str)
+            hint = f" (a digit key is a string: {_spec_string(tap.path, str(tap.select))!r})" if quote else ""
+            raise ValueError(f"{where}: key {tap.select!r} is not in the output; valid keys: {keys}{hint}")
         chosen, what = value[tap.select], f"key {tap.select!r}"
     elif isinstance(value, (tuple, list)):
         if not isinstance(tap.select, int) or not -len(value) <= tap.select < len(value):
@@ -165,7 +169,7 @@ def _select(name: str, tap: Tap, value: Any) -> torch.Tensor:
         chosen, what = value[tap.select], f"element {tap.select}"
     else:
         raise ValueError(
-            f"{where}: select={tap.select!r} was given but the module produced a single "
+            f"{where}: select={tap.select!r} was given but the capture is a single "
             f"{type(value).__name__}, not a tuple/list/dict; drop select"
         )
     if not isinstance(chosen, torch.Tensor):
@@ -179,7 +183,8 @@ def _to_map(name: str, tap: Tap, t: torch.Tensor) -> torch.Tensor:
     if t.dim() != 3:
         if tap.prefix_tokens or tap.token_hw is not None:
             raise ValueError(
-                f"{where}: prefix_tokens/token_hw apply to (B, N, C) token captures, got shape {tuple(t.shape)}"
+                f"{where}: prefix_tokens/token_hw apply to (B, N, C) token captures, "
+                f"got shape {tuple(t.shape)}"
             )
         if tap.tokens_to_map and t.dim() not in (2, 4):
             raise ValueError(
@@ -203,10 +208,14 @@ def _to_map(name: str, tap: Tap, t: torch.Tensor) -> torch.Tensor:
     else:
         h = math.isqrt(n)
         if h * h != n:
-            hint = next(
-                (k for k in range(1, min(_MAX_PREFIX_HINT, n - 1) + 1) if math.isqrt(n - k) ** 2 == n - k), None
+            drops = range(1, min(_MAX_PREFIX_HINT, n - 1) + 1)
+            hint = next((k for k in drops if math.isqrt(n - k) ** 2 == n - k), None)
+            extra = (
+                f", or prefix_tokens={tap.prefix_tokens + hint} if the sequence starts with "
+                "class/register tokens"
+                if hint
+                else ""
             )
-            extra = f", or prefix_tokens={tap.prefix_tokens + hint} if the sequence starts with class/register tokens" if hint else ""
             raise ValueError(
                 f"{where}: N={n} tokens (after dropping prefix_tokens={tap.prefix_tokens}) is not a square "
                 f"grid; set token_hw=(H, W){extra}"
@@ -217,11 +226,9 @@ def _to_map(name: str, tap: Tap, t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Failure:
-    """A capture that could not be processed: the exception type and message, raised on access.
+    """A capture that could not be processed: exception type and message, raised on access."""
 
-    Only the message is kept (not the exception), so no traceback pins the forward's tensors.
-    """
-
+    # Only the message is kept, not the exception, whose traceback would pin the forward's tensors.
     kind: type[Exception]
     message: str
 
@@ -265,12 +272,13 @@ def _unknown_path_message(model: nn.Module, name: str, path: str) -> str:
         if child is None:
             break
         module, prefix = child, f"{prefix}.{part}" if prefix else part
-    children = [n for n, _ in module.named_children()]
+    children = ", ".join(repr(n) for n, _ in module.named_children())
     owner = f"children of {prefix!r}" if prefix else "children of the model (top level)"
+    if not children:
+        children = "(none; a tap captures a module's input or output, not a parameter)"
     return (
         f"tap {name!r}: unknown module path {path!r} in {type(model).__name__}; "
-        f"closest paths: {', '.join(map(repr, close)) or '(none)'}; "
-        f"{owner}: {', '.join(map(repr, children)) or '(none)'}"
+        f"closest paths: {', '.join(map(repr, close)) or '(none)'}; {owner}: {children}"
     )
 
 
@@ -386,7 +394,7 @@ def _call(model: nn.Module, example_input: Any) -> Any:
 
 
 def _random_input(model: nn.Module, shape: Iterable[int]) -> torch.Tensor:
-    """A seeded random input on the device/dtype of the model's first parameter, without touching global RNG."""
+    """A seeded random input on the model's first parameter's device/dtype; global RNG is left alone."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -402,20 +410,18 @@ def probe_shapes(
     input_shape: tuple[int, ...] | None = None,
     batch_size: int = 2,
 ) -> dict[str, torch.Size]:
-    """Each tap's processed shape from one no-grad eval forward, leaving modes and buffers untouched.
-
-    Give ``example_input`` (a tuple spreads as positional arguments, a mapping as keywords) or
-    ``input_shape`` without the batch dimension, e.g. ``(3, 224, 224)``, for a random batch of
-    ``batch_size`` on the model's device and dtype. Every module's own training flag is restored,
-    so mixed train/eval models (frozen BN, a pinned teacher) come back exactly as they were.
-    """
+    """Each tap's processed shape from one no-grad eval forward, to size projectors before training."""
+    # example_input: a tuple spreads as positional arguments, a mapping as keywords, else one argument.
+    # input_shape excludes the batch dimension, e.g. (3, 224, 224): a seeded random batch of batch_size.
+    # Each module's own training flag is restored (not model.train(flag)), so mixed train/eval models
+    # (frozen BN, a pinned teacher) come back exactly as they were; eval keeps BN running stats fixed.
     if (example_input is None) == (input_shape is None):
         raise ValueError("probe_shapes needs exactly one of example_input or input_shape")
     if input_shape is not None:
         example_input = _random_input(model, (batch_size, *input_shape))
     modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()  # eval mode: BatchNorm uses and does not update its running statistics
+        model.eval()
         with FeatureTaps(model, taps) as feature_taps, torch.no_grad():
             _call(model, example_input)
             return {name: feature.shape for name, feature in feature_taps.items()}

@@ -1,4 +1,4 @@
-"""Datasets for classification distillation: Fashion-MNIST, CIFAR-100, ImageNet, and a seeded loader."""
+"""Datasets for classification distillation (Fashion-MNIST, CIFAR-100, ImageNet) and a loader."""
 
 from .catalog import DatasetInfo, available, build_dataset, dataset_info
 from .loader import build_loader

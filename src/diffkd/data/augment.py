@@ -11,9 +11,9 @@ def random_crop_flip(
 ) -> torch.Tensor:
     """Zero-pad each (B,C,H,W) image, crop it back to HxW at a random offset and flip half of them.
 
-    Same distribution as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, but the whole
-    batch is cropped and flipped by one gather over the flattened padded images, so the cost per item
-    is a few array elements, not a few ops.
+    Same distribution as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, but the
+    whole batch is cropped and flipped by one gather over the flattened padded images, so the cost
+    per item is a few array elements, not a few ops.
     """
     b, c, h, w = images.shape
     device = images.device
@@ -26,7 +26,8 @@ def random_crop_flip(
     where = rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]
     return padded.gather(2, where.view(b, 1, h * w).expand(b, c, h * w)).view(b, c, h, w)
 
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Map uint8 images to float (x / 255 - mean) / std per channel, bit-identical to ToTensor + Normalize."""
+    """uint8 images to float (x / 255 - mean) / std per channel, exactly as ToTensor + Normalize."""
     shape = (-1, 1, 1)
     return images.float().div_(255).sub_(mean.view(shape)).div_(std.view(shape))

@@ -23,6 +23,8 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class _Entry:
+    """One catalog row: shapes, accepted splits, builder, and whether image_size applies."""
+
     info: DatasetInfo
     splits: tuple[str, ...]
     build: Callable[..., Dataset]
@@ -33,7 +35,9 @@ _CATALOG = {
     "fashion_mnist": _Entry(
         DatasetInfo("fashion_mnist", 10, (1, 28, 28)), ("train", "test"), fashion_mnist.build
     ),
-    "cifar100": _Entry(DatasetInfo("cifar100", 100, (3, 32, 32)), ("train", "test"), cifar100.build),
+    "cifar100": _Entry(
+        DatasetInfo("cifar100", 100, (3, 32, 32)), ("train", "test"), cifar100.build
+    ),
     "imagenet": _Entry(
         DatasetInfo("imagenet", 1000, (3, 224, 224)), ("train", "test", "val"), imagenet.build, True
     ),
@@ -81,5 +85,7 @@ def build_dataset(
     if image_size is not None and entry.resizable:
         options["image_size"] = image_size
     elif image_size not in (None, entry.info.input_size[-1]):
-        raise ValueError(f"{name} images are always {entry.info.input_size[-1]}px; image_size={image_size}")
+        raise ValueError(
+            f"{name} images are always {entry.info.input_size[-1]}px; image_size={image_size}"
+        )
     return entry.build(split, root, limit=limit, **options)

@@ -1,4 +1,4 @@
-"""CIFAR-100 from torchvision's on-disk pickles, read without its full-file checksum and without running code."""
+"""CIFAR-100 from torchvision's on-disk pickles, read with no checksum and no code run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from .in_memory import InMemoryImages
 FOLDER = "cifar-100-python"
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 NUM_CLASSES = 100
-# The only globals a CIFAR pickle needs: numpy's array and dtype builders, and (protocol 2 written by
-# Python 3) the codec call that turns bytes back into bytes. Anything else is refused, so loading a
-# file cannot run code.
+# The only globals a CIFAR pickle needs: numpy's array and dtype builders, and (protocol 2 written
+# by Python 3) the codec call that turns bytes back into bytes. Anything else is refused, so loading
+# a file cannot run code.
 _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -38,7 +38,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
-    """Load one pickle of the dataset (bytes keys, as written by Python 2) or raise ValueError naming it."""
+    """Load one pickle (bytes keys, as Python 2 wrote them) or raise ValueError naming the file."""
     with open(path, "rb") as f:
         try:
             content = _ArrayUnpickler(f, encoding="bytes").load()
@@ -50,12 +50,12 @@ def _unpickle(path: Path) -> dict:
 
 
 def _folder(root: Path) -> Path:
-    """The folder holding train/test/meta: root/cifar-100-python, or root itself if it is that folder."""
+    """The folder holding train/test/meta: root/cifar-100-python, or root if it is that folder."""
     return root if (root / "meta").is_file() and not (root / FOLDER).is_dir() else root / FOLDER
 
 
 def locate(split: str, root: str | Path | None, download: bool) -> Path:
-    """The dataset folder under root (default ~/.cache/diffkd/cifar100), downloading it if asked and missing."""
+    """The dataset folder under root (default ~/.cache/diffkd/cifar100); downloads it if asked."""
     root = Path(root).expanduser() if root is not None else cache_dir("cifar100")
     folder = _folder(root)
     if not (folder / split).is_file() and download:
@@ -69,7 +69,7 @@ def locate(split: str, root: str | Path | None, download: bool) -> Path:
                 f"CIFAR-100 file {folder / name} not found. Either pass data.download=true "
                 f"(torchvision fetches it into {root}), or download "
                 f"https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extract it and pass "
-                f"data.root=/path/to/folder holding the extracted {FOLDER}/ (with train, test, meta)"
+                f"data.root=/path/to/folder holding the extracted {FOLDER}/ (train, test, meta)"
             )
     return folder
 
@@ -79,7 +79,12 @@ def load(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str
     path = folder / split
     content = _unpickle(path)
     data, labels = content.get(b"data"), content.get(b"fine_labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+    ):
         shown = getattr(data, "shape", type(data).__name__)
         raise ValueError(f"{path}: b'data' must be an N x 3072 uint8 array, found {shown}")
     if labels is None or len(labels) != len(data):
@@ -90,7 +95,9 @@ def load(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str
     names = _unpickle(folder / "meta").get(b"fine_label_names")
     if names is None or len(names) != NUM_CLASSES:
         raise ValueError(f"{folder / 'meta'}: b'fine_label_names' must list {NUM_CLASSES} names")
-    images = torch.from_numpy(np.array(data)).view(-1, 3, 32, 32)  # rows are channel-major R, G, B planes
+    images = torch.from_numpy(np.array(data)).view(
+        -1, 3, 32, 32
+    )  # rows are channel-major R, G, B planes
     return images, targets, [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
@@ -102,8 +109,15 @@ def build(
     augment: bool = False,
     limit: int | None = None,
 ) -> InMemoryImages:
-    """The split as 3x32x32 normalized images; training augmentation is random crop 32 (padding 4) + flip."""
+    """The split as 3x32x32 normalized images; augmentation: random crop 32 (padding 4) + flip."""
     images, targets, classes = load(locate(split, root, download), split)
     return InMemoryImages(
-        images, targets, mean=MEAN, std=STD, padding=4, augment=augment, classes=classes, limit=limit
+        images,
+        targets,
+        mean=MEAN,
+        std=STD,
+        padding=4,
+        augment=augment,
+        classes=classes,
+        limit=limit,
     )

@@ -1,4 +1,4 @@
-"""Fashion-MNIST from its idx files: Debian's dataset-fashion-mnist, a given folder, or torchvision's download."""
+"""Fashion-MNIST from idx files: Debian's dataset-fashion-mnist, a given folder, or a download."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _file_names(split: str) -> tuple[str, str]:
 
 
 def _find(folder: Path, split: str) -> tuple[Path, Path] | None:
-    """The split's (images, labels) files in folder or in its torchvision layout FashionMNIST/raw."""
+    """The split's (images, labels) files in folder, or in folder/FashionMNIST/raw (torchvision)."""
     for place in (folder, folder / "FashionMNIST" / "raw"):
         found = [next((p for p in (place / n, place / f"{n}.gz") if p.is_file()), None)
                  for n in _file_names(split)]  # fmt: skip
@@ -34,7 +34,7 @@ def _find(folder: Path, split: str) -> tuple[Path, Path] | None:
     return None
 
 
-def _not_found(split: str, looked: list[Path]) -> FileNotFoundError:
+def _not_found(split: str, looked: list[Path], target: Path) -> FileNotFoundError:
     """The error for a missing split, spelling out the three ways to get the files."""
     images, labels = _file_names(split)
     every = ", ".join(f"{n}.gz" for s in PREFIX for n in _file_names(s))
@@ -43,24 +43,24 @@ def _not_found(split: str, looked: list[Path]) -> FileNotFoundError:
         f"{', '.join(map(str, looked))}. Get them one of these ways:\n"
         f"  sudo apt-get install dataset-fashion-mnist   (installs them into {DEBIAN_DIR})\n"
         f"  data.root=/path/to/folder   (a folder holding {every}; .gz or unpacked)\n"
-        f"  data.download=true   (torchvision downloads them into {cache_dir('fashion-mnist')})"
+        f"  data.download=true   (torchvision downloads them into {target})"
     )
 
 
 def locate(split: str, root: str | Path | None, download: bool) -> tuple[Path, Path]:
-    """Find the split's files: root if given, else the Debian folder, else (download=True) torchvision's download."""
+    """The split's files: in root if given, else the Debian folder, else downloaded if asked."""
     target = Path(root).expanduser() if root is not None else cache_dir("fashion-mnist")
     looked = [target] if root is not None else [DEBIAN_DIR, target]
     for folder in looked:
         if (found := _find(folder, split)) is not None:
             return found
     if not download:
-        raise _not_found(split, looked)
+        raise _not_found(split, looked, target)
     from torchvision.datasets import FashionMNIST
 
     FashionMNIST(root=str(target), train=split == "train", download=True)
     if (found := _find(target, split)) is None:
-        raise _not_found(split, [target])
+        raise _not_found(split, [target], target)
     return found
 
 
@@ -71,7 +71,9 @@ def load(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tens
     if images.shape[1:] != (28, 28):
         raise ValueError(f"{images_path}: images are {tuple(images.shape[1:])}, expected 28x28")
     if len(images) != len(labels):
-        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
+        raise ValueError(
+            f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels"
+        )
     if len(labels) and int(labels.max()) >= len(CLASSES):
         raise ValueError(f"{labels_path}: label {int(labels.max())} outside 0..{len(CLASSES) - 1}")
     return images.unsqueeze(1), labels.long()
@@ -85,7 +87,7 @@ def build(
     augment: bool = False,
     limit: int | None = None,
 ) -> InMemoryImages:
-    """The split as 1x28x28 normalized images; training augmentation is random crop 28 (padding 2) + flip."""
+    """The split as 1x28x28 normalized images; augmentation: random crop 28 (padding 2) + flip."""
     images, labels = load(*locate(split, root, download))
     return InMemoryImages(
         images, labels, mean=MEAN, std=STD, padding=2, augment=augment, classes=CLASSES, limit=limit

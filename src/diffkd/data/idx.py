@@ -14,10 +14,10 @@ LABELS_MAGIC = 2049  # 0x00000801: uint8 data, 1 dimension (N,)
 
 
 def read_idx(path: str | Path, magic: int) -> torch.Tensor:
-    """Read an idx file (raw or .gz) into a uint8 tensor, rejecting a wrong magic or a wrong size."""
+    """Read an idx file (raw or .gz) into a uint8 tensor; a wrong magic or size is a ValueError."""
     path = Path(path)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             data = bytearray(f.read())
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise ValueError(f"{path}: corrupt gzip stream ({err})") from err
@@ -38,4 +38,3 @@ def read_idx(path: str | Path, magic: int) -> torch.Tensor:
             f"file holds {payload}"
         )
     return torch.frombuffer(data, dtype=torch.uint8, offset=header, count=expected).view(shape)
-

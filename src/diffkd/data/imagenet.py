@@ -14,7 +14,7 @@ FOLDERS = {"train": "train", "val": "val", "test": "val"}
 
 
 def make_transform(image_size: int, augment: bool) -> transforms.Compose:
-    """Train: RandomResizedCrop + flip; eval: resize to size/0.875 (256 for 224) + center crop; then normalize."""
+    """Train: RandomResizedCrop + flip; eval: resize to size/0.875 (256 for 224), center crop."""
     if augment:
         steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
     else:
@@ -31,7 +31,7 @@ def build(
     limit: int | None = None,
     image_size: int = 224,
 ) -> ImageFolder:
-    """The split ("val" and "test" both mean the val folder); `limit` keeps evenly spaced images, so every class."""
+    """The split ("val" and "test" both read val/); `limit` keeps evenly spaced images."""
     folder = Path(root).expanduser() / FOLDERS[split] if root is not None else None
     if folder is None or not folder.is_dir():
         raise FileNotFoundError(

@@ -10,7 +10,7 @@ from .subset import spread_indices
 
 
 class InMemoryImages(Dataset):
-    """Items are (normalized float CxHxW image, int label); `.images` (N,C,H,W uint8) and `.targets` are public.
+    """Items: (normalized float CxHxW image, int label); raw `.images` (N,C,H,W uint8), `.targets`.
 
     The DataLoader fetches whole batches through `__getitems__`, so crop, flip and normalization run
     once per batch as tensor ops (cheap on a couple of CPU cores). `limit` keeps that many items,
@@ -30,7 +30,7 @@ class InMemoryImages(Dataset):
         limit: int | None = None,
     ) -> None:
         keep = spread_indices(len(images), limit)
-        self.images = images if keep is None else images[keep].contiguous()
+        self.images = images if keep is None else images[keep]
         self.targets = targets if keep is None else targets[keep]
         self.mean = torch.tensor(mean)
         self.std = torch.tensor(std)
@@ -42,7 +42,7 @@ class InMemoryImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.__getitems__([index])[0]
+        return self.__getitems__([range(len(self))[index]])[0]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         where = torch.as_tensor(indices, dtype=torch.long)
@@ -50,4 +50,5 @@ class InMemoryImages(Dataset):
         if self.augment:
             batch = random_crop_flip(batch, self.padding)
         images = normalize(batch, self.mean, self.std)
-        return list(zip(images.unbind(0), self.targets.index_select(0, where).tolist()))
+        labels = self.targets.index_select(0, where).tolist()
+        return list(zip(images.unbind(0), labels, strict=True))

@@ -16,10 +16,10 @@ def build_loader(
     seed: int = 0,
     drop_last: bool | None = None,
 ) -> DataLoader:
-    """Shuffle (unless a sampler is given) and drop the last partial batch when training; workers persist.
+    """Training shuffles (unless a sampler is given) and drops the last partial batch.
 
-    The order and the workers' RNG seeds come from a generator seeded with seed. With workers=0 the
-    augmentation draws from the global torch RNG, so seed that too (torch.manual_seed) to replay a run.
+    Order and worker RNG seeds come from a generator seeded with `seed`; workers persist across
+    epochs. With workers=0 augmentation draws from the global torch RNG: torch.manual_seed that too.
     """
     return DataLoader(
         dataset,

@@ -1,4 +1,4 @@
-"""Which items a dataset `limit` keeps: evenly spaced ones, so class-sorted splits keep every class."""
+"""Which items a dataset `limit` keeps: evenly spaced ones, so sorted splits keep every class."""
 
 from __future__ import annotations
 

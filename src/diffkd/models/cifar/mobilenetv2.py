@@ -69,7 +69,8 @@ class MobileNetV2(nn.Module):
             out = int(base_out * width)
             layers = []
             for index in range(count):
-                layers.append(InvertedResidual(channels, out, stride if index == 0 else 1, stage_expansion or expansion))
+                block_stride = stride if index == 0 else 1
+                layers.append(InvertedResidual(channels, out, block_stride, stage_expansion or expansion))
                 channels = out
             self.blocks.append(nn.Sequential(*layers))
         last = int(1280 * width) if width > 1.0 else 1280

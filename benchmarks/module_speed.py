@@ -1,0 +1,82 @@
+"""Forward+backward time of one DiffKD level vs a plain MSE baseline (1x1 connector + MSE),
+measured side by side on the same tensors.
+
+    python benchmarks/module_speed.py [--device cpu|cuda] [--repeats 10] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkd import DiffKD
+
+CASES = {
+    "imagenet_b1 (512->512, latent 1024, 7x7, batch 8)": dict(s=512, t=512, latent=1024, hw=7, batch=8),
+    "tiny (32->256, 7x7, batch 128)": dict(s=32, t=256, latent=None, hw=7, batch=128),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn() (forward + backward) after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def measure(case: dict, device: torch.device, warmup: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    s = torch.randn(case["batch"], case["s"], case["hw"], case["hw"], device=device, requires_grad=True)
+    t = torch.randn(case["batch"], case["t"], case["hw"], case["hw"], device=device)
+    level = DiffKD(case["s"], case["t"], case["latent"]).to(device)
+    connector = nn.Conv2d(case["s"], case["t"], 1).to(device)
+
+    def diffkd_step():
+        level(s, t).loss.backward()
+
+    def mse_step():
+        F.mse_loss(connector(s), t).backward()
+
+    diffkd_ms = time_step(diffkd_step, device, warmup, repeats)
+    mse_ms = time_step(mse_step, device, warmup, repeats)
+    return {"diffkd_ms": round(diffkd_ms, 3), "mse_ms": round(mse_ms, 3), "ratio": round(diffkd_ms / mse_ms, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+               "torch": torch.__version__, "cases": {}}
+    for name, case in CASES.items():
+        results["cases"][name] = measure(case, device, args.warmup, args.repeats)
+        r = results["cases"][name]
+        print(f"{name:50s} DiffKD {r['diffkd_ms']:9.2f} ms   MSE {r['mse_ms']:8.2f} ms   ratio {r['ratio']:6.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The `diffkd` command: one subcommand per entry of COMMANDS, each with its own --help and example.
+
+To add a subcommand (demo, bench, visualize), define `COMMAND = Command(...)` in its own module and
+add `"name": lazy("diffkd.module")` to COMMANDS; the module is imported only when that subcommand
+or `diffkd --help` needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .config import ConfigError
+
+USER_ERRORS = (ConfigError, OSError, ValueError)  # plus EngineError, added where the engine is imported
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: a one-line summary for `diffkd --help`, its own help text, its arguments, its action."""
+
+    summary: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def lazy(module: str) -> Callable[[], Command]:
+    """A builder that imports `module` and returns its COMMAND."""
+    return lambda: importlib.import_module(module).COMMAND
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by train and distill: the config, overrides and run-directory flags."""
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05 train.epochs=3")
+    parser.add_argument("--out", metavar="RUN_DIR", help="run directory (same as output.dir=RUN_DIR)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as train.device=...)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in the run directory from its last.pt")
+    group.add_argument(
+        "--force", action="store_true", help="move an existing run directory aside to <dir>.old-<time> and start afresh (nothing is deleted)"
+    )
+
+
+def _run_mode(mode: str) -> Callable[[argparse.Namespace], int]:
+    """The action of train/distill: load the config with overrides and flags, run, print the summary."""
+
+    def action(args: argparse.Namespace) -> int:
+        from .config import config_from_dict, config_to_dict, load_config
+        from .engine import run
+
+        data = config_to_dict(load_config(args.config, args.overrides))
+        if args.out:  # set as given, not parsed as YAML (a path may look like a number)
+            data["output"]["dir"] = args.out
+        if args.device:
+            data["train"]["device"] = args.device
+        cfg = config_from_dict(data)
+        result = run(cfg, mode=mode, resume=args.resume, force=args.force)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+            print(
+                f"{mode} done: best top-1 {result.best_top1:.2f}, final top-1 {result.final_top1:.2f}, "
+                f"{result.train_seconds:.1f} s; run directory {result.run_dir}"
+            )
+        return 0
+
+    return action
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a run directory or a last.pt/best.pt file")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run directory (default best)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--limit", type=int, help="evaluate only this many test items (evenly spaced)")
+    parser.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
+    parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .engine import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, which=args.which, device=args.device, limit=args.limit, batch_size=args.batch_size, data_root=args.data_root
+    )
+    metrics = "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k.startswith("top"))
+    print(f"{metrics}  on {result['images']} test images ({result['checkpoint']}, epoch {result['epoch']})")
+    return 0
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or one of its checkpoints)")
+    parser.add_argument("out", nargs="?", metavar="OUT", help="output file (default RUN_DIR/student.pt)")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint to export from (default best)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .engine import export_weights
+
+    print(f"wrote {export_weights(args.run_dir, args.out, which=args.which)}")
+    return 0
+
+
+TRAIN = Command(
+    "train a model with its task loss only (teachers, student-alone baselines)",
+    "Train the config's `model` with the task loss only, e.g. a teacher or a student-alone baseline.\n\n"
+    "example:\n  diffkd train configs/fashion_mnist/teacher.yaml train.epochs=5 --out runs/fmnist/teacher",
+    _add_run_flags,
+    _run_mode("train"),
+)
+DISTILL = Command(
+    "train a student from a teacher checkpoint with the configured levels and methods",
+    "Distil the config's `student` from its frozen `teacher` (teacher.checkpoint: a run directory or a\n"
+    "weights file) with the configured `levels` (taps, methods, weights).\n\n"
+    "example:\n  diffkd distill configs/fashion_mnist/diffkd.yaml teacher.checkpoint=runs/fmnist/teacher",
+    _add_run_flags,
+    _run_mode("distill"),
+)
+EVAL = Command(
+    "top-1/top-5 of a run's model on the test split",
+    "Evaluate a run's weights (EMA if the run used it; the student of a distillation run) on the full\n"
+    "test split.\n\nexample:\n  diffkd eval runs/fmnist/diffkd          # its best.pt\n"
+    "  diffkd eval runs/fmnist/diffkd/last.pt",
+    _eval_arguments,
+    _eval,
+)
+EXPORT = Command(
+    "write a run's student weights alone (a plain state dict)",
+    "Write the student's weights (the model of a `train` run) as a plain state dict that\n"
+    "`model.load_state_dict(torch.load(path, weights_only=True))` accepts into a fresh model.\n\n"
+    "example:\n  diffkd export runs/fmnist/diffkd student.pt",
+    _export_arguments,
+    _export,
+)
+
+COMMANDS: dict[str, Callable[[], Command]] = {
+    "train": lambda: TRAIN,
+    "distill": lambda: DISTILL,
+    "eval": lambda: EVAL,
+    "export": lambda: EXPORT,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand of COMMANDS."""
+    parser = argparse.ArgumentParser(
+        prog="diffkd",
+        description="DiffKD: knowledge diffusion for distillation. Train teachers, distil students, evaluate, export.",
+        epilog="`diffkd COMMAND --help` explains each command. Multi-GPU: torchrun --nproc_per_node=N -m diffkd distill ...",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, builder in COMMANDS.items():
+        command = builder()
+        child = sub.add_parser(
+            name, help=command.summary, description=command.description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        command.add_arguments(child)
+        child.set_defaults(action=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `diffkd` command line; returns the exit status (errors a user can fix print one line, status 1)."""
+    from .engine import EngineError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value given after the flags
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.action(args)
+    except (*USER_ERRORS, EngineError) as err:
+        print(f"diffkd {args.command}: error: {err}", file=sys.stderr)
+        return 1

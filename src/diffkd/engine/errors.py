@@ -1,0 +1,17 @@
+"""Errors a user can act on; the CLI prints their message without a traceback."""
+
+
+class EngineError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+class RunDirError(EngineError):
+    """The run directory is in a state the command refuses (exists without --resume/--force, or nothing to resume)."""
+
+
+class CheckpointError(EngineError):
+    """A checkpoint that is missing, truncated, corrupt or not what the command expects; names the file."""
+
+
+class NonFiniteLossError(EngineError):
+    """A NaN or inf loss; names the terms, the global step and the epoch."""

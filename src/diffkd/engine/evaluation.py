@@ -1,0 +1,76 @@
+"""Evaluation: a model's task metrics on a loader (sharded over processes), and `diffkd eval` on a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import config_from_dict
+from ..data import build_loader
+from ..tasks import Task, build_task
+from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint
+from .distributed import Context, ShardSampler, resolve_device
+from .errors import CheckpointError
+from .precision import MixedPrecision
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, ctx: Context, precision: MixedPrecision) -> dict[str, float]:
+    """The task's metrics plus the mean task loss ("loss") over every process's shard; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    metrics = task.metrics()
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, sample count
+    for batch in loader:
+        inputs, targets = task.to_device(batch, ctx.device)
+        with precision.autocast():
+            outputs = model(inputs)
+        n = task.batch_size(inputs)
+        metrics.update(outputs, targets)
+        totals += torch.stack([task.loss(outputs, targets).detach().double() * n, totals.new_tensor(n)])
+    model.train(was_training)
+    result = metrics.compute(ctx.sum)
+    loss_sum, count = ctx.sum(totals).tolist()
+    result["loss"] = loss_sum / count if count else float("nan")
+    return result
+
+
+def test_loader(task: Task, ctx: Context, batch_size: int, workers: int, limit: int | None) -> DataLoader:
+    """The test split, sharded over processes without padding, in order."""
+    dataset = task.build_dataset("test", limit=limit)
+    sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
+    return build_loader(dataset, batch_size, train=False, workers=workers, sampler=sampler, drop_last=False)
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    which: str = "best",
+    device: str = "auto",
+    limit: int | None = None,
+    batch_size: int | None = None,
+    data_root: str | None = None,
+) -> dict[str, Any]:
+    """Top-1/top-5 (the task's metrics) of a run's evaluated weights on the full test split (or `limit` items)."""
+    file = find_checkpoint(path, which)
+    ckpt = load_checkpoint(file)
+    cfg = config_from_dict(ckpt["config"])
+    if data_root is not None:
+        cfg.data.root = data_root
+    task = build_task(cfg)
+    spec = cfg.model if ckpt["mode"] == "train" else cfg.student
+    model = task.build_model(spec)
+    try:
+        model.load_state_dict(evaluated_weights(ckpt), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{file}: weights do not fit model {spec.name!r}: {err}") from err
+    ctx = Context(device=resolve_device(device))
+    model.to(ctx.device)
+    size = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
+    loader = test_loader(task, ctx, size, cfg.data.workers, limit)
+    result = evaluate(model, loader, task, ctx, MixedPrecision("none", ctx.device))
+    return {**result, "checkpoint": str(file), "epoch": ckpt["epoch"], "images": len(loader.dataset)}

@@ -1,0 +1,17 @@
+"""`diffkd export`: a run's student weights alone, as a plain state dict a fresh student loads strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint, save_atomic
+
+
+def export_weights(source: str | Path, out: str | Path | None = None, *, which: str = "best") -> Path:
+    """Write the evaluated weights (EMA if the run used it) of a run dir or checkpoint to out (default <run>/student.pt)."""
+    file = find_checkpoint(source, which)
+    weights = {k: v.detach().cpu() for k, v in evaluated_weights(load_checkpoint(file)).items()}
+    target = Path(out) if out is not None else file.parent / "student.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(weights, target)
+    return target

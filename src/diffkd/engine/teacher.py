@@ -1,0 +1,36 @@
+"""Load the teacher's trained weights: from a diffkd run (its evaluated weights) or any checkpoint file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .. import models
+from ..config import ConfigError, TeacherConfig
+from ..models.weights import file_sha256
+from .checkpoint import evaluated_weights, find_checkpoint, is_run_checkpoint, load_file
+from .errors import CheckpointError
+
+
+def load_teacher_weights(model: nn.Module, spec: TeacherConfig) -> None:
+    """Fill model with teacher.checkpoint: a run dir or its best.pt/last.pt (EMA weights if that run used EMA),
+    or a state dict file (raw, or under "model"/"state_dict"); sha256 is checked first when given."""
+    if spec.checkpoint is None:
+        if spec.pretrained:
+            return
+        raise ConfigError(
+            "teacher.checkpoint: required (a trained teacher's run dir or weights file), "
+            "unless teacher.pretrained=true; distilling from an untrained teacher teaches nothing"
+        )
+    path = find_checkpoint(Path(spec.checkpoint).expanduser(), "best")
+    if spec.sha256 is not None and file_sha256(path).lower() != spec.sha256.strip().lower():
+        raise CheckpointError(f"teacher checkpoint {path}: sha256 mismatch, expected {spec.sha256}, got {file_sha256(path)}")
+    content = load_file(path)
+    if not is_run_checkpoint(content):
+        models.load_weights(model, path, strict=True)
+        return
+    try:
+        model.load_state_dict(evaluated_weights(content), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"teacher checkpoint {path} does not fit model {spec.name!r}: {err}") from err

@@ -1,0 +1,24 @@
+"""Hinton KD on logits (or per pixel on dense maps)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..losses import kd_loss
+from .base import Method, MethodOutput, require_same_shape
+
+
+class KD(Method):
+    """tau^2 * KL(teacher softmax || student softmax); CIFAR uses tau = 4."""
+
+    def __init__(self, tau: float = 4.0):
+        super().__init__()
+        self.tau = tau
+
+    @classmethod
+    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "KD":
+        require_same_shape("kd", student_shape, teacher_shape)
+        return cls(**options)
+
+    def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
+        return MethodOutput({"kd": kd_loss(student, teacher, self.tau)})

@@ -1,0 +1,184 @@
+"""The Distiller on real torchvision models, a token model, export, DDP and every error case."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from diffkd import models
+from diffkd.distiller import Distiller, Level
+
+
+def by_name(teacher: str, student: str, method: str = "diffkd", **logit_options):
+    """A Distiller built from model names alone: channels come from the probed taps."""
+    torch.manual_seed(0)
+    t, s = models.create(teacher, num_classes=10), models.create(student, num_classes=10)
+    tt, st = models.default_taps(teacher), models.default_taps(student)
+    levels = [Level(st.feature, tt.feature, method), Level(st.logits, tt.logits, method, **logit_options)]
+    return Distiller(t, s, levels, input_shape=(3, 64, 64))
+
+
+def snapshot(module: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("teacher,student", [("resnet34", "resnet18"), ("resnet50", "mobilenet_v2")])
+def test_one_step_trains_student_and_methods_not_teacher(teacher, student):
+    d = by_name(teacher, student)
+    teacher_before, student_before, methods_before = snapshot(d.teacher), snapshot(d.student), snapshot(d.methods)
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
+    d.train()
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    out = d(x, y)
+    loss = nn.functional.cross_entropy(out.student, y) + out.loss
+    loss.backward()
+    opt.step()
+    assert d.teacher.training is False
+    assert all(not p.requires_grad and p.grad is None for p in d.teacher.parameters())
+    assert all(torch.equal(v, d.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert any(not torch.equal(v, d.student.state_dict()[k]) for k, v in student_before.items())
+    changed = [k for k, v in methods_before.items() if not torch.equal(v, d.methods.state_dict()[k])]
+    assert any(".noise_predictor." in k for k in changed) and any(".projector." in k for k in changed)
+
+
+def test_state_dict_has_no_teacher_and_extra_parameters_counts_methods():
+    d = by_name("resnet34", "resnet18")
+    keys = list(d.state_dict())
+    assert keys and all(k.startswith(("student.", "methods.")) for k in keys)
+    assert d.extra_parameters() == sum(p.numel() for p in d.methods.parameters())
+    n_student = sum(p.numel() for p in d.student.parameters())
+    assert sum(p.numel() for p in d.trainable_parameters()) == n_student + d.extra_parameters()
+
+
+def test_exported_student_loads_strictly_and_gives_same_logits(tmp_path):
+    d = by_name("resnet34", "resnet18")
+    d.train()
+    d(torch.randn(4, 3, 64, 64))  # move BN statistics away from their initial values
+    d.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        inside = d(x).student
+    path = d.export_student(tmp_path / "student.pt")
+    fresh = models.create("resnet18", num_classes=10).eval()
+    fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), inside)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        d.export_student(path)
+
+
+def test_kd_dist_dkd_levels_and_losses_sum():
+    torch.manual_seed(0)
+    t, s = models.create("resnet34", num_classes=10), models.create("resnet18", num_classes=10)
+    d = Distiller(t, s, [Level("fc", "fc", "kd", weight=0.5), Level("fc", "fc", "dist", weight=2.0),
+                         Level("fc", "fc", "dkd"), Level("layer4", "layer4", "mse")], input_shape=(3, 32, 32))
+    out = d(torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3]))
+    assert set(out.losses) == {"kd_fc", "dist_fc", "dkd_fc", "mse_layer4"}
+    assert torch.allclose(out.loss, sum(out.losses.values()))
+    with pytest.raises(ValueError, match=r"dkd needs the class labels: call the distiller as d\(inputs, targets\)"):
+        d(torch.randn(3, 3, 32, 32))
+
+
+class TinyViT(nn.Module):
+    """A small token model: patch embedding, class token, two encoder blocks, head on the class token."""
+
+    def __init__(self, dim: int = 32, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, stride=8)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.Sequential(*[nn.TransformerEncoderLayer(dim, 4, 2 * dim, batch_first=True) for _ in range(2)])
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.head(self.blocks(tokens)[:, 0])
+
+
+def test_token_model_distilled_at_a_token_layer():
+    torch.manual_seed(0)
+    teacher, student = TinyViT(64), TinyViT(32)
+    tap = {"path": "blocks.1", "prefix_tokens": 1}
+    d = Distiller(teacher, student, [Level(tap, tap, "diffkd"), Level("head", "head", "diffkd")],
+                  input_shape=(3, 32, 32))
+    inner = d.methods["diffkd_blocks_1"].diffkd
+    assert (inner.kind, inner.student_channels, inner.teacher_channels) == ("conv", 32, 64)
+    out = d(torch.randn(4, 3, 32, 32))
+    out.loss.backward()
+    assert student.patch.weight.grad.abs().sum() > 0
+
+
+def test_autocast_cpu_bf16():
+    d = by_name("resnet34", "resnet18")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = d(torch.randn(2, 3, 64, 64))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+# ------------------------------------------------------------------ errors
+def test_unknown_layer_lists_close_names():
+    t, s = models.create("resnet34", num_classes=10), models.create("resnet18", num_classes=10)
+    with pytest.raises(ValueError) as info:
+        Distiller(t, s, [Level("layer5", "layer4", "kd")], input_shape=(3, 32, 32))
+    assert "unknown module path 'layer5'" in str(info.value) and "'layer4'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "levels,message",
+    [
+        ([Level("fc", "fc", "kdd")], "unknown method 'kdd' (did you mean 'kd'?)"),
+        ([Level("fc", "fc", "kd", temperature=2)], "method 'kd' got an unknown option"),
+        ([Level("fc", "layer4", "kd")], "kd compares student and teacher outputs of the same shape"),
+        ([Level("fc", "layer4", "diffkd")], "diffkd needs two maps (B,C,H,W) or two vectors (B,K)"),
+        ([Level("fc", "fc", "kd"), Level("fc", "fc", "kd")], "level names must be unique"),
+        ([], "needs at least one Level"),
+    ],
+)
+def test_bad_levels(levels, message):
+    t, s = models.create("resnet34", num_classes=10), models.create("resnet18", num_classes=10)
+    with pytest.raises(ValueError) as info:
+        Distiller(t, s, levels, input_shape=(3, 32, 32))
+    assert message in str(info.value)
+
+
+def test_class_count_mismatch_and_missing_example_input():
+    t, s = models.create("resnet34", num_classes=100), models.create("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match=r"student \(2, 10\) and teacher \(2, 100\)"):
+        Distiller(t, s, [Level("fc", "fc", "kd")], input_shape=(3, 32, 32))
+    with pytest.raises(ValueError, match="give example_input or input_shape"):
+        Distiller(t, s, [Level("fc", "fc", "kd")])
+
+
+# ------------------------------------------------------------------ DDP (gloo, CPU, 2 processes)
+def _ddp_worker(rank: int, world: int, port: int, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    d = by_name("resnet34", "resnet18")
+    ddp = nn.parallel.DistributedDataParallel(d)
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
+    torch.manual_seed(100 + rank)  # each replica sees its own data and noise
+    for _ in range(3):
+        x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+        out = ddp(x, y)
+        (nn.functional.cross_entropy(out.student, y) + out.loss).backward()
+        opt.step()
+        opt.zero_grad()
+    flat = torch.cat([p.detach().flatten() for p in d.trainable_parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    results[rank] = bool(torch.isfinite(flat).all()) and bool(torch.equal(gathered[0], gathered[1]))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_stay_in_sync():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    assert dict(results) == {0: True, 1: True}

@@ -1,0 +1,362 @@
+"""The training engine: schedules, parameter groups, resume bit-exactness, error cases and run outputs.
+
+Runs use a small evenly spaced slice of the real Fashion-MNIST (skipped when it is not installed).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from diffkd import models
+from diffkd.config import ConfigError, ScheduleConfig, apply_overrides, config_from_dict, load_config
+from diffkd.config import OptimConfig
+from diffkd.engine import CheckpointError, NonFiniteLossError, RunDirError, evaluate_checkpoint, load_checkpoint, run
+from diffkd.engine.optim import build_optimizer
+from diffkd.engine.precision import MixedPrecision
+from diffkd.engine.schedules import LRSchedule, Timeline
+from diffkd.tasks.classification import ClassificationTask
+
+
+def _have_fashion_mnist() -> bool:
+    from diffkd.data import build_dataset
+
+    try:
+        build_dataset("fashion_mnist", "test", limit=1)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+needs_fmnist = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+
+
+def tiny(tmp_path: Path, *overrides: str, name: str = "run", mode: str = "train") -> Any:
+    """A config training fmnist_student on 128 images (4 steps of 32) for 2 epochs, on CPU, quietly."""
+    data: dict[str, Any] = {
+        "data": {"limit_train": 128, "limit_test": 64, "batch_size": 32},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "train": {"epochs": 2, "device": "cpu", "progress": False, "log_every": 1},
+        "output": {"dir": str(tmp_path / name), "tensorboard": False},
+    }
+    if mode == "train":
+        data["model"] = {"name": "fmnist_student"}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def random_teacher(tmp_path: Path) -> Path:
+    """An untrained fmnist_teacher's state dict on disk (enough to exercise distillation)."""
+    path = tmp_path / "teacher.pt"
+    torch.manual_seed(1)
+    torch.save(models.create("fmnist_teacher", num_classes=10).state_dict(), path)
+    return path
+
+
+def distill_overrides(teacher: Path) -> list[str]:
+    """DiffKD on the feature map (MSE) and on the logits (KL), as configs/fashion_mnist/diffkd.yaml."""
+    return [
+        "teacher.name=fmnist_teacher",
+        f"teacher.checkpoint={teacher}",
+        "student.name=fmnist_student",
+        "levels=[{student: '@feature', teacher: '@feature', method: diffkd, options: {distance: mse}},"
+        " {student: '@logits', teacher: '@logits', method: diffkd, options: {distance: kl, tau: 1.0}}]",
+    ]
+
+
+def all_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside nested dicts/lists, by path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(all_tensors(value, f"{prefix}/{key}"))
+    return out
+
+
+class Stop(Exception):
+    """Raised by an epoch hook to interrupt a run, as a crash or Ctrl-C would."""
+
+
+def stop_after(epoch: int):
+    def hook(record: dict[str, Any]) -> None:
+        if record["epoch"] == epoch:
+            raise Stop
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------- schedules
+
+
+def schedule(steps_per_epoch: int = 10, epochs: int = 10, **options: Any) -> LRSchedule:
+    return LRSchedule(ScheduleConfig(**options), 0.1, Timeline(steps_per_epoch, epochs))
+
+
+def test_exponential_every_fractional_epochs() -> None:
+    s = schedule(name="exponential", gamma=0.97, every_epochs=2.4)  # 2.4 epochs = 24 iterations
+    for step in (0, 23, 24, 47, 48, 100, 99):
+        assert s.lr(step) == pytest.approx(0.1 * 0.97 ** (step // 24), rel=1e-12)
+
+
+def test_linear_warmup_then_cosine_to_min_lr() -> None:
+    s = schedule(name="cosine", warmup_epochs=0.5, min_lr=0.001)  # 5 warm-up iterations of 100
+    for step in range(5):
+        assert s.lr(step) == pytest.approx(0.1 * (step + 1) / 5, rel=1e-12)
+    for step in (5, 20, 52, 99, 100):
+        expected = 0.001 + (0.1 - 0.001) * 0.5 * (1 + math.cos(math.pi * (step - 5) / 95))
+        assert s.lr(step) == pytest.approx(expected, rel=1e-12)
+    assert s.lr(100) == pytest.approx(0.001)
+
+
+def test_multistep_step_and_constant() -> None:
+    s = schedule(name="multistep", milestones=[1, 2.5], gamma=0.1)
+    assert [s.lr(i) for i in (0, 9, 10, 24, 25)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    s = schedule(name="step", step_size=3, gamma=0.5)
+    assert [s.lr(i) for i in (29, 30, 60)] == pytest.approx([0.1, 0.05, 0.025])
+    assert schedule(name="constant").lr(77) == 0.1
+
+
+def test_schedule_sets_every_group_and_rejects_unknown_names() -> None:
+    model = models.create("fmnist_student", num_classes=10)
+    optimizer = build_optimizer(model.parameters(), OptimConfig(lr=0.2, no_decay_norm_bias=True))
+    s = LRSchedule(ScheduleConfig(name="step", step_size=1, gamma=0.5), 0.2, Timeline(4, 3))
+    s.apply(optimizer, 4)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.1])
+    with pytest.raises(ConfigError, match=r"unknown schedule 'cosin'\. Did you mean 'cosine'\?"):
+        schedule(name="cosin")
+
+
+# --------------------------------------------------------------------------------------- optimizers
+
+
+def test_no_decay_groups_hold_norms_and_biases() -> None:
+    model = models.create("fmnist_student", num_classes=10)
+    optimizer = build_optimizer(model.parameters(), OptimConfig(name="sgd", weight_decay=5e-4, no_decay_norm_bias=True))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert decayed == {n for n, p in model.named_parameters() if n.endswith("weight") and n.rsplit(".", 1)[0] not in norms}
+    assert undecayed == {n for n, _ in model.named_parameters()} - decayed
+    assert "fc.bias" in undecayed and any(n.rsplit(".", 1)[0] in norms for n in undecayed)
+    single = build_optimizer(model.parameters(), OptimConfig(no_decay_norm_bias=False))
+    assert len(single.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_optimizer_registry(name: str) -> None:
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(3))], OptimConfig(name=name, lr=0.3))
+    assert optimizer.param_groups[0]["initial_lr"] == 0.3
+
+
+def test_optimizer_errors() -> None:
+    with pytest.raises(ConfigError, match=r"unknown optimizer 'adam'\. Did you mean 'adamw'\?"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(name="adam"))
+    with pytest.raises(ConfigError, match="nesterov=true needs optim.name=sgd"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(name="adamw", nesterov=True))
+
+
+def test_fp16_refused_on_cpu() -> None:
+    with pytest.raises(ConfigError, match="train.amp=fp16 needs a CUDA device .* use train.amp=bf16 or none"):
+        MixedPrecision("fp16", torch.device("cpu"))
+
+
+def test_topk_counts() -> None:
+    metric = ClassificationTask(config_from_dict({})).metrics()
+    logits = torch.tensor([[0.0, 1, 2, 3, 4, 5], [5.0, 4, 3, 2, 1, 0]])
+    metric.update(logits, torch.tensor([5, 5]))
+    assert metric.compute(lambda t: t) == {"top1": 50.0, "top5": 50.0}
+
+
+# --------------------------------------------------------------------------------------- runs
+
+
+@needs_fmnist
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
+    extra = [
+        "train.epochs=3", "schedule.name=cosine", "schedule.warmup_epochs=0.5", "train.ema_decay=0.9",
+        "optim.no_decay_norm_bias=true", "optim.nesterov=true", "train.label_smoothing=0.1", "train.clip_grad_norm=1.0",
+    ]  # fmt: skip
+    straight = run(tiny(tmp_path, *extra, name="straight"), mode="train")
+    with pytest.raises(Stop):
+        run(tiny(tmp_path, *extra, name="resumed"), mode="train", on_epoch_end=stop_after(2))
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
+    resumed = run(tiny(tmp_path, *extra, name="resumed"), mode="train", resume=True)
+
+    a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
+    ta, tb = all_tensors({k: a[k] for k in ("model", "optimizer", "ema", "rng")}), all_tensors({k: b[k] for k in ("model", "optimizer", "ema", "rng")})
+    assert ta.keys() == tb.keys() and len(ta) > 40
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    drop = ("epoch_seconds", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in straight.history] == [
+        {k: v for k, v in r.items() if k not in drop} for r in resumed.history
+    ]
+
+
+@needs_fmnist
+def test_distill_resume_is_bit_identical(tmp_path: Path) -> None:
+    teacher = random_teacher(tmp_path)
+    extra = [*distill_overrides(teacher), "train.epochs=2", "data.limit_train=64", "data.limit_test=32", "optim.name=adamw", "optim.lr=0.001"]
+    straight = run(tiny(tmp_path, *extra, name="straight", mode="distill"), mode="distill")
+    with pytest.raises(Stop):
+        run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", on_epoch_end=stop_after(1))
+    resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
+    a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
+    assert any(k.startswith("methods.") for k in a["model"]) and not any(k.startswith("teacher") for k in a["model"])
+    ta, tb = all_tensors({k: a[k] for k in ("model", "optimizer", "rng")}), all_tensors({k: b[k] for k in ("model", "optimizer", "rng")})
+    assert ta.keys() == tb.keys()
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    record = straight.history[-1]
+    assert {"loss_task", "train_loss", "test_top1", "test_top5"} <= record.keys()
+    assert any(k.startswith("loss_") and k.endswith("/diffusion") for k in record)
+    assert any(k.endswith("/gamma") for k in record)  # method stats, averaged per epoch
+    assert straight.extra_parameters > 0
+
+
+@needs_fmnist
+def test_run_outputs(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, "output.tensorboard=true")
+    result = run(cfg, mode="train")
+    files = {p.name for p in result.run_dir.iterdir()}
+    assert {"config.yaml", "last.pt", "best.pt", "metrics.csv", "curves.png", "tensorboard"} <= files
+    assert load_config(result.run_dir / "config.yaml") == cfg
+    with open(result.run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    assert list(rows[0])[:4] == ["epoch", "lr", "train_loss", "loss_task"]
+    assert {"train_top1", "test_top1", "test_top5", "epoch_seconds", "images_per_s"} <= rows[0].keys()
+    assert float(rows[1]["test_top1"]) == pytest.approx(result.final_top1)
+    assert result.best_top1 == max(r["test_top1"] for r in result.history)
+    assert result.train_seconds > 0 and result.extra_parameters == 0
+    assert any((result.run_dir / "tensorboard").iterdir())
+    ckpt = load_checkpoint(result.run_dir / "best.pt")
+    assert ckpt["best"] == result.best_top1 and isinstance(ckpt["config"], dict)
+
+
+@needs_fmnist
+def test_existing_run_dir_is_refused_and_force_moves_it_aside(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, "train.epochs=1")
+    run(cfg, mode="train")
+    marker = cfg.output.dir + "/notes.txt"
+    Path(marker).write_text("mine")
+    with pytest.raises(RunDirError, match=r"run directory .*run already holds a run \(config.yaml, last.pt, best.pt, metrics.csv\); pass --resume to continue it, or --force"):
+        run(cfg, mode="train")
+    run(cfg, mode="train", force=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine" and (aside[0] / "last.pt").is_file()
+    assert not (Path(cfg.output.dir) / "notes.txt").exists()
+    with pytest.raises(RunDirError, match="contradict"):
+        run(cfg, mode="train", force=True, resume=True)
+
+
+def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match=r"cannot resume: .*run/last.pt not found"):
+        run(tiny(tmp_path), mode="train", resume=True)
+
+
+@needs_fmnist
+def test_corrupt_checkpoint_is_reported_with_its_name(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, "train.epochs=1")
+    run(cfg, mode="train")
+    last = Path(cfg.output.dir) / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"cannot read checkpoint {re.escape(str(last))}: the file is truncated, corrupt"):
+        run(tiny(tmp_path, "train.epochs=2"), mode="train", resume=True)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=rf"cannot read checkpoint {re.escape(str(garbage))}"):
+        evaluate_checkpoint(garbage)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(1)}, plain)
+    with pytest.raises(CheckpointError, match="is not a diffkd run checkpoint"):
+        evaluate_checkpoint(plain)
+
+
+@needs_fmnist
+def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
+    run(tiny(tmp_path, "train.epochs=1"), mode="train")
+    with pytest.raises(ConfigError, match=r"cannot resume .*: the config differs from the run's in optim.lr; resume with"):
+        run(tiny(tmp_path, "train.epochs=2", "optim.lr=0.2"), mode="train", resume=True)
+    result = run(tiny(tmp_path, "train.epochs=2"), mode="train", resume=True)  # more epochs is allowed
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+@needs_fmnist
+def test_nan_loss_names_term_step_and_epoch_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    original = ClassificationTask.loss
+    calls = {"train": 0}
+
+    def poisoned(self, outputs, targets):
+        loss = original(self, outputs, targets)
+        if torch.is_grad_enabled():  # training steps only, not evaluation
+            calls["train"] += 1
+            if calls["train"] == 6:  # epoch 2, its second step: global step 5
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(ClassificationTask, "loss", poisoned)
+    cfg = tiny(tmp_path)
+    digests = {}
+
+    def remember(record: dict[str, Any]) -> None:
+        for name in ("last.pt", "best.pt"):
+            digests[name] = hashlib.sha256((Path(cfg.output.dir) / name).read_bytes()).hexdigest()
+
+    with pytest.raises(NonFiniteLossError) as err:
+        run(cfg, mode="train", on_epoch_end=remember)
+    message = str(err.value)
+    assert message.startswith("non-finite loss at epoch 2, global step 5: task = nan, total = nan; training stopped")
+    assert "last.pt (epoch 1) is left untouched" in message
+    for name, digest in digests.items():
+        assert hashlib.sha256((Path(cfg.output.dir) / name).read_bytes()).hexdigest() == digest
+    assert load_checkpoint(Path(cfg.output.dir) / "last.pt")["epoch"] == 1
+
+
+@needs_fmnist
+def test_huge_learning_rate_stops_with_a_named_term(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch \d+, global step \d+: task = (nan|inf)"):
+        run(tiny(tmp_path, "optim.lr=1e12", "optim.momentum=0.0", "train.epochs=3"), mode="train")
+
+
+@needs_fmnist
+def test_ema_weights_are_evaluated_and_exported(tmp_path: Path) -> None:
+    from diffkd.engine import export_weights
+
+    result = run(tiny(tmp_path, "train.ema_decay=0.5", "train.epochs=1"), mode="train")
+    ckpt = load_checkpoint(result.run_dir / "last.pt")
+    assert ckpt["ema"] is not None
+    assert not torch.equal(ckpt["ema"]["fc.weight"], ckpt["model"]["fc.weight"])
+    exported = torch.load(export_weights(result.run_dir, tmp_path / "s.pt", which="last"), weights_only=True)
+    assert all(torch.equal(exported[k], ckpt["ema"][k]) for k in ckpt["ema"])
+    evaluated = evaluate_checkpoint(result.run_dir, which="last", device="cpu", limit=64)
+    assert evaluated["top1"] == pytest.approx(result.history[-1]["test_top1"])
+
+
+@needs_fmnist
+def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
+    result = run(tiny(tmp_path, "train.amp=bf16", "train.epochs=1", "data.limit_train=64"), mode="train")
+    assert math.isfinite(result.history[-1]["train_loss"])
+
+
+@needs_fmnist
+def test_distill_needs_its_sections_and_a_teacher_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="teacher, student, levels: required for `diffkd distill`"):
+        run(tiny(tmp_path, mode="distill"), mode="distill")
+    cfg = tiny(tmp_path, "teacher.name=fmnist_teacher", "student.name=fmnist_student",
+               "levels=[{student: '@logits', teacher: '@logits', method: kd}]", mode="distill")  # fmt: skip
+    with pytest.raises(ConfigError, match="teacher.checkpoint: required"):
+        run(cfg, mode="distill")
+    cfg = tiny(tmp_path, *distill_overrides(random_teacher(tmp_path)), "levels.0.student=@features", mode="distill")
+    with pytest.raises(ConfigError, match=r"levels.0.student: unknown tap alias '@features'"):
+        run(cfg, mode="distill")
+    assert not Path(cfg.output.dir).exists()  # config mistakes fail before the run directory is made
