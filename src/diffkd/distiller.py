@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .methods import build_method
-from .taps import FeatureTaps, Tap, probe_shapes
+from .taps import FeatureTaps, Tap, call_model, probe_shapes
 
 
 class Level:
@@ -93,10 +93,13 @@ class Distiller(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, inputs: Any, targets: Tensor | None = None) -> DistillOutput:
-        """Run teacher (no grad) and student, then every level's method on the captured features."""
+        """Run teacher (no grad) and student, then every level's method on the captured features.
+
+        A tuple `inputs` is spread as positional arguments (detectors take `(images, targets)`).
+        """
         with torch.no_grad():
-            self.teacher(inputs)
-        student_output = self.student(inputs)
+            call_model(self.teacher, inputs)
+        student_output = call_model(self.student, inputs)
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
         for level in self.levels:

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Tap", "FeatureTaps", "probe_shapes"]
+__all__ = ["Tap", "FeatureTaps", "call_model", "probe_shapes"]
 
 _SPEC_RE = re.compile(r"(?P<path>[^\[\]]*)(?:\[(?P<select>[^\[\]]+)\])?")
 _INT_RE = re.compile(r"-?\d+")
@@ -384,7 +384,7 @@ class FeatureTaps:
         self.close()
 
 
-def _call(model: nn.Module, example_input: Any) -> Any:
+def call_model(model: nn.Module, example_input: Any) -> Any:
     """Call the model: a tuple spreads as positional arguments, a mapping as keywords, else one argument."""
     if isinstance(example_input, tuple):
         return model(*example_input)
@@ -423,7 +423,7 @@ def probe_shapes(
     try:
         model.eval()
         with FeatureTaps(model, taps) as feature_taps, torch.no_grad():
-            _call(model, example_input)
+            call_model(model, example_input)
             return {name: feature.shape for name, feature in feature_taps.items()}
     finally:
         for module, training in modes:

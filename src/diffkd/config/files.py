@@ -59,12 +59,22 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
-    """Apply `dotted.key=value` overrides (values parsed as YAML) to plain config data, in order."""
+    """Apply `dotted.key=value` overrides to plain config data, in order.
+
+    Values are parsed as YAML (numbers, true/false, null, [lists], {mappings}); a value YAML cannot
+    parse, such as @feature, is taken as a string unless it starts a list, mapping or quote.
+    """
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.05")
-        _set_dotted(data, key.strip(), parse_yaml(text, f"override {item!r}"))
+        try:
+            value = parse_yaml(text, f"override {item!r}")
+        except ConfigError:
+            if text.lstrip().startswith(("[", "{", "'", '"')):
+                raise
+            value = text  # not YAML but plainly meant as text, e.g. levels.0.student=@feature
+        _set_dotted(data, key.strip(), value)
     return data
 
 
