@@ -87,3 +87,16 @@ def test_noise_predictor_adds_time_embedding_row():
         by_tensor = p(x, torch.tensor([300, 300]))
         manual = p.layers(x + p.time_embedding.weight[300].view(1, 4, 1, 1))
     assert torch.allclose(by_int, manual) and torch.allclose(by_tensor, manual)
+
+
+def test_vector_path_equals_1x1_map_path():
+    """The mlp kind runs on (B,C) vectors; it must compute what it would on (B,C,1,1) maps."""
+    torch.manual_seed(0)
+    vec = NoisePredictor(6, "mlp")
+    maps = NoisePredictor(6, "mlp")
+    maps.load_state_dict(vec.state_dict())
+    x = torch.randn(5, 6)
+    out_vec, out_map = vec(x, 300), maps(x[:, :, None, None], 300)
+    assert torch.allclose(out_vec, out_map.flatten(1), atol=1e-5)
+    for a, b in zip(vec.state_dict().values(), maps.state_dict().values()):  # same BN statistics
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .diffusion import AdaptiveNoiseMatcher, NoisePredictor, NoiseSchedule, conv_bn, denoise
+from .diffusion import AdaptiveNoiseMatcher, NoisePredictor, NoiseSchedule, PointwiseConv, conv_bn, denoise
 from .losses import Distance, resolve_distance
 
 
@@ -92,7 +92,7 @@ class DiffKD(nn.Module):
         self.distance = resolve_distance(distance, None if distance == "mse" else tau)
         width = latent_channels or teacher_channels
 
-        self.projector = nn.Conv2d(student_channels, width, 1)
+        self.projector = PointwiseConv(student_channels, width)
         self.autoencoder = LinearAutoencoder(teacher_channels, width) if latent_channels else None
         self.noise_predictor = NoisePredictor(width, kind)
         self.noise_matcher = AdaptiveNoiseMatcher(width, kind) if adaptive_noise else None
@@ -101,8 +101,8 @@ class DiffKD(nn.Module):
         self.chain = self.schedule.ddim_coefficients(inference_steps)
 
     # ----------------------------------------------------------------------------- input checks
-    def _as_maps(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-        """Validate shapes against the configuration and bring vectors to (B,K,1,1)."""
+    def _checked(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        """Validate shapes against the configuration; the mlp kind works on (B,K) vectors."""
         for role, x, channels in (("student", student, self.student_channels), ("teacher", teacher, self.teacher_channels)):
             expected = "(B,C,H,W)" if self.kind == "conv" else "(B,K) or (B,K,1,1)"
             ok_rank = x.dim() == 4 if self.kind == "conv" else x.dim() in (2, 4)
@@ -117,15 +117,15 @@ class DiffKD(nn.Module):
                 "DiffKD(kind='mlp') needs a batch of at least 2 in training mode "
                 f"(its BatchNorm cannot train on one value per channel), got batch {student.shape[0]}"
             )
-        if student.dim() == 2:
-            student, teacher = student[:, :, None, None], teacher[:, :, None, None]
+        if self.kind == "mlp":
+            student, teacher = student.flatten(1), teacher.flatten(1)
         return student, teacher
 
     # ----------------------------------------------------------------------------- the boxes
     def project_student(self, student: Tensor, size: torch.Size) -> Tensor:
         """z_s: the student feature in the latent space, resized to the teacher's spatial size."""
         z = self.projector(student)
-        if z.shape[-2:] != size:
+        if z.dim() == 4 and z.shape[-2:] != size:
             z = F.interpolate(z, size=tuple(size), mode="bilinear", align_corners=False)
         return z
 
@@ -134,9 +134,8 @@ class DiffKD(nn.Module):
         if self.noise_matcher is None:
             return z_s.float(), None
         gamma = self.noise_matcher(z_s)
-        if noise is None:
-            noise = torch.randn(z_s.shape, device=z_s.device, dtype=torch.float32)
-        g = gamma.view(-1, 1, 1, 1)
+        noise = torch.randn(z_s.shape, device=z_s.device) if noise is None else noise.reshape(z_s.shape)
+        g = gamma.view(-1, *([1] * (z_s.dim() - 1)))
         return g * z_s.float() + (1.0 - g) * noise.float(), gamma
 
     def denoise(self, z_s: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -149,8 +148,7 @@ class DiffKD(nn.Module):
         """L_diff: the noise predictor learns to recover eps from noised teacher latents."""
         if timesteps is None:
             timesteps = torch.randint(0, self.schedule.num_train_timesteps, (z_t.shape[0],), device=z_t.device)
-        if noise is None:
-            noise = torch.randn(z_t.shape, device=z_t.device, dtype=torch.float32)
+        noise = torch.randn(z_t.shape, device=z_t.device) if noise is None else noise.reshape(z_t.shape)
         x_t = self.schedule.add_noise(z_t, noise, timesteps)
         return F.mse_loss(self.noise_predictor(x_t, timesteps).float(), noise.float())
 
@@ -165,8 +163,7 @@ class DiffKD(nn.Module):
         diffusion_timesteps: Tensor | None = None,
     ) -> DiffKDOutput:
         """Denoise the student feature and compute all losses; noises may be given for testing."""
-        rank = student.dim()
-        s, t = self._as_maps(student, teacher.detach())  # the teacher gets no gradient
+        s, t = self._checked(student, teacher.detach())  # the teacher gets no gradient
         z_s = self.project_student(s, t.shape[-2:])
         if self.autoencoder is not None:
             latent, reconstruction = self.autoencoder(t)
@@ -176,9 +173,9 @@ class DiffKD(nn.Module):
             ae_loss, z_t = None, t
         denoised, gamma = self.denoise(z_s, start_noise)
         diffusion = self.diffusion_loss(z_t, diffusion_noise, diffusion_timesteps)
-        if rank == 2:
-            denoised, z_t = denoised.flatten(1), z_t.flatten(1)
         kd = self.distance(denoised, z_t)
+        if student.dim() != denoised.dim():  # the mlp kind returns the rank it was given
+            denoised, z_t = denoised.view(student.shape[0], -1, 1, 1), z_t.view(student.shape[0], -1, 1, 1)
         loss = self.kd_weight * kd + self.diffusion_weight * diffusion
         if ae_loss is not None:
             loss = loss + self.ae_weight * ae_loss
