@@ -1,0 +1,154 @@
+"""GPU cost of DiffKD vs plain KD, side by side in one process; prints a table and writes JSON.
+
+    python benchmarks/gpu_cost.py --json gpu_cost.json                  # the full set on a GPU
+    python benchmarks/gpu_cost.py --device cpu --batch 4 --size 64 --fmnist-batch 16 --steps 2 --warmup 1  # smoke test
+
+Cases (DESIGN.md §2 and issue "Fast DiffKD"):
+- ResNet-34 -> ResNet-18, batch 256, 224x224, random data, fp32 and bf16 autocast: plain KD (logits,
+  tau 1), DiffKD without AE, DiffKD as in B1 (feature AE latent 1024 + logits); step time (median of
+  `--steps` after `--warmup`) and peak memory; and the B1 feature module alone, forward + backward.
+- The Fashion-MNIST pair, batch 128: plain KD vs DiffKD (feature + logits).
+Each figure is measured in the same process, with every case warmed up first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from diffkd import DiffKD, Distiller, Level, models
+
+R34_R18 = {
+    "kd": [Level("fc", "fc", "kd", tau=1.0)],
+    "diffkd_no_ae": [Level("layer4", "layer4", "diffkd")],
+    "diffkd_b1": [Level("layer4", "layer4", "diffkd", latent_channels=1024), Level("fc", "fc", "diffkd")],
+}
+FMNIST = {
+    "kd": [Level("fc", "fc", "kd")],
+    "diffkd": [Level("features", "features", "diffkd"), Level("fc", "fc", "diffkd")],
+}
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
+    """(median ms, peak MB) of step() after warm-up."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def distill_step(teacher: str, student: str, levels: list[Level], shape: tuple[int, ...], batch: int,
+                 classes: int, device: torch.device, dtype: str, channels_last: bool):
+    torch.manual_seed(0)
+    t, s = models.create(teacher, num_classes=classes), models.create(student, num_classes=classes)
+    fresh = [Level(lv.student, lv.teacher, lv.method, **lv.options) for lv in levels]
+    d = Distiller(t, s, fresh, input_shape=shape).to(device)
+    fmt = torch.channels_last if channels_last and len(shape) == 3 else torch.contiguous_format
+    d = d.to(memory_format=fmt)
+    x = torch.randn(batch, *shape, device=device).to(memory_format=fmt)
+    y = torch.randint(0, classes, (batch,), device=device)
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
+    d.train()
+
+    def step() -> None:
+        with autocast(device, dtype):
+            out = d(x, y)
+            loss = F.cross_entropy(out.student, y) + out.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} ({dtype})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def module_step(batch: int, device: torch.device, dtype: str, channels_last: bool):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    level = DiffKD(512, 512, 1024).to(device).to(memory_format=fmt)
+    s = torch.randn(batch, 512, 7, 7, device=device).to(memory_format=fmt).requires_grad_()
+    t = torch.randn(batch, 512, 7, 7, device=device).to(memory_format=fmt)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = level(s, t).loss
+        loss.backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--fmnist-batch", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "batch": args.batch, "size": args.size,
+              "channels_last": args.channels_last, "r34_r18": {}, "fmnist": {}}
+    shape = (3, args.size, args.size)
+    for dtype in args.dtypes.split(","):
+        rows = {}
+        for name, levels in R34_R18.items():
+            step = distill_step("resnet34", "resnet18", levels, shape, args.batch, 1000, device, dtype, args.channels_last)
+            ms, mb = timed(step, device, args.warmup, args.steps)
+            rows[name] = {"step_ms": round(ms, 2), "peak_mb": round(mb, 1)}
+        for name in rows:
+            rows[name]["vs_kd"] = round(rows[name]["step_ms"] / rows["kd"]["step_ms"], 3)
+            rows[name]["mem_vs_kd"] = round(rows[name]["peak_mb"] / rows["kd"]["peak_mb"], 3) if device.type == "cuda" else None
+        ms, _ = timed(module_step(args.batch, device, dtype, args.channels_last), device, args.warmup, args.steps)
+        rows["b1_feature_module_fwd_bwd"] = {"ms": round(ms, 2)}
+        result["r34_r18"][dtype] = rows
+        for name, r in rows.items():
+            print(f"R34->R18 {dtype:5s} {name:28s} {json.dumps(r)}", flush=True)
+    rows = {}
+    for name, levels in FMNIST.items():
+        step = distill_step("fmnist_teacher", "fmnist_student", levels, (1, 28, 28), args.fmnist_batch, 10,
+                            device, "fp32", False)
+        ms, _ = timed(step, device, args.warmup, args.steps)
+        rows[name] = {"step_ms": round(ms, 2)}
+    rows["diffkd"]["vs_kd"] = round(rows["diffkd"]["step_ms"] / rows["kd"]["step_ms"], 3)
+    result["fmnist"] = rows
+    print(f"Fashion-MNIST pair, batch {args.fmnist_batch}: {json.dumps(rows)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
