@@ -8,11 +8,12 @@ or `diffkd --help` needs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .config import ConfigError
@@ -38,13 +39,17 @@ def lazy(module: str) -> Callable[[], Command]:
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by train and distill: the config, overrides and run-directory flags."""
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05 train.epochs=3")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05 train.epochs=3"
+    )
     parser.add_argument("--out", metavar="RUN_DIR", help="run directory (same as output.dir=RUN_DIR)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as train.device=...)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in the run directory from its last.pt")
     group.add_argument(
-        "--force", action="store_true", help="move an existing run directory aside to <dir>.old-<time> and start afresh (nothing is deleted)"
+        "--force",
+        action="store_true",
+        help="move an existing run directory aside to <dir>.old-<time> and start afresh (nothing is deleted)",
     )
 
 
@@ -74,7 +79,9 @@ def _run_mode(mode: str) -> Callable[[argparse.Namespace], int]:
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a run directory or a last.pt/best.pt file")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run directory (default best)")
+    parser.add_argument(
+        "--which", choices=("best", "last"), default="best", help="checkpoint of a run directory (default best)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--limit", type=int, help="evaluate only this many test items (evenly spaced)")
     parser.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
@@ -85,7 +92,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .engine import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        args.checkpoint, which=args.which, device=args.device, limit=args.limit, batch_size=args.batch_size, data_root=args.data_root
+        args.checkpoint,
+        which=args.which,
+        device=args.device,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        data_root=args.data_root,
     )
     metrics = "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k.startswith("top"))
     print(f"{metrics}  on {result['images']} test images ({result['checkpoint']}, epoch {result['epoch']})")
@@ -95,7 +107,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or one of its checkpoints)")
     parser.add_argument("out", nargs="?", metavar="OUT", help="output file (default RUN_DIR/student.pt)")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint to export from (default best)")
+    parser.add_argument(
+        "--which", choices=("best", "last"), default="best", help="checkpoint to export from (default best)"
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -142,6 +156,7 @@ COMMANDS: dict[str, Callable[[], Command]] = {
     "distill": lambda: DISTILL,
     "eval": lambda: EVAL,
     "export": lambda: EXPORT,
+    "demo": lazy("diffkd.demo"),
 }
 
 
@@ -150,17 +165,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffkd",
         description="DiffKD: knowledge diffusion for distillation. Train teachers, distil students, evaluate, export.",
-        epilog="`diffkd COMMAND --help` explains each command. Multi-GPU: torchrun --nproc_per_node=N -m diffkd distill ...",
+        epilog="`diffkd COMMAND --help` explains each command. "
+        "Several GPUs: torchrun --nproc_per_node=N -m diffkd distill ...",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, builder in COMMANDS.items():
         command = builder()
         child = sub.add_parser(
-            name, help=command.summary, description=command.description, formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=command.summary,
+            description=command.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(child)
         child.set_defaults(action=command.run)
     return parser
+
+
+@contextlib.contextmanager
+def _progress_logs() -> Iterator[None]:
+    """While a command runs, print the engine's INFO lines (epoch summaries) on stderr; other loggers untouched."""
+    logger = logging.getLogger("diffkd")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,10 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra  # key=value given after the flags
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        return args.action(args)
+        with _progress_logs():
+            return args.action(args)
     except (*USER_ERRORS, EngineError) as err:
         print(f"diffkd {args.command}: error: {err}", file=sys.stderr)
         return 1
