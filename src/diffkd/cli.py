@@ -157,6 +157,7 @@ COMMANDS: dict[str, Callable[[], Command]] = {
     "eval": lambda: EVAL,
     "export": lambda: EXPORT,
     "demo": lazy("diffkd.demo"),
+    "visualize": lazy("diffkd.visualize"),
 }
 
 

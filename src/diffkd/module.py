@@ -101,7 +101,7 @@ class DiffKD(nn.Module):
         self.chain = self.schedule.ddim_coefficients(inference_steps)
 
     # ----------------------------------------------------------------------------- input checks
-    def _checked(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    def check_inputs(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
         """Validate shapes against the configuration; the mlp kind works on (B,K) vectors."""
         for role, x, channels in (("student", student, self.student_channels), ("teacher", teacher, self.teacher_channels)):
             expected = "(B,C,H,W)" if self.kind == "conv" else "(B,K) or (B,K,1,1)"
@@ -163,7 +163,7 @@ class DiffKD(nn.Module):
         diffusion_timesteps: Tensor | None = None,
     ) -> DiffKDOutput:
         """Denoise the student feature and compute all losses; noises may be given for testing."""
-        s, t = self._checked(student, teacher.detach())  # the teacher gets no gradient
+        s, t = self.check_inputs(student, teacher.detach())  # the teacher gets no gradient
         z_s = self.project_student(s, t.shape[-2:])
         if self.autoencoder is not None:
             latent, reconstruction = self.autoencoder(t)
