@@ -14,7 +14,14 @@ from diffkd.cli import COMMANDS, main
 from diffkd.engine import evaluated_weights, load_checkpoint
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "fashion_mnist"
-SMALL = ["data.limit_train=64", "data.limit_test=64", "data.batch_size=32", "train.epochs=1", "train.device=cpu", "output.tensorboard=false"]
+SMALL = [
+    "data.limit_train=64",
+    "data.limit_test=64",
+    "data.batch_size=32",
+    "train.epochs=1",
+    "train.device=cpu",
+    "output.tensorboard=false",
+]
 
 
 def _have_fashion_mnist() -> bool:
@@ -51,7 +58,19 @@ def test_train_distill_eval_export(tmp_path: Path, capsys) -> None:
     assert "train done: best top-1" in capsys.readouterr().out
 
     # the shipped DiffKD config (feature map MSE + logits KL), its teacher being the run just made
-    assert main(["distill", str(CONFIGS / "diffkd.yaml"), "--out", str(student_dir), f"teacher.checkpoint={teacher_dir}", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                str(CONFIGS / "diffkd.yaml"),
+                "--out",
+                str(student_dir),
+                f"teacher.checkpoint={teacher_dir}",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     assert "distill done" in capsys.readouterr().out
     ckpt = load_checkpoint(student_dir / "best.pt")
     assert ckpt["mode"] == "distill" and any(k.startswith("methods.") for k in ckpt["model"])
@@ -70,7 +89,9 @@ def test_train_distill_eval_export(tmp_path: Path, capsys) -> None:
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
 
     assert main(["export", str(teacher_dir)]) == 0  # a train run exports its model
-    models.create("fmnist_teacher", num_classes=10).load_state_dict(torch.load(teacher_dir / "student.pt", weights_only=True))
+    models.create("fmnist_teacher", num_classes=10).load_state_dict(
+        torch.load(teacher_dir / "student.pt", weights_only=True)
+    )
 
 
 @needs_fmnist

@@ -92,9 +92,15 @@ def test_unknown_top_level_and_list_item_keys() -> None:
         ({"train": {"epochs": True}}, "train.epochs: expected an integer (int), got True (bool)"),
         ({"train": {"compile": "yes please"}}, "train.compile: expected true or false (bool), got 'yes please' (str)"),
         ({"data": {"limit_train": "all"}}, "data.limit_train: expected an integer (int) or null, got 'all' (str)"),
-        ({"schedule": {"milestones": 30}}, "schedule.milestones: expected a list (items: a number (float)), got 30 (int)"),
+        (
+            {"schedule": {"milestones": 30}},
+            "schedule.milestones: expected a list (items: a number (float)), got 30 (int)",
+        ),
         ({"schedule": {"milestones": [30, "x"]}}, "schedule.milestones.1: expected a number (float), got 'x' (str)"),
-        ({"train": {"amp": "bf61"}}, "train.amp: expected one of 'none', 'bf16', 'fp16', got 'bf61' (str). Did you mean 'bf16'?"),
+        (
+            {"train": {"amp": "bf61"}},
+            "train.amp: expected one of 'none', 'bf16', 'fp16', got 'bf61' (str). Did you mean 'bf16'?",
+        ),
         ({"data": []}, "data: expected a mapping, got [] (list)"),
         ({"model": {}}, "model.name: missing (required, a string (str))"),
         ({"train": {"epochs": 0}}, "train.epochs: must be at least 1, got 0"),

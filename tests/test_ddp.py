@@ -52,8 +52,18 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     config = tmp_path / "ddp.yaml"
     save_config(config_from_dict(data), config)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "diffkd", "train", str(config)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "diffkd",
+        "train",
+        str(config),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("train done") == 1  # one summary, from rank 0
 

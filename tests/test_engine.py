@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from diffkd import models
-from diffkd.config import ConfigError, ScheduleConfig, apply_overrides, config_from_dict, load_config
-from diffkd.config import OptimConfig
+from diffkd.config import ConfigError, OptimConfig, ScheduleConfig, apply_overrides, config_from_dict, load_config
 from diffkd.engine import CheckpointError, NonFiniteLossError, RunDirError, evaluate_checkpoint, load_checkpoint, run
 from diffkd.engine.optim import build_optimizer
 from diffkd.engine.precision import MixedPrecision
@@ -60,12 +59,13 @@ def random_teacher(tmp_path: Path) -> Path:
 
 
 def distill_overrides(teacher: Path) -> list[str]:
-    """DiffKD on the feature map (MSE) and on the logits (KL), as configs/fashion_mnist/diffkd.yaml."""
+    """DiffKD on the logits (KL) and an MSE projector on the feature map: cheap on CPU, yet with method
+    modules, optimizer state and fresh noise per step (the conv DiffKD level runs in test_cli)."""
     return [
         "teacher.name=fmnist_teacher",
         f"teacher.checkpoint={teacher}",
         "student.name=fmnist_student",
-        "levels=[{student: '@feature', teacher: '@feature', method: diffkd, options: {distance: mse}},"
+        "levels=[{student: '@feature', teacher: '@feature', method: mse},"
         " {student: '@logits', teacher: '@logits', method: diffkd, options: {distance: kl, tau: 1.0}}]",
     ]
 
@@ -146,7 +146,9 @@ def test_no_decay_groups_hold_norms_and_biases() -> None:
     decayed = {names[id(p)] for p in decay["params"]}
     undecayed = {names[id(p)] for p in no_decay["params"]}
     norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    assert decayed == {n for n, p in model.named_parameters() if n.endswith("weight") and n.rsplit(".", 1)[0] not in norms}
+    assert decayed == {
+        n for n, p in model.named_parameters() if n.endswith("weight") and n.rsplit(".", 1)[0] not in norms
+    }
     assert undecayed == {n for n, _ in model.named_parameters()} - decayed
     assert "fc.bias" in undecayed and any(n.rsplit(".", 1)[0] in norms for n in undecayed)
     single = build_optimizer(model.parameters(), OptimConfig(no_decay_norm_bias=False))
@@ -194,7 +196,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None
     resumed = run(tiny(tmp_path, *extra, name="resumed"), mode="train", resume=True)
 
     a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
-    ta, tb = all_tensors({k: a[k] for k in ("model", "optimizer", "ema", "rng")}), all_tensors({k: b[k] for k in ("model", "optimizer", "ema", "rng")})
+    ta, tb = (
+        all_tensors({k: a[k] for k in ("model", "optimizer", "ema", "rng")}),
+        all_tensors({k: b[k] for k in ("model", "optimizer", "ema", "rng")}),
+    )
     assert ta.keys() == tb.keys() and len(ta) > 40
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
     drop = ("epoch_seconds", "images_per_s")
@@ -206,14 +211,24 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None
 @needs_fmnist
 def test_distill_resume_is_bit_identical(tmp_path: Path) -> None:
     teacher = random_teacher(tmp_path)
-    extra = [*distill_overrides(teacher), "train.epochs=2", "data.limit_train=64", "data.limit_test=32", "optim.name=adamw", "optim.lr=0.001"]
+    extra = [
+        *distill_overrides(teacher),
+        "train.epochs=2",
+        "data.limit_train=64",
+        "data.limit_test=32",
+        "optim.name=adamw",
+        "optim.lr=0.001",
+    ]
     straight = run(tiny(tmp_path, *extra, name="straight", mode="distill"), mode="distill")
     with pytest.raises(Stop):
         run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", on_epoch_end=stop_after(1))
     resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
     a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
     assert any(k.startswith("methods.") for k in a["model"]) and not any(k.startswith("teacher") for k in a["model"])
-    ta, tb = all_tensors({k: a[k] for k in ("model", "optimizer", "rng")}), all_tensors({k: b[k] for k in ("model", "optimizer", "rng")})
+    ta, tb = (
+        all_tensors({k: a[k] for k in ("model", "optimizer", "rng")}),
+        all_tensors({k: b[k] for k in ("model", "optimizer", "rng")}),
+    )
     assert ta.keys() == tb.keys()
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
     record = straight.history[-1]
@@ -247,10 +262,13 @@ def test_run_outputs(tmp_path: Path) -> None:
 def test_existing_run_dir_is_refused_and_force_moves_it_aside(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "train.epochs=1")
     run(cfg, mode="train")
-    marker = cfg.output.dir + "/notes.txt"
-    Path(marker).write_text("mine")
-    with pytest.raises(RunDirError, match=r"run directory .*run already holds a run \(config.yaml, last.pt, best.pt, metrics.csv\); pass --resume to continue it, or --force"):
+    (Path(cfg.output.dir) / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError) as err:
         run(cfg, mode="train")
+    assert str(err.value) == (
+        f"run directory {cfg.output.dir} already holds a run (config.yaml, last.pt, best.pt, metrics.csv); "
+        "pass --resume to continue it, or --force to move it aside to run.old-<time> and start afresh"
+    )
     run(cfg, mode="train", force=True)
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine" and (aside[0] / "last.pt").is_file()
@@ -270,7 +288,9 @@ def test_corrupt_checkpoint_is_reported_with_its_name(tmp_path: Path) -> None:
     run(cfg, mode="train")
     last = Path(cfg.output.dir) / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=rf"cannot read checkpoint {re.escape(str(last))}: the file is truncated, corrupt"):
+    with pytest.raises(
+        CheckpointError, match=rf"cannot read checkpoint {re.escape(str(last))}: the file is truncated, corrupt"
+    ):
         run(tiny(tmp_path, "train.epochs=2"), mode="train", resume=True)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
@@ -285,8 +305,12 @@ def test_corrupt_checkpoint_is_reported_with_its_name(tmp_path: Path) -> None:
 @needs_fmnist
 def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
     run(tiny(tmp_path, "train.epochs=1"), mode="train")
-    with pytest.raises(ConfigError, match=r"cannot resume .*: the config differs from the run's in optim.lr; resume with"):
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(
+        ConfigError, match=r"cannot resume .*: the config differs from the run's in optim.lr; resume with"
+    ):
         run(tiny(tmp_path, "train.epochs=2", "optim.lr=0.2"), mode="train", resume=True)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
     result = run(tiny(tmp_path, "train.epochs=2"), mode="train", resume=True)  # more epochs is allowed
     assert [r["epoch"] for r in result.history] == [1, 2]
 
@@ -360,3 +384,13 @@ def test_distill_needs_its_sections_and_a_teacher_checkpoint(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"levels.0.student: unknown tap alias '@features'"):
         run(cfg, mode="distill")
     assert not Path(cfg.output.dir).exists()  # config mistakes fail before the run directory is made
+
+
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_run_matches_the_checkpoint_layout(tmp_path: Path) -> None:
+    result = run(tiny(tmp_path, "train.compile=true", "train.epochs=1", "data.limit_train=64"), mode="train")
+    ckpt = load_checkpoint(result.run_dir / "last.pt")
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])  # the bare model's keys
+    models.create("fmnist_student", num_classes=10).load_state_dict(ckpt["model"])

@@ -103,4 +103,4 @@ def evaluated_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     model = ckpt["model"]
     if ckpt["mode"] == "train":
         return model
-    return {k[len(STUDENT_PREFIX):]: v for k, v in model.items() if k.startswith(STUDENT_PREFIX)}
+    return {k[len(STUDENT_PREFIX) :]: v for k, v in model.items() if k.startswith(STUDENT_PREFIX)}

@@ -19,7 +19,9 @@ from .precision import MixedPrecision
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, task: Task, ctx: Context, precision: MixedPrecision) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, task: Task, ctx: Context, precision: MixedPrecision
+) -> dict[str, float]:
     """The task's metrics plus the mean task loss ("loss") over every process's shard; restores the model's mode."""
     was_training = model.training
     model.eval()

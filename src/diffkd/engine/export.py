@@ -8,7 +8,7 @@ from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint, sav
 
 
 def export_weights(source: str | Path, out: str | Path | None = None, *, which: str = "best") -> Path:
-    """Write the evaluated weights (EMA if the run used it) of a run dir or checkpoint to out (default <run>/student.pt)."""
+    """Write a run's evaluated weights (EMA if it used one) to out, default <run dir>/student.pt; returns the path."""
     file = find_checkpoint(source, which)
     weights = {k: v.detach().cpu() for k, v in evaluated_weights(load_checkpoint(file)).items()}
     target = Path(out) if out is not None else file.parent / "student.pt"

@@ -77,7 +77,9 @@ def resolve_tap(spec: str, model_name: str, where: str) -> str:
         return spec
     alias = spec[1:]
     if alias not in TAP_ALIASES:
-        raise ConfigError(f"{where}: unknown tap alias {spec!r}; use {', '.join('@' + a for a in TAP_ALIASES)} or a module path")
+        raise ConfigError(
+            f"{where}: unknown tap alias {spec!r}; use {', '.join('@' + a for a in TAP_ALIASES)} or a module path"
+        )
     return getattr(models.default_taps(model_name), alias)
 
 

@@ -21,7 +21,9 @@ log = logging.getLogger("diffkd")
 
 def progress_bar(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> tqdm:
     """A tqdm bar on stderr, shown only when enabled and stderr is a terminal."""
-    return tqdm(iterable, total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+    return tqdm(
+        iterable, total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -43,7 +45,9 @@ class Reporter:
 
             return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         except Exception as err:  # ImportError, or a broken tensorboard/protobuf install
-            warnings.warn(f"TensorBoard disabled ({type(err).__name__}: {err}); metrics.csv is still written", stacklevel=2)
+            warnings.warn(
+                f"TensorBoard disabled ({type(err).__name__}: {err}); metrics.csv is still written", stacklevel=2
+            )
             return None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -25,7 +25,9 @@ def load_teacher_weights(model: nn.Module, spec: TeacherConfig) -> None:
         )
     path = find_checkpoint(Path(spec.checkpoint).expanduser(), "best")
     if spec.sha256 is not None and file_sha256(path).lower() != spec.sha256.strip().lower():
-        raise CheckpointError(f"teacher checkpoint {path}: sha256 mismatch, expected {spec.sha256}, got {file_sha256(path)}")
+        raise CheckpointError(
+            f"teacher checkpoint {path}: sha256 mismatch, expected {spec.sha256}, got {file_sha256(path)}"
+        )
     content = load_file(path)
     if not is_run_checkpoint(content):
         models.load_weights(model, path, strict=True)

@@ -23,13 +23,14 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from ..config import Config, ConfigError, config_to_dict, save_config
 from ..data import build_loader
-from ..tasks import Task, build_task
+from ..tasks import Metrics, Task, build_task
 from . import distributed, rng
 from .checkpoint import FORMAT, VERSION, load_checkpoint, serialize, write_atomic
 from .ema import EMA
 from .errors import CheckpointError, NonFiniteLossError
 from .evaluation import evaluate, test_loader
 from .learner import LEARNERS, Learner, StepOutput
+from .meters import LossMeter
 from .optim import build_optimizer
 from .precision import MixedPrecision
 from .reporting import Reporter, progress_bar
@@ -126,7 +127,31 @@ def _wrap(module: torch.nn.Module, ctx: distributed.Context, compile_: bool) -> 
 
 
 def _setup(cfg: Config, mode: str, ctx: distributed.Context, *, resume: bool, force: bool) -> Session:
-    """Build everything first (so config mistakes fail before any file is touched), then the run dir, then resume."""
+    """Build everything (so config mistakes fail before any file is touched), then open the run dir and resume."""
+    session = _build(cfg, mode, ctx)
+    run_dir = session.run_dir
+    check_run_dir(run_dir, resume=resume, force=force)
+    ctx.barrier()
+    if ctx.is_main:
+        moved = prepare_run_dir(run_dir, resume=resume, force=force)
+        if moved is not None:
+            log.warning("--force: moved the previous run %s aside to %s", run_dir, moved)
+    ctx.barrier()
+    if resume:
+        _restore(session, run_dir / "last.pt")
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    session.reporter = Reporter(run_dir, enabled=ctx.is_main, tensorboard=cfg.output.tensorboard)
+    if ctx.is_main:
+        sizes = f"{len(session.train_set)} train / {len(session.test_loader.dataset)} test items"
+        steps = f"{session.schedule.timeline.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
+        where = f"{ctx.world_size} process(es) on {ctx.device}"
+        log.info("%s %s: %s, %s, %s, run dir %s", mode, cfg.task, sizes, steps, where, run_dir)
+    return session
+
+
+def _build(cfg: Config, mode: str, ctx: distributed.Context) -> Session:
+    """Task, learner (model or distiller) on its device, optimizer, schedule, EMA, data; nothing on disk yet."""
     task = build_task(cfg)
     batch_size = _per_rank_batch(cfg.data.batch_size, ctx.world_size)
     precision = MixedPrecision(cfg.train.amp, ctx.device)
@@ -139,33 +164,27 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, *, resume: bool, fo
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.train.seed)
     steps = len(sampler) // batch_size
     if steps == 0:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({len(train_set)} items)")
-    schedule = LRSchedule(cfg.schedule, cfg.optim.lr, Timeline(steps, cfg.train.epochs))
-    ema = EMA(learner.student, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the training set ({len(train_set)} items)"
+        )
     eval_batch = max(1, (cfg.data.eval_batch_size or cfg.data.batch_size) // ctx.world_size)
-    tests = test_loader(task, ctx, eval_batch, cfg.data.workers, cfg.data.limit_test)
-    call = _wrap(learner.module, ctx, cfg.train.compile)
-    run_dir = Path(cfg.output.dir).expanduser()
-    session = Session(
-        cfg, mode, task, ctx, learner, call, optimizer, schedule, precision, ema, train_set, sampler, batch_size, tests, run_dir
+    return Session(
+        cfg=cfg,
+        mode=mode,
+        task=task,
+        ctx=ctx,
+        learner=learner,
+        call=_wrap(learner.module, ctx, cfg.train.compile),
+        optimizer=optimizer,
+        schedule=LRSchedule(cfg.schedule, cfg.optim.lr, Timeline(steps, cfg.train.epochs)),
+        precision=precision,
+        ema=EMA(learner.student, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,
+        train_set=train_set,
+        sampler=sampler,
+        batch_size=batch_size,
+        test_loader=test_loader(task, ctx, eval_batch, cfg.data.workers, cfg.data.limit_test),
+        run_dir=Path(cfg.output.dir).expanduser(),
     )
-    check_run_dir(run_dir, resume=resume, force=force)
-    ctx.barrier()
-    if ctx.is_main:
-        moved = prepare_run_dir(run_dir, resume=resume, force=force)
-        if moved is not None:
-            log.warning("--force: moved the previous run %s aside to %s", run_dir, moved)
-        save_config(cfg, run_dir / "config.yaml")
-    ctx.barrier()
-    if resume:
-        _restore(session, run_dir / "last.pt")
-    session.reporter = Reporter(run_dir, enabled=ctx.is_main, tensorboard=cfg.output.tensorboard)
-    if ctx.is_main:
-        log.info(
-            "%s %s: %d train / %d test items, %d steps/epoch x %d epochs, %d process(es) on %s, run dir %s",
-            mode, cfg.task, len(train_set), len(tests.dataset), steps, cfg.train.epochs, ctx.world_size, ctx.device, run_dir,
-        )  # fmt: skip
-    return session
 
 
 def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -214,7 +233,8 @@ def _train(s: Session, on_epoch_end: Callable[[dict[str, Any]], None] | None) ->
         s.history.append(record)
         s.epoch = epoch + 1
         improved = record[s.main_key] > s.best
-        s.best = max(s.best, record[s.main_key]) if improved else s.best
+        if improved:
+            s.best = record[s.main_key]
         _save(s, improved)
         s.reporter.epoch(s.history, s.cfg.train.epochs)
         if on_epoch_end is not None:
@@ -237,7 +257,12 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     s.learner.set_epoch(epoch, s.cfg.train.epochs)
     s.sampler.set_epoch(epoch)
     loader = build_loader(
-        s.train_set, s.batch_size, train=True, workers=s.cfg.data.workers, sampler=s.sampler, seed=s.cfg.train.seed + epoch
+        s.train_set,
+        s.batch_size,
+        train=True,
+        workers=s.cfg.data.workers,
+        sampler=s.sampler,
+        seed=s.cfg.train.seed + epoch,
     )
     train, stats, images, train_seconds = _train_epoch(s, loader, epoch)
     model = s.ema.module if s.ema is not None else s.learner.student
@@ -261,65 +286,54 @@ def _check_finite(out: StepOutput, epoch: int, step: int, s: Session) -> None:
     finite = torch.isfinite(values)
     if s.ctx.all_true(bool(finite.all())):
         return
-    bad = [f"{n} = {v}" for n, v, ok in zip(names, values.tolist(), finite.tolist()) if not ok] or ["(in another process)"]
+    bad = [f"{n} = {v}" for n, v, ok in zip(names, values.tolist(), finite.tolist()) if not ok]
     kept = f"{s.run_dir / 'last.pt'} (epoch {s.epoch}) is left untouched" if s.epoch else "no checkpoint was written"
     raise NonFiniteLossError(
-        f"non-finite loss at epoch {epoch + 1}, global step {step}: {', '.join(bad)}; training stopped and {kept}. "
-        f"Lower optim.lr, set train.clip_grad_norm, or check the inputs"
+        f"non-finite loss at epoch {epoch + 1}, global step {step}: {', '.join(bad) or 'in another process'}; "
+        f"training stopped and {kept}. Lower optim.lr, set train.clip_grad_norm, or check the inputs"
     )
+
+
+def _train_step(s: Session, inputs: Any, targets: Any, epoch: int, params: list[torch.nn.Parameter]) -> StepOutput:
+    """One iteration: set the lr, forward under autocast, check the losses, backward, step, update the EMA."""
+    s.schedule.apply(s.optimizer, s.step)
+    with s.precision.autocast():
+        out = s.learner.compute(s.call, inputs, targets)
+    _check_finite(out, epoch, s.step, s)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.precision.backward_and_step(out.total, s.optimizer, params, s.cfg.train.clip_grad_norm)
+    if s.ema is not None:
+        s.ema.update(s.learner.student)
+    s.step += 1
+    return out
 
 
 def _train_epoch(s: Session, loader: Any, epoch: int) -> tuple[dict[str, float], dict[str, float], int, float]:
     """One pass over the training data; returns (mean losses and train metrics, mean method stats, images, seconds)."""
-    cfg, ctx = s.cfg, s.ctx
     s.learner.module.train()
     params = [p for group in s.optimizer.param_groups for p in group["params"]]
-    metrics = s.task.metrics()
-    sums: torch.Tensor | None = None  # per term: sum of value x batch size, then the sample count
-    stats: dict[str, torch.Tensor] = {}
-    names: list[str] = []
-    steps = 0
-    bar = progress_bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", enabled=cfg.train.progress and ctx.is_main)
+    meter, metrics = LossMeter(), s.task.metrics()
+    show = s.cfg.train.progress and s.ctx.is_main
+    bar = progress_bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{s.cfg.train.epochs}", enabled=show)
     start = time.perf_counter()
     for batch in bar:
-        inputs, targets = s.task.to_device(batch, ctx.device)
-        s.schedule.apply(s.optimizer, s.step)
-        with s.precision.autocast():
-            out = s.learner.compute(s.call, inputs, targets)
-        _check_finite(out, epoch, s.step, s)
-        s.optimizer.zero_grad(set_to_none=True)
-        s.precision.backward_and_step(out.total, s.optimizer, params, cfg.train.clip_grad_norm)
-        if s.ema is not None:
-            s.ema.update(s.learner.student)
-        n = s.task.batch_size(inputs)
-        names = ["train_loss", *(f"loss_{k}" for k in out.terms)]
-        row = torch.stack([out.total.detach(), *(t.detach().reshape(()) for t in out.terms.values())]).double() * n
-        row = torch.cat([row, row.new_tensor([n])])
-        sums = row if sums is None else sums + row
+        inputs, targets = s.task.to_device(batch, s.ctx.device)
+        out = _train_step(s, inputs, targets, epoch, params)
+        meter.update(out, s.task.batch_size(inputs))
         metrics.update(out.outputs, targets)
-        for key, value in out.stats.items():
-            value = value.detach().double().mean() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
-            stats[key] = stats.get(key, 0) + value.to(ctx.device)
-        s.step += 1
-        steps += 1
-        if s.step % cfg.train.log_every == 0:
-            _log_step(s, bar, sums, metrics, start)
+        if s.step % s.cfg.train.log_every == 0:
+            _log_step(s, bar, meter, metrics, start)
     seconds = time.perf_counter() - start
-    if sums is None:
-        raise ConfigError("the training loader gave no batch")
-    totals = ctx.sum(sums).tolist()
-    result = {name: total / totals[-1] for name, total in zip(names, totals[:-1])}
-    result.update({f"train_{k}": v for k, v in metrics.compute(ctx.sum).items()})
-    means = ctx.sum(torch.stack(list(stats.values())) / steps) / ctx.world_size if stats else torch.zeros(0)
-    return result, dict(zip(stats, means.tolist())), int(totals[-1]), seconds
+    losses, stats, images = meter.summary(s.ctx.sum, s.ctx.world_size)
+    losses.update({f"train_{k}": v for k, v in metrics.compute(s.ctx.sum).items()})
+    return losses, stats, images, seconds
 
 
-def _log_step(s: Session, bar: Any, sums: torch.Tensor, metrics: Any, start: float) -> None:
+def _log_step(s: Session, bar: Any, meter: LossMeter, metrics: Metrics, start: float) -> None:
     """Every log_every steps: the progress bar's loss/accuracy/images-per-second and TensorBoard scalars."""
-    values = sums.tolist()
-    loss = values[0] / values[-1]
-    accuracy = metrics.compute(lambda t: t)[s.task.main_metric]
-    speed = values[-1] * s.ctx.world_size / max(time.perf_counter() - start, 1e-9)
+    loss, samples = meter.running_loss()
+    accuracy = metrics.compute(lambda t: t)[s.task.main_metric]  # this process's share, no communication
+    speed = samples * s.ctx.world_size / max(time.perf_counter() - start, 1e-9)
     bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.2f}", img_s=f"{speed:.0f}", refresh=False)
     s.reporter.scalars(s.step, {"step/train_loss": loss, "step/lr": s.optimizer.param_groups[0]["lr"]})
 

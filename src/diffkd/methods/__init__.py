@@ -11,8 +11,9 @@ from .dist import DIST
 from .dkd import DKD
 from .kd import KD
 from .mse import MSE
+from .regression_l1 import RegressionL1
 
-METHODS: dict[str, type[Method]] = {"kd": KD, "mse": MSE, "dist": DIST, "dkd": DKD, "diffkd": DiffKD}
+METHODS: dict[str, type[Method]] = {"kd": KD, "mse": MSE, "dist": DIST, "dkd": DKD, "diffkd": DiffKD, "regression_l1": RegressionL1}
 
 
 def build_method(name: str, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> Method:

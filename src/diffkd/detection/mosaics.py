@@ -1,0 +1,157 @@
+"""Fashion-MNIST mosaics: a small, deterministic, offline detection dataset in COCO format.
+
+Each image is a black square canvas with a few Fashion-MNIST items pasted at random scales and
+places (train items from Fashion-MNIST's train split, val items from its test split). An item's box
+is the extent of its nonzero pixels after scaling; its category is its Fashion-MNIST class (ids 1..10).
+Boxes overlap at most `max_overlap` IoU; where items touch, the brighter pixel wins. The same spec
+always writes the same files, so the whole detection pipeline can run and be tested without COCO.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from ..data import build_dataset
+from ..data.fashion_mnist import CLASSES
+
+ITEM_SIZE = 28  # Fashion-MNIST items are 28x28
+SPLITS = {"train": "train", "val": "test"}  # mosaic split -> Fashion-MNIST split its items come from
+SPEC_FILE = "mosaics.json"
+
+
+@dataclass(frozen=True)
+class MosaicSpec:
+    """Everything that determines the generated files."""
+
+    canvas: int = 128
+    train_images: int = 1000
+    val_images: int = 250
+    min_items: int = 1
+    max_items: int = 4
+    min_scale: float = 1.0  # item side = 28 * scale pixels
+    max_scale: float = 2.5
+    max_overlap: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject specs that cannot produce an image."""
+        if not 1 <= self.min_items <= self.max_items:
+            raise ValueError(f"mosaics need 1 <= min_items <= max_items, got {self.min_items}, {self.max_items}")
+        if not 0 < self.min_scale <= self.max_scale:
+            raise ValueError(f"mosaics need 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
+        if round(ITEM_SIZE * self.max_scale) > self.canvas:
+            raise ValueError(f"items of up to {ITEM_SIZE * self.max_scale:.0f} px do not fit a {self.canvas} px canvas")
+        if self.train_images < 1 or self.val_images < 1:
+            raise ValueError("mosaics need at least one train and one val image")
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of one xyxy box `a` (4,) with each of the boxes `b` (n, 4)."""
+    lt = torch.maximum(a[:2], b[:, :2])
+    rb = torch.minimum(a[2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def scaled_item(item: Tensor, side: int) -> tuple[Tensor, Tensor] | None:
+    """Resize a (28, 28) uint8 item to side x side; return it and its nonzero extent (x0, y0, x1, y1), or None if blank."""
+    resized = F.interpolate(item[None, None].float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    pixels = resized[0, 0].round().clamp(0, 255).to(torch.uint8)
+    rows, cols = pixels.any(dim=1).nonzero(), pixels.any(dim=0).nonzero()
+    if len(rows) == 0:
+        return None
+    extent = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=torch.float32)
+    return pixels, extent
+
+
+def compose(items: Tensor, labels: Tensor, spec: MosaicSpec, generator: torch.Generator) -> tuple[Tensor, list[tuple[list[float], int]]]:
+    """One canvas (uint8, canvas x canvas) and its [(xywh box, class index)], drawing from `generator`."""
+    canvas = torch.zeros(spec.canvas, spec.canvas, dtype=torch.uint8)
+    boxes = torch.zeros(0, 4)
+    placed: list[tuple[list[float], int]] = []
+    count = int(torch.randint(spec.min_items, spec.max_items + 1, (), generator=generator))
+    for _ in range(count):
+        index = int(torch.randint(len(items), (), generator=generator))
+        scale = spec.min_scale + (spec.max_scale - spec.min_scale) * float(torch.rand((), generator=generator))
+        side = round(ITEM_SIZE * scale)
+        result = scaled_item(items[index, 0], side)
+        if result is None:
+            continue
+        pixels, extent = result
+        for _attempt in range(20):
+            x, y = (int(v) for v in torch.randint(spec.canvas - side + 1, (2,), generator=generator))
+            box = extent + torch.tensor([x, y, x, y], dtype=torch.float32)
+            if len(boxes) == 0 or box_iou(box, boxes).max() <= spec.max_overlap:
+                break
+        else:
+            continue  # no free place for this item
+        region = canvas[y : y + side, x : x + side]
+        torch.maximum(region, pixels, out=region)
+        boxes = torch.cat([boxes, box[None]])
+        x0, y0, x1, y1 = box.tolist()
+        placed.append(([x0, y0, x1 - x0, y1 - y0], int(labels[index])))
+    return canvas, placed
+
+
+def write_split(folder: Path, split: str, spec: MosaicSpec, source_root: str | Path | None = None) -> None:
+    """Write folder/<split>/*.png and folder/annotations/instances_<split>.json."""
+    source = build_dataset("fashion_mnist", SPLITS[split], source_root, augment=False)
+    count = spec.train_images if split == "train" else spec.val_images
+    generator = torch.Generator().manual_seed(spec.seed * 2 + (split == "val"))
+    (folder / split).mkdir(parents=True)
+    (folder / "annotations").mkdir(exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        canvas, placed = compose(source.images, source.targets, spec, generator)
+        name = f"{image_id:06d}.png"
+        Image.fromarray(canvas.numpy(), mode="L").save(folder / split / name)
+        images.append({"id": image_id, "file_name": name, "width": spec.canvas, "height": spec.canvas})
+        for box, cls in placed:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": cls + 1, "bbox": box,
+                "area": box[2] * box[3], "iscrowd": 0,
+            })  # fmt: skip
+    categories = [{"id": i + 1, "name": name, "supercategory": "fashion"} for i, name in enumerate(CLASSES)]
+    document = {"images": images, "annotations": annotations, "categories": categories}
+    (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(document))
+
+
+def ensure_mosaics(root: str | Path, spec: MosaicSpec = MosaicSpec(), source_root: str | Path | None = None) -> Path:
+    """The mosaic folder for `spec` at root, generated first if absent; refuses a folder made with another spec.
+
+    Generation writes into a temporary folder beside root and renames it, so an interrupted run never
+    leaves half a dataset behind.
+    """
+    root = Path(root).expanduser()
+    wanted = asdict(spec)
+    if (root / SPEC_FILE).is_file():
+        found = json.loads((root / SPEC_FILE).read_text())
+        if found != wanted:
+            changed = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in wanted.items() if found.get(k) != v)
+            raise ValueError(f"{root} holds mosaics of another spec ({changed}); use another data.root or delete it")
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root} exists, is not empty and holds no {SPEC_FILE}; choose an empty or new folder for the mosaics")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        for split in SPLITS:
+            write_split(tmp, split, spec, source_root)
+        (tmp / SPEC_FILE).write_text(json.dumps(wanted, indent=1))
+        if root.exists():
+            root.rmdir()
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root

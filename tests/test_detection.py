@@ -1,0 +1,288 @@
+"""Detection: detectors and their taps, COCO-format data and its errors, mosaics, COCO AP, regression KD.
+
+The attention-weighted MSE used on FPN levels is checked against its formula in
+tests/test_losses.py::test_attention_mse; here we only check that a DiffKD level uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from diffkd.detection.coco import Categories, CocoDetectionSet, collate, find_split, hflip, open_coco, open_split
+from diffkd.detection.evaluator import CocoEvaluator, coco_box_ap, format_table
+from diffkd.detection.models import available, build_detector, parse_name
+from diffkd.detection.mosaics import MosaicSpec, ensure_mosaics
+from diffkd.detection.pretrained import check_category_names, narrow_classes
+from diffkd.losses import attention_mse_loss
+from diffkd.methods import build_method
+from diffkd.module import DiffKD
+from diffkd.taps import FeatureTaps
+
+CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "bar"}]
+
+
+def write_split(root: Path, split: str, images: list[list[tuple[list[float], int]]], size: int = 64,
+                categories: list[dict] | None = None) -> Path:
+    """A COCO-format split: one image per entry (bright rectangles on noise), boxes given as xywh."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    generator = torch.Generator().manual_seed(len(images))
+    doc = {"images": [], "annotations": [], "categories": categories or CATEGORIES}
+    for image_id, boxes in enumerate(images, start=1):
+        pixels = (torch.rand(size, size, 3, generator=generator) * 60).to(torch.uint8)
+        for (x, y, w, h), category in boxes:
+            pixels[int(y) : int(y + h), int(x) : int(x + w)] = 200 if category == 3 else 120
+            doc["annotations"].append({
+                "id": len(doc["annotations"]) + 1, "image_id": image_id, "category_id": category,
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+            })  # fmt: skip
+        Image.fromarray(pixels.numpy()).save(root / split / f"{image_id}.png")
+        doc["images"].append({"id": image_id, "file_name": f"{image_id}.png", "width": size, "height": size})
+    path = root / "annotations" / f"instances_{split}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+TRAIN = [
+    [([4, 6, 20, 20], 3), ([34, 30, 12, 28], 7)],
+    [([30, 4, 24, 24], 3)],
+    [],  # no annotations: skipped for training, kept for evaluation
+    [([8, 36, 14, 22], 7), ([40, 40, 18, 18], 3)],
+]
+
+
+@pytest.fixture
+def coco_root(tmp_path: Path) -> Path:
+    write_split(tmp_path, "train", TRAIN)
+    write_split(tmp_path, "val", TRAIN[:3])
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------- models, taps
+def test_names_parse_and_unknown_name_suggests():
+    assert len(available()) == 18
+    parsed = parse_name("fcos_resnext101_32x8d_fpn")
+    assert (parsed.family_name, parsed.backbone) == ("fcos", "resnext101_32x8d")
+    with pytest.raises(ValueError, match="closest: retinanet_resnet50_fpn"):
+        parse_name("retinanet_resnet05_fpn")
+
+
+@pytest.mark.parametrize(
+    "name, strides",
+    [("retinanet_resnet18_fpn", (8, 16, 32, 64, 128)), ("fasterrcnn_resnet18_fpn", (4, 8, 16, 32, 64))],
+)
+def test_taps_resolve_fpn_levels_by_key(name: str, strides: tuple[int, ...]):
+    torch.manual_seed(0)
+    model = build_detector(name, 3, min_size=128, max_size=128).eval()
+    taps = parse_name(name).level_taps()
+    assert taps[0] == "backbone['0']"
+    with FeatureTaps(model, dict(zip(taps, taps))) as captured, torch.no_grad():
+        features = model.backbone(torch.rand(2, 3, 128, 128))
+        shapes = {t: captured[t].shape for t in taps}
+    for (key, feature), tap, stride in zip(features.items(), taps, strides):
+        assert tap == f"backbone[{key!r}]"
+        assert shapes[tap] == feature.shape == (2, 256, 128 // stride, 128 // stride)
+
+
+@pytest.mark.parametrize("family, anchors", [("retinanet", 9), ("fcos", 1)])
+def test_regression_tap_gives_b_n_4(family: str, anchors: int):
+    torch.manual_seed(0)
+    name = f"{family}_resnet18_fpn"
+    model = build_detector(name, 3, min_size=64, max_size=64).eval()
+    spec = parse_name(name).family.regression
+    with FeatureTaps(model, {"reg": spec}) as captured, torch.no_grad():
+        model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)])
+        cells = sum((64 // s) ** 2 for s in (8, 16, 32, 64)) + 1  # P7 of a 64 px image is 1x1
+        assert captured["reg"].shape == (2, cells * anchors, 4)
+    assert parse_name("fasterrcnn_resnet50_fpn").family.regression is None
+    assert "own RPN proposals" in parse_name("fasterrcnn_resnet50_fpn").family.regression_note
+
+
+def test_small_canvas_is_not_upscaled():
+    model = build_detector("fcos_resnet18_fpn", 3, min_size=96, max_size=96).eval()
+    images, _ = model.transform([torch.rand(3, 96, 96)])
+    assert images.tensors.shape[-2:] == (96, 96)
+
+
+def test_narrowing_a_classifier_keeps_the_chosen_rows():
+    torch.manual_seed(0)
+    keep = [0, 3, 5, 7]
+    model = build_detector("fcos_resnet18_fpn", 8, min_size=64, max_size=64).eval()
+    features = list(model.backbone(torch.rand(1, 3, 64, 64)).values())
+    before = model.head.classification_head(features)
+    narrow_classes(model, "fcos", keep)
+    assert torch.allclose(model.head.classification_head(features), before[..., keep])
+    model = build_detector("fasterrcnn_resnet18_fpn", 8, min_size=64, max_size=64)
+    x = torch.randn(3, 1024)
+    scores, deltas = model.roi_heads.box_predictor(x)
+    narrow_classes(model, "fasterrcnn", keep)
+    scores2, deltas2 = model.roi_heads.box_predictor(x)
+    assert torch.allclose(scores2, scores[:, keep])
+    assert torch.allclose(deltas2.view(3, -1, 4), deltas.view(3, -1, 4)[:, keep])
+
+
+def test_pretrained_category_names_must_match():
+    coco_like = ["__background__", "person", "bicycle", "car"]
+    check_category_names(Categories((1, 3), ("person", "car")), coco_like, "m")
+    with pytest.raises(ValueError, match="category ids do not match.*id 2 is 'car' in the file but 'bicycle'"):
+        check_category_names(Categories((1, 2), ("person", "car")), coco_like, "m")
+
+
+# ------------------------------------------------------------------------------------- methods
+def test_regression_l1_is_mean_absolute_difference():
+    s = torch.tensor([[[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]]])
+    t = torch.tensor([[[1.0, 1.0, 0.0, 3.0], [0.0, 3.0, 1.0, 1.0]]])
+    method = build_method("regression_l1", s.shape, t.shape)
+    expected = (1 + 0 + 2 + 0 + 1 + 2 + 0 + 0) / 8
+    assert method(s, t).terms["regression_l1"].item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="same shape"):
+        build_method("regression_l1", torch.Size([1, 10, 4]), torch.Size([1, 12, 4]))
+
+
+def test_fpn_level_diffkd_uses_attention_mse():
+    torch.manual_seed(0)
+    level = DiffKD(256, 256, distance="attention_mse", tau=0.5)
+    assert sum(p.numel() for p in level.parameters()) == 694_722  # one FPN level, no AE (DESIGN.md)
+    out = level(torch.randn(2, 256, 8, 8), torch.randn(2, 256, 8, 8))
+    assert out.kd_loss.item() == pytest.approx(attention_mse_loss(out.denoised, out.target, tau=0.5).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------- data
+def test_split_reads_targets_with_contiguous_labels(coco_root: Path):
+    train = CocoDetectionSet(open_split(coco_root, "train"), train=True)
+    assert train.categories == Categories((3, 7), ("square", "bar"))
+    assert train.categories.num_classes == 3
+    assert len(train) == 3  # the image without annotations is skipped for training
+    image, target = train[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert torch.equal(target["boxes"], torch.tensor([[4.0, 6, 24, 26], [34, 30, 46, 58]]))
+    assert torch.equal(target["labels"], torch.tensor([1, 2]))  # category 3 -> 1, category 7 -> 2
+    assert int(target["image_id"]) == 1
+    evaluation = CocoDetectionSet(open_split(coco_root, "test"), train=False)
+    assert len(evaluation) == 3 and evaluation[2][1]["boxes"].shape == (0, 4)  # kept for evaluation
+    images, targets = collate([train[0], train[1]])
+    assert len(images) == len(targets) == 2 and targets[1]["labels"].tolist() == [1]
+
+
+def test_flip_mirrors_boxes():
+    image = torch.zeros(3, 4, 10)
+    image[..., 1] = 1
+    flipped, target = hflip(image, {"boxes": torch.tensor([[1.0, 0, 3, 2]]), "labels": torch.tensor([1])})
+    assert flipped[0, 0].tolist() == [0] * 8 + [1, 0]
+    assert target["boxes"].tolist() == [[7.0, 0, 9, 2]]
+
+
+def test_missing_annotation_file_names_what_was_looked_for(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"no annotation file for the test split.*instances_val2017\.json"):
+        find_split(tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match="annotation file .*nothing.json does not exist"):
+        open_coco(tmp_path, tmp_path / "nothing.json")
+
+
+def test_malformed_annotation_files(tmp_path: Path):
+    path = tmp_path / "a.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="a.json is not valid JSON"):
+        open_coco(tmp_path, path)
+    path.write_text(json.dumps({"images": [], "categories": CATEGORIES}))
+    with pytest.raises(ValueError, match="has no annotations list"):
+        open_coco(tmp_path, path)
+
+
+def test_annotation_with_unknown_category_is_refused(coco_root: Path):
+    path = coco_root / "annotations" / "instances_train.json"
+    doc = json.loads(path.read_text())
+    doc["annotations"][1]["category_id"] = 5
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"categories \[3, 7\]: \[annotation 2 \(image 1\): category_id 5\]"):
+        CocoDetectionSet(open_split(coco_root, "train"), train=True)
+
+
+def test_train_and_val_categories_must_match(coco_root: Path):
+    write_split(coco_root, "val", TRAIN[1:2], categories=[{"id": 3, "name": "square"}, {"id": 8, "name": "bar"}])
+    train = Categories.from_coco(CATEGORIES)
+    val = CocoDetectionSet(open_split(coco_root, "test"), train=False).categories
+    with pytest.raises(ValueError, match=r"category ids do not match.*only in the first \[7 'bar'\]; only in the second \[8 'bar'\]"):
+        train.check_same(val, "train", "val")
+
+
+def test_empty_and_corrupt_image_files(coco_root: Path):
+    (coco_root / "train" / "2.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"1 image file\(s\) listed in .* are empty \(0 bytes\): \[.*train/2\.png\]"):
+        CocoDetectionSet(open_split(coco_root, "train"), train=True)
+    (coco_root / "train" / "2.png").write_bytes(b"not a png at all")
+    train = CocoDetectionSet(open_split(coco_root, "train"), train=True)
+    with pytest.raises(ValueError, match=r"image file .*train/2\.png \(image id 2\) cannot be read as an image"):
+        train[1]
+    (coco_root / "train" / "2.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 image file\(s\) .* do not exist: \[.*train/2\.png\]"):
+        CocoDetectionSet(open_split(coco_root, "train"), train=True)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def gt_coco(tmp_path: Path, images: list[list[tuple[list[float], int]]]):
+    return open_coco(tmp_path, write_split(tmp_path, "val", images, size=64)).coco
+
+
+def detections(boxes_xyxy: list[list[float]], scores: list[float], labels: list[int]) -> dict[str, torch.Tensor]:
+    return {"boxes": torch.tensor(boxes_xyxy).reshape(-1, 4), "scores": torch.tensor(scores), "labels": torch.tensor(labels)}
+
+
+def test_ap_is_one_when_predictions_equal_the_ground_truth(tmp_path: Path):
+    images = [[([4, 6, 20, 20], 3), ([30, 30, 40, 40], 7)], [([10, 10, 12, 30], 7)]]  # small, medium, small
+    evaluator = CocoEvaluator(gt_coco(tmp_path, images), category_ids=[3, 7])
+    for image_id, boxes in enumerate(images, start=1):
+        xyxy = [[x, y, x + w, y + h] for (x, y, w, h), _ in boxes]
+        evaluator.add([detections(xyxy, [1.0] * len(boxes), [1 if c == 3 else 2 for _, c in boxes])], [image_id])
+    metrics = evaluator.compute()
+    assert {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm")} == pytest.approx(dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm"), 100.0))
+    assert math.isnan(metrics["APl"])  # no large object in the ground truth
+    assert "| ours | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | - |" in format_table({"ours": metrics})
+
+
+def test_ap_of_a_hand_computed_case(tmp_path: Path):
+    # Two ground-truth boxes of one class. Detections by score: exact hit on box A (0.9), a false
+    # positive (0.8), then box B hit with IoU 0.72 (0.7): a true positive for IoU thresholds
+    # 0.50 ... 0.70 (5 of 10), a false positive for 0.75 ... 0.95.
+    # TP case: precision/recall points (1, 0.5), (0.5, 0.5), (2/3, 1.0); interpolated precision is
+    # 1 for recall <= 0.5 (51 of the 101 recall points) and 2/3 above (50 points).
+    # FP case: precision 1 up to recall 0.5 (51 points), 0 beyond.
+    gt = gt_coco(tmp_path, [[([0, 0, 10, 10], 3), ([30, 30, 10, 10], 3)]])
+    evaluator = CocoEvaluator(gt, category_ids=[3, 7])
+    evaluator.add([detections([[0, 0, 10, 10], [50, 50, 60, 60], [30, 30, 40, 37.2]], [0.9, 0.8, 0.7], [1, 1, 1])], [1])
+    tp_case, fp_case = (51 + 50 * 2 / 3) / 101, 51 / 101
+    metrics = evaluator.compute()
+    assert metrics["AP50"] == pytest.approx(100 * tp_case, abs=1e-6)
+    assert metrics["AP75"] == pytest.approx(100 * fp_case, abs=1e-6)
+    assert metrics["AP"] == pytest.approx(100 * (5 * tp_case + 5 * fp_case) / 10, abs=1e-6)
+    assert metrics["APs"] == pytest.approx(metrics["AP"])  # both boxes are small (area 100 < 32^2)
+    assert coco_box_ap(gt, [], [1])["AP"] == 0.0  # no detections at all
+
+
+# ------------------------------------------------------------------------------------- mosaics
+def test_mosaics_are_deterministic_and_boxes_are_item_extents(tmp_path: Path):
+    spec = MosaicSpec(canvas=64, train_images=6, val_images=2, max_scale=2.0, seed=3)
+    first, second = ensure_mosaics(tmp_path / "a", spec), ensure_mosaics(tmp_path / "b", spec)
+    for name in ("annotations/instances_train.json", "annotations/instances_val.json", "train/000004.png"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    doc = json.loads((first / "annotations" / "instances_train.json").read_text())
+    assert [c["id"] for c in doc["categories"]] == list(range(1, 11)) and doc["categories"][9]["name"] == "Ankle boot"
+    for image in doc["images"]:
+        pixels = torch.from_numpy(__import__("numpy").array(Image.open(first / "train" / image["file_name"])))
+        covered = torch.zeros_like(pixels, dtype=torch.bool)
+        for a in (a for a in doc["annotations"] if a["image_id"] == image["id"]):
+            x, y, w, h = (int(v) for v in a["bbox"])
+            crop = pixels[y : y + h, x : x + w]
+            # the box is tight: each of its four border lines holds a nonzero pixel
+            assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
+            covered[y : y + h, x : x + w] = True
+        assert not pixels[~covered].any()  # nothing drawn outside the boxes
+    assert ensure_mosaics(first, spec) == first  # reused as it is
+    with pytest.raises(ValueError, match="holds mosaics of another spec .*seed: 3 there, 4 asked"):
+        ensure_mosaics(first, MosaicSpec(canvas=64, train_images=6, val_images=2, max_scale=2.0, seed=4))
