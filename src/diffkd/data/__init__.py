@@ -1,6 +1,8 @@
-"""Datasets for classification distillation (Fashion-MNIST, CIFAR-100, ImageNet) and a loader."""
+"""Datasets for classification distillation (Fashion-MNIST, CIFAR-100, ImageNet), a loader and batch mixing."""
 
 from .catalog import DatasetInfo, available, build_dataset, dataset_info
+from .imagenet import Policies
 from .loader import build_loader
+from .mixing import BatchMixer
 
-__all__ = ["DatasetInfo", "available", "build_dataset", "build_loader", "dataset_info"]
+__all__ = ["BatchMixer", "DatasetInfo", "Policies", "available", "build_dataset", "build_loader", "dataset_info"]

@@ -23,12 +23,13 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One catalog row: shapes, accepted splits, builder, and whether image_size applies."""
+    """One catalog row: shapes, accepted splits, builder, and whether image_size and Policies apply."""
 
     info: DatasetInfo
     splits: tuple[str, ...]
     build: Callable[..., Dataset]
     resizable: bool = False
+    policies: bool = False
 
 
 _CATALOG = {
@@ -39,7 +40,7 @@ _CATALOG = {
         DatasetInfo("cifar100", 100, (3, 32, 32)), ("train", "test"), cifar100.build
     ),
     "imagenet": _Entry(
-        DatasetInfo("imagenet", 1000, (3, 224, 224)), ("train", "test", "val"), imagenet.build, True
+        DatasetInfo("imagenet", 1000, (3, 224, 224)), ("train", "test", "val"), imagenet.build, True, True
     ),
 }
 
@@ -72,12 +73,14 @@ def build_dataset(
     augment: bool | None = None,
     limit: int | None = None,
     image_size: int | None = None,
+    policies: imagenet.Policies = imagenet.Policies(),
 ) -> Dataset:
     """One split as a map-style dataset of (normalized float image, int label).
 
     augment defaults to split == "train". limit=n keeps n items evenly spaced over the split
     (indices i * N // n), so class-sorted splits keep every class; None keeps all. image_size
-    (imagenet only) sets the crop size, default 224.
+    (imagenet only) sets the crop size, default 224; policies (imagenet only) add RandAugment,
+    colour jitter and random erasing to the training transform.
     """
     entry = _CATALOG[_choose("dataset", name, available())]
     split = _choose(f"{name} split", split, entry.splits)
@@ -88,4 +91,8 @@ def build_dataset(
         raise ValueError(
             f"{name} images are always {entry.info.input_size[-1]}px; image_size={image_size}"
         )
+    if entry.policies:
+        options["policies"] = policies
+    elif policies != imagenet.Policies():
+        raise ValueError(f"{name} has no randaugment / color_jitter / random_erasing; they apply to imagenet")
     return entry.build(split, root, limit=limit, **options)
