@@ -174,8 +174,10 @@ RESNET32X4 = Net("resnet32x4", "resnet32x4", "resnet32x4")
 RESNET50_CIFAR = Net("resnet50_cifar", "resnet50", "ResNet50")
 CIFAR_TEACHERS = ((WRN40_2, 75.61), (RESNET56, 72.34), (RESNET32X4, 79.42), (RESNET50_CIFAR, 79.34))
 CIFAR_PAIRS = (
-    Pair(WRN40_2, Net("wrn_40_1", "wrn40_1", "WRN-40-1"), {"student": 71.98, "kd": 73.54, "dist": 74.73, "diffkd": 74.09}),
-    Pair(RESNET56, Net("resnet20", "resnet20", "resnet20"), {"student": 69.06, "kd": 70.66, "dist": 71.75, "diffkd": 71.92}),
+    Pair(WRN40_2, Net("wrn_40_1", "wrn40_1", "WRN-40-1"),
+         {"student": 71.98, "kd": 73.54, "dist": 74.73, "diffkd": 74.09}),
+    Pair(RESNET56, Net("resnet20", "resnet20", "resnet20"),
+         {"student": 69.06, "kd": 70.66, "dist": 71.75, "diffkd": 71.92}),
     Pair(RESNET32X4, Net("resnet8x4", "resnet8x4", "resnet8x4"),
          {"student": 72.50, "kd": 73.33, "dist": 76.31, "diffkd": 76.72}),
     Pair(RESNET50_CIFAR, Net("mobile_half", "mobilenetv2", "MobileNetV2", lr=0.01),
@@ -247,13 +249,11 @@ def _teacher_section(net: Net, checkpoint: str | None) -> dict[str, Any]:
     return section
 
 
-def _train_recipe(
-    strategy: Strategy, net: Net, path: str, out: str, what: str, table: str, number: float | None
-) -> Recipe:
-    """A `diffkd train` config: one model with its task loss only."""
+def _train_recipe(strategy: Strategy, net: Net, folder: str, what: str, table: str, number: float | None) -> Recipe:
+    """A `diffkd train` config, <folder>/<slug>.yaml: one model with its task loss only."""
     header = (f"{strategy.name}: {what}.", _compare(table, number))
-    content = _config(strategy, net.lr, out, model={"name": net.name})
-    return Recipe(path, header, content, "train")
+    content = _config(strategy, net.lr, f"runs/{folder}/{net.slug}", model={"name": net.name})
+    return Recipe(f"{folder}/{net.slug}.yaml", header, content, "train")
 
 
 def _distill_recipes(
@@ -282,14 +282,13 @@ def _distill_recipes(
 def cifar100() -> list[Recipe]:
     """Tab. 9: teachers, students alone, and KD / DIST / DKD / MSE / DiffKD for the six pairs."""
     recipes = [
-        _train_recipe(A1, net, f"cifar100/teachers/{net.slug}.yaml", f"runs/cifar100/teachers/{net.slug}",
-                      f"CIFAR-100 teacher {net.label}", "Tab. 9", top1)
+        _train_recipe(A1, net, "cifar100/teachers", f"CIFAR-100 teacher {net.label}", "Tab. 9", top1)
         for net, top1 in CIFAR_TEACHERS
     ]
     for pair in CIFAR_PAIRS:
         net = pair.student
-        recipes.append(_train_recipe(A1, net, f"cifar100/students/{net.slug}.yaml", f"runs/cifar100/students/{net.slug}",
-                                     f"CIFAR-100 student {net.label} alone", "Tab. 9", pair.paper["student"]))
+        what = f"CIFAR-100 student {net.label} alone"
+        recipes.append(_train_recipe(A1, net, "cifar100/students", what, "Tab. 9", pair.paper["student"]))
         teacher_run = f"runs/cifar100/teachers/{pair.teacher.slug}"
         recipes += _distill_recipes(A1, "cifar100", pair, CIFAR_METHODS, "Tab. 9", teacher_run)
     return recipes
@@ -306,8 +305,8 @@ def imagenet() -> list[Recipe]:
         root = f"imagenet/{strategy.name.lower()}"
         for pair in pairs:
             net = pair.student
-            recipes.append(_train_recipe(strategy, net, f"{root}/students/{net.slug}.yaml", f"runs/{root}/students/{net.slug}",
-                                         f"ImageNet student {net.label} alone", table, pair.paper.get("student")))
+            what = f"ImageNet student {net.label} alone"
+            recipes.append(_train_recipe(strategy, net, f"{root}/students", what, table, pair.paper.get("student")))
             recipes += _distill_recipes(strategy, root, pair, methods, table, None)
     return recipes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffkd.config import (
     Config,
@@ -17,7 +18,7 @@ from diffkd.config import (
     save_config,
 )
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "fashion_mnist").glob("*.yaml"))
 
 
 def check(data: dict, *overrides: str) -> Config:
@@ -159,6 +160,14 @@ def test_yaml_never_executes_code(tmp_path: Path) -> None:
     path.write_text("optim: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)
+
+
+def test_other_tasks_sections_are_left_out_of_dumps_at_defaults() -> None:
+    assert "detection:" not in dump_config(Config()) and "segmentation:" not in dump_config(Config())
+    cfg = check({"task": "detection", "detection": {"mosaics": {"canvas": 64}}, "segmentation": {"flip": False}})
+    text = dump_config(cfg)
+    assert "detection:" in text and "segmentation:" in text  # the run's task, and a changed section
+    assert config_from_dict(yaml.safe_load(text)) == cfg
 
 
 def test_dump_is_in_schema_order() -> None:

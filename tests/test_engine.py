@@ -116,6 +116,12 @@ def test_linear_warmup_then_cosine_to_min_lr() -> None:
     assert s.lr(100) == pytest.approx(0.001)
 
 
+def test_poly_decay() -> None:
+    s = schedule(name="poly", power=0.9, min_lr=0.0)
+    for step in (0, 37, 100):
+        assert s.lr(step) == pytest.approx(0.1 * (1 - step / 100) ** 0.9, rel=1e-12)
+
+
 def test_multistep_step_and_constant() -> None:
     s = schedule(name="multistep", milestones=[1, 2.5], gamma=0.1)
     assert [s.lr(i) for i in (0, 9, 10, 24, 25)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
@@ -363,7 +369,8 @@ def test_ema_weights_are_evaluated_and_exported(tmp_path: Path) -> None:
     exported = torch.load(export_weights(result.run_dir, tmp_path / "s.pt", which="last"), weights_only=True)
     assert all(torch.equal(exported[k], ckpt["ema"][k]) for k in ckpt["ema"])
     evaluated = evaluate_checkpoint(result.run_dir, which="last", device="cpu", limit=64)
-    assert evaluated["top1"] == pytest.approx(result.history[-1]["test_top1"])
+    assert evaluated["metrics"]["top1"] == pytest.approx(result.history[-1]["test_top1"])
+    assert evaluated["main_metric"] == "top1" and evaluated["images"] == 64
 
 
 @needs_fmnist

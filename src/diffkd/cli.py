@@ -69,7 +69,8 @@ def _run_mode(mode: str) -> Callable[[argparse.Namespace], int]:
         result = run(cfg, mode=mode, resume=args.resume, force=args.force)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
             print(
-                f"{mode} done: best top-1 {result.best_top1:.2f}, final top-1 {result.final_top1:.2f}, "
+                f"{mode} done: best {result.main_metric} {result.best_top1:.2f}, "
+                f"final {result.main_metric} {result.final_top1:.2f}, "
                 f"{result.train_seconds:.1f} s; run directory {result.run_dir}"
             )
         return 0
@@ -99,8 +100,10 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         data_root=args.data_root,
     )
-    metrics = "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k.startswith("top"))
-    print(f"{metrics}  on {result['images']} test images ({result['checkpoint']}, epoch {result['epoch']})")
+    metrics = result["metrics"]
+    order = [result["main_metric"], *(k for k in metrics if k != result["main_metric"])]
+    shown = "  ".join(f"{k} {metrics[k]:.2f}" for k in order)
+    print(f"{shown}  on {result['images']} test images ({result['checkpoint']}, epoch {result['epoch']})")
     return 0
 
 
@@ -135,7 +138,7 @@ DISTILL = Command(
     _run_mode("distill"),
 )
 EVAL = Command(
-    "top-1/top-5 of a run's model on the test split",
+    "test metrics of a run's model (top-1/top-5 for classification)",
     "Evaluate a run's weights (EMA if the run used it; the student of a distillation run) on the full\n"
     "test split.\n\nexample:\n  diffkd eval runs/fmnist/diffkd          # its best.pt\n"
     "  diffkd eval runs/fmnist/diffkd/last.pt",

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .checking import ConfigError, build
-from .schema import RANGES, Config
+from .schema import RANGES, TASK_SECTIONS, Config
 
 
 class _Loader(yaml.SafeLoader):
@@ -111,8 +111,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    """The config as YAML text, sections in schema order."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    """The config as YAML text, sections in schema order; another task's sections are left out while at defaults."""
+    data, defaults = config_to_dict(cfg), config_to_dict(Config())
+    for section, task in TASK_SECTIONS.items():
+        if task != cfg.task and data[section] == defaults[section]:
+            del data[section]
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -8,7 +8,12 @@ from typing import Any, Literal
 
 @dataclass
 class DataConfig:
-    """Which dataset, where it lives, and how it is batched (limit_* keep evenly spaced items)."""
+    """Which dataset, where it lives, how it is batched and augmented (limit_* keep evenly spaced items).
+
+    batch_size is the global batch, split evenly over DDP processes. augment (default: on for the
+    training split) is the dataset's crop + flip; image_size, randaugment, color_jitter and
+    random_erasing apply to ImageNet; mixup / cutmix (Beta alphas, 0 = off) mix training batches.
+    """
 
     name: str = "fashion_mnist"
     root: str | None = None
@@ -19,6 +24,12 @@ class DataConfig:
     augment: bool | None = None
     limit_train: int | None = None
     limit_test: int | None = None
+    image_size: int | None = None
+    randaugment: bool = False
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
 
 @dataclass
@@ -43,10 +54,11 @@ class TeacherConfig:
 
 @dataclass
 class LevelConfig:
-    """One distilled pair of taps ("@feature"/"@logits" mean the model's default taps) and its method."""
+    """One distilled pair of taps and its method; a tap is "@feature"/"@logits" (the model's default
+    taps), a module path such as "layer4" or "backbone['0']", or a mapping of `diffkd.taps.Tap` fields."""
 
-    student: str
-    teacher: str
+    student: str | dict[str, Any]
+    teacher: str | dict[str, Any]
     method: str
     weight: float = 1.0
     name: str | None = None
@@ -79,6 +91,7 @@ class ScheduleConfig:
     every_epochs: float = 1.0
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
+    power: float = 0.9
 
 
 @dataclass
@@ -98,6 +111,43 @@ class TrainConfig:
 
 
 @dataclass
+class MosaicsConfig:
+    """Generated Fashion-MNIST detection mosaics (the fields of `diffkd.detection.mosaics.MosaicSpec`)."""
+
+    canvas: int = 128
+    train_images: int = 1000
+    val_images: int = 250
+    min_items: int = 1
+    max_items: int = 4
+    min_scale: float = 1.0
+    max_scale: float = 2.5
+    max_overlap: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class DetectionConfig:
+    """Settings the detection task reads: detector resize range, backbone start, mosaics, detector options."""
+
+    min_size: int | None = None
+    max_size: int | None = None
+    imagenet_backbone: bool = False
+    mosaics: MosaicsConfig = field(default_factory=MosaicsConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SegmentationConfig:
+    """Settings the segmentation task reads: training crop (H, W), scale range, flip, width, aux loss weight."""
+
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    width_mult: float = 1.0
+    aux_weight: float = 0.4
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes, and whether to write TensorBoard events."""
 
@@ -107,7 +157,10 @@ class OutputConfig:
 
 @dataclass
 class Config:
-    """A whole run: `model` for `diffkd train`; `teacher`, `student` and `levels` for `diffkd distill`."""
+    """A whole run: `model` for `diffkd train`; `teacher`, `student` and `levels` for `diffkd distill`.
+
+    `detection` and `segmentation` hold the settings of those task plug-ins (ignored by the others).
+    """
 
     task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +172,12 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+
+
+# Sections read by one task only (section -> task); YAML dumps leave them out for other tasks when unchanged.
+TASK_SECTIONS = {"detection": "detection", "segmentation": "segmentation"}
 
 
 # Value ranges checked after the types: dotted key -> (test, what the value must be).
@@ -128,6 +187,11 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.workers": (lambda v: v >= 0, "0 or more"),
     "data.limit_train": (lambda v: v is None or v >= 1, "at least 1 (or null for all)"),
     "data.limit_test": (lambda v: v is None or v >= 1, "at least 1 (or null for all)"),
+    "data.image_size": (lambda v: v is None or v >= 1, "at least 1 (or null for the dataset's size)"),
+    "data.color_jitter": (lambda v: v >= 0, "0 or more"),
+    "data.random_erasing": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "data.mixup": (lambda v: v >= 0, "0 (off) or a positive Beta alpha"),
+    "data.cutmix": (lambda v: v >= 0, "0 (off) or a positive Beta alpha"),
     "optim.lr": (lambda v: v >= 0, "0 or more"),
     "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
     "optim.betas": (lambda v: len(v) == 2, "a list of two numbers"),
@@ -139,5 +203,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
     "train.clip_grad_norm": (lambda v: v >= 0, "0 or more (0 turns clipping off)"),
     "train.log_every": (lambda v: v >= 1, "at least 1"),
+    "segmentation.crop_size": (lambda v: len(v) == 2 and min(v) >= 1, "two positive sizes [height, width]"),
+    "segmentation.scale_range": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
     "train.device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
 }

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import config_from_dict
 from ..data import build_loader
@@ -15,6 +15,7 @@ from ..tasks import Task, build_task
 from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint
 from .distributed import Context, ShardSampler, resolve_device
 from .errors import CheckpointError
+from .learner import forward
 from .precision import MixedPrecision
 
 
@@ -22,30 +23,31 @@ from .precision import MixedPrecision
 def evaluate(
     model: nn.Module, loader: DataLoader, task: Task, ctx: Context, precision: MixedPrecision
 ) -> dict[str, float]:
-    """The task's metrics plus the mean task loss ("loss") over every process's shard; restores the model's mode."""
+    """The task's metrics over every process's shard of the loader; restores the model's mode."""
     was_training = model.training
     model.eval()
     metrics = task.metrics()
-    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, sample count
     for batch in loader:
         inputs, targets = task.to_device(batch, ctx.device)
         with precision.autocast():
-            outputs = model(inputs)
-        n = task.batch_size(inputs)
+            outputs = forward(model, inputs)
         metrics.update(outputs, targets)
-        totals += torch.stack([task.loss(outputs, targets).detach().double() * n, totals.new_tensor(n)])
     model.train(was_training)
-    result = metrics.compute(ctx.sum)
-    loss_sum, count = ctx.sum(totals).tolist()
-    result["loss"] = loss_sum / count if count else float("nan")
-    return result
+    return metrics.compute(ctx.sum)
+
+
+def task_loader(task: Task, dataset: Dataset, batch_size: int, **options: Any) -> DataLoader:
+    """`diffkd.data.build_loader` with the task's collate function (detection batches are lists)."""
+    loader = build_loader(dataset, batch_size, **options)
+    loader.collate_fn = task.collate_fn
+    return loader
 
 
 def test_loader(task: Task, ctx: Context, batch_size: int, workers: int, limit: int | None) -> DataLoader:
     """The test split, sharded over processes without padding, in order."""
     dataset = task.build_dataset("test", limit=limit)
     sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
-    return build_loader(dataset, batch_size, train=False, workers=workers, sampler=sampler, drop_last=False)
+    return task_loader(task, dataset, batch_size, train=False, workers=workers, sampler=sampler, drop_last=False)
 
 
 def evaluate_checkpoint(
@@ -57,7 +59,11 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     data_root: str | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5 (the task's metrics) of a run's evaluated weights on the full test split (or `limit` items)."""
+    """The task's test metrics (top-1/top-5 for classification) of a run's evaluated weights.
+
+    Uses the full test split (or `limit` evenly spaced items); returns {"metrics", "main_metric",
+    "checkpoint", "epoch", "images"}.
+    """
     file = find_checkpoint(path, which)
     ckpt = load_checkpoint(file)
     cfg = config_from_dict(ckpt["config"])
@@ -74,5 +80,11 @@ def evaluate_checkpoint(
     model.to(ctx.device)
     size = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
     loader = test_loader(task, ctx, size, cfg.data.workers, limit)
-    result = evaluate(model, loader, task, ctx, MixedPrecision("none", ctx.device))
-    return {**result, "checkpoint": str(file), "epoch": ckpt["epoch"], "images": len(loader.dataset)}
+    metrics = evaluate(model, loader, task, ctx, MixedPrecision("none", ctx.device))
+    return {
+        "metrics": metrics,
+        "main_metric": task.main_metric,
+        "checkpoint": str(file),
+        "epoch": ckpt["epoch"],
+        "images": len(loader.dataset),
+    }

@@ -33,6 +33,11 @@ class StepOutput:
     stats: Mapping[str, Any] = field(default_factory=dict)
 
 
+def forward(model: Callable[..., Any], inputs: Any) -> Any:
+    """Call a model on a batch's inputs; a tuple (a detector's (images, targets)) is spread as arguments."""
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
 class Learner(ABC):
     """The trained module (optimized, checkpointed, wrapped in DDP) and the student inside it."""
 
@@ -66,14 +71,14 @@ class PlainLearner(Learner):
         self.module = self.student = task.build_model(cfg.model)
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any) -> StepOutput:
-        outputs = call(inputs)
+        outputs = forward(call, inputs)
         loss = self.task.loss(outputs, targets)
         return StepOutput(outputs, {"task": loss}, loss)
 
 
-def resolve_tap(spec: str, model_name: str, where: str) -> str:
-    """'@feature' / '@logits' -> the model's default tap path; any other spec unchanged."""
-    if not spec.startswith("@"):
+def resolve_tap(spec: str | dict[str, Any], model_name: str, where: str) -> str | dict[str, Any]:
+    """'@feature' / '@logits' -> the model's default tap path; any other spec (path, Tap mapping) unchanged."""
+    if not isinstance(spec, str) or not spec.startswith("@"):
         return spec
     alias = spec[1:]
     if alias not in TAP_ALIASES:

@@ -34,8 +34,8 @@ def _fmt(value: Any) -> str:
 class Reporter:
     """Writes what a run reports; a disabled Reporter (ranks other than 0) writes nothing."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
-        self.run_dir, self.enabled = run_dir, enabled
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, main_metric: str) -> None:
+        self.run_dir, self.enabled, self.main_metric = run_dir, enabled, main_metric
         self.writer = self._open_tensorboard() if enabled and tensorboard else None
 
     def _open_tensorboard(self) -> Any:
@@ -92,15 +92,18 @@ class Reporter:
             self.writer.close()
 
     def _plot(self, history: list[dict[str, Any]]) -> None:
-        """Two panels against the epoch: every loss column, and every train_/test_ metric but the losses."""
+        """Two panels against the epoch: every loss column, and the task's main metric on train and test."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         epochs = [r["epoch"] for r in history]
         keys = [k for k in history[-1] if isinstance(history[-1][k], (int, float)) and k != "epoch"]
         panels = {
             "loss": [k for k in keys if "loss" in k],
-            "metric (%)": [k for k in keys if k.startswith(("train_", "test_")) and "loss" not in k],
+            f"{self.main_metric} (%)": [
+                k for k in keys if k in (f"train_{self.main_metric}", f"test_{self.main_metric}")
+            ],
         }
         figure = Figure(figsize=(11, 4), tight_layout=True)
         FigureCanvasAgg(figure)
@@ -110,6 +113,7 @@ class Reporter:
                 values = [r.get(key, math.nan) for r in history]
                 axes.plot(epochs, values, marker="o", label=key)
             axes.set_xlabel("epoch")
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
             axes.set_ylabel(label)
             if columns:
                 axes.legend(fontsize="small")

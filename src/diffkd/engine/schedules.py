@@ -2,9 +2,9 @@
 
 Times are in epochs and may be fractional; they become iterations by rounding epochs * steps_per_epoch.
 multistep: x gamma at each milestone. step: x gamma every step_size epochs. exponential: x gamma every
-every_epochs epochs (e.g. x0.97 every 2.4 epochs), checked each iteration. cosine: from lr to min_lr
-between the end of warm-up and the end of training. constant. Warm-up multiplies any of them by
-(step + 1) / warmup_steps during the first warmup_epochs.
+every_epochs epochs (e.g. x0.97 every 2.4 epochs), checked each iteration. cosine and poly
+((1 - progress) ** power): from lr to min_lr between the end of warm-up and the end of training.
+constant. Warm-up multiplies any of them by (step + 1) / warmup_steps during the first warmup_epochs.
 """
 
 from __future__ import annotations
@@ -55,15 +55,35 @@ def _exponential(cfg: ScheduleConfig, tl: Timeline, base_lr: float, step: int) -
     return cfg.gamma ** (step // max(1, tl.steps(cfg.every_epochs)))
 
 
-def _cosine(cfg: ScheduleConfig, tl: Timeline, base_lr: float, step: int) -> float:
+def _decay_progress(cfg: ScheduleConfig, tl: Timeline, step: int) -> float:
+    """How far step is from the end of warm-up (0) to the end of training (1)."""
     start = tl.steps(cfg.warmup_epochs)
-    progress = min(1.0, max(0.0, (step - start) / max(1, tl.total_steps - start)))
+    return min(1.0, max(0.0, (step - start) / max(1, tl.total_steps - start)))
+
+
+def _towards_min_lr(cfg: ScheduleConfig, base_lr: float, fraction: float) -> float:
+    """The factor that is fraction of the way from min_lr (0) to lr (1)."""
     floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * fraction
+
+
+def _cosine(cfg: ScheduleConfig, tl: Timeline, base_lr: float, step: int) -> float:
+    return _towards_min_lr(cfg, base_lr, 0.5 * (1.0 + math.cos(math.pi * _decay_progress(cfg, tl, step))))
+
+
+def _poly(cfg: ScheduleConfig, tl: Timeline, base_lr: float, step: int) -> float:
+    return _towards_min_lr(cfg, base_lr, (1.0 - _decay_progress(cfg, tl, step)) ** cfg.power)
 
 
 SHAPES: Mapping[str, Shape] = MappingProxyType(
-    {"constant": _constant, "multistep": _multistep, "step": _step, "exponential": _exponential, "cosine": _cosine}
+    {
+        "constant": _constant,
+        "multistep": _multistep,
+        "step": _step,
+        "exponential": _exponential,
+        "cosine": _cosine,
+        "poly": _poly,
+    }
 )
 
 

@@ -22,13 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
 from ..config import Config, ConfigError, config_to_dict, save_config
-from ..data import build_loader
 from ..tasks import Metrics, Task, build_task
 from . import distributed, rng
 from .checkpoint import FORMAT, VERSION, load_checkpoint, serialize, write_atomic
 from .ema import EMA
 from .errors import CheckpointError, NonFiniteLossError
-from .evaluation import evaluate, test_loader
+from .evaluation import evaluate, task_loader, test_loader
 from .learner import LEARNERS, Learner, StepOutput
 from .meters import LossMeter
 from .optim import build_optimizer
@@ -48,7 +47,10 @@ RESUMABLE_CHANGES = frozenset({
 
 @dataclass
 class RunResult:
-    """What a finished run reports to Python callers (the demo, benchmarks)."""
+    """What a finished run reports to Python callers (the demo, benchmarks).
+
+    best_top1 / final_top1 hold the task's main metric (`main_metric`: top1 for classification).
+    """
 
     run_dir: Path
     best_top1: float
@@ -56,6 +58,7 @@ class RunResult:
     train_seconds: float
     extra_parameters: int
     history: list[dict[str, Any]]
+    main_metric: str = "top1"
 
 
 @dataclass
@@ -141,7 +144,9 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, *, resume: bool, fo
         _restore(session, run_dir / "last.pt")
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    session.reporter = Reporter(run_dir, enabled=ctx.is_main, tensorboard=cfg.output.tensorboard)
+    session.reporter = Reporter(
+        run_dir, enabled=ctx.is_main, tensorboard=cfg.output.tensorboard, main_metric=session.task.main_metric
+    )
     if ctx.is_main:
         sizes = f"{len(session.train_set)} train / {len(session.test_loader.dataset)} test items"
         steps = f"{session.schedule.timeline.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
@@ -248,6 +253,7 @@ def _train(s: Session, on_epoch_end: Callable[[dict[str, Any]], None] | None) ->
         train_seconds=sum(r["epoch_seconds"] for r in s.history),
         extra_parameters=s.learner.extra_parameters,
         history=[dict(r) for r in s.history],
+        main_metric=s.task.main_metric,
     )
 
 
@@ -256,7 +262,8 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     start = time.perf_counter()
     s.learner.set_epoch(epoch, s.cfg.train.epochs)
     s.sampler.set_epoch(epoch)
-    loader = build_loader(
+    loader = task_loader(
+        s.task,
         s.train_set,
         s.batch_size,
         train=True,
@@ -317,7 +324,7 @@ def _train_epoch(s: Session, loader: Any, epoch: int) -> tuple[dict[str, float],
     bar = progress_bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{s.cfg.train.epochs}", enabled=show)
     start = time.perf_counter()
     for batch in bar:
-        inputs, targets = s.task.to_device(batch, s.ctx.device)
+        inputs, targets = s.task.train_batch(*s.task.to_device(batch, s.ctx.device))
         out = _train_step(s, inputs, targets, epoch, params)
         meter.update(out, s.task.batch_size(inputs))
         metrics.update(out.outputs, targets)
@@ -325,16 +332,23 @@ def _train_epoch(s: Session, loader: Any, epoch: int) -> tuple[dict[str, float],
             _log_step(s, bar, meter, metrics, start)
     seconds = time.perf_counter() - start
     losses, stats, images = meter.summary(s.ctx.sum, s.ctx.world_size)
-    losses.update({f"train_{k}": v for k, v in metrics.compute(s.ctx.sum).items()})
+    measured = {k: v for k, v in metrics.compute(s.ctx.sum).items() if not math.isnan(v)}  # nan: not on train batches
+    losses.update({f"train_{k}": v for k, v in measured.items()})
     return losses, stats, images, seconds
 
 
 def _log_step(s: Session, bar: Any, meter: LossMeter, metrics: Metrics, start: float) -> None:
     """Every log_every steps: the progress bar's loss/accuracy/images-per-second and TensorBoard scalars."""
     loss, samples = meter.running_loss()
-    accuracy = metrics.compute(lambda t: t)[s.task.main_metric]  # this process's share, no communication
+    main = s.task.main_metric
+    score = metrics.compute(lambda t: t).get(main, math.nan)  # this process's share, no communication
     speed = samples * s.ctx.world_size / max(time.perf_counter() - start, 1e-9)
-    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.2f}", img_s=f"{speed:.0f}", refresh=False)
+    shown = {
+        "loss": f"{loss:.4f}",
+        **({main: f"{score:.2f}"} if not math.isnan(score) else {}),
+        "img/s": f"{speed:.0f}",
+    }
+    bar.set_postfix(shown, refresh=False)
     s.reporter.scalars(s.step, {"step/train_loss": loss, "step/lr": s.optimizer.param_groups[0]["lr"]})
 
 

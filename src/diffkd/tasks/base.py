@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ..config import Config, ModelConfig, TeacherConfig
 
@@ -56,10 +56,18 @@ class Task(ABC):
     def metrics(self) -> Metrics:
         """An empty metrics accumulator."""
 
+    def collate_fn(self, batch: list[Any]) -> Any:
+        """Merge a list of dataset items into a batch (torch's default: stack tensors)."""
+        return default_collate(batch)
+
     def to_device(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
-        """Split a loader batch into (inputs, targets) on the device."""
+        """Split a loader batch into (inputs, targets) on the device; a tuple of inputs is spread as arguments."""
         inputs, targets = batch
         return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+    def train_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
+        """Batch-level training augmentation on the device (mixup, cutmix); unchanged by default."""
+        return inputs, targets
 
     def batch_size(self, inputs: Any) -> int:
         """How many samples a batch of inputs holds (for images/s and averaging)."""

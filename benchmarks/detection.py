@@ -1,0 +1,149 @@
+"""Detection benchmark on Fashion-MNIST mosaics: FCOS R18-FPN student alone vs DiffKD from an FCOS R50-FPN teacher.
+
+Trains the teacher once (a finished teacher run in OUT is reused), then each method for each seed
+through the engine, and writes results.json and results.md: per run and as mean / spread over
+seeds, the COCO box AP of the final epoch (the number to compare; no selection on the test set) and
+of the best epoch.
+
+    python benchmarks/detection.py                    # CPU size: 64 px canvases, 400 training images
+    python benchmarks/detection.py --canvas 128 --train-images 8000 --val-images 1000 --student-images 8000 \
+        --teacher-epochs 24 --epochs 24 --batch-size 32 --lr 0.002 --seeds 0 1 2 --device cuda --out runs/bench/det_gpu
+
+On a CPU shared with other work, `--threads 1` (the default) is far faster than letting every
+process spin several OpenMP threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffkd.config import Config, load_config
+from diffkd.detection.evaluator import METRICS, format_table
+from diffkd.engine import run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection" / "mosaics"
+TEACHER = ("fcos_r50_teacher.yaml", "train")
+METHODS = {  # name -> (config file, engine mode)
+    "student": ("fcos_r18_student.yaml", "train"),
+    "diffkd": ("fcos_r50_r18_diffkd.yaml", "distill"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/bench/detection", help="folder for the runs and the results")
+    p.add_argument("--data", help="mosaic folder (default OUT/data, generated from the size flags if missing)")
+    p.add_argument("--canvas", type=int, default=64, help="mosaic side in pixels (also the detectors' resize)")
+    p.add_argument("--train-images", type=int, default=1000, help="mosaics generated for training (the teacher uses all)")
+    p.add_argument("--val-images", type=int, default=250, help="mosaics generated for validation")
+    p.add_argument("--student-images", type=int, default=400, help="training mosaics the students see")
+    p.add_argument("--test-images", type=int, default=200, help="validation mosaics scored")
+    p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.001)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
+    return p.parse_args(argv)
+
+
+def make_config(file: str, args: argparse.Namespace, run_dir: Path, data: Path, seed: int, epochs: int,
+                teacher_dir: Path | None) -> Config:
+    """A mosaic recipe with the benchmark's sizes as overrides."""
+    scale = args.canvas / 64  # the recipes' item scales are for 64 px canvases
+    overrides = [
+        f"data.root={data}", f"data.batch_size={args.batch_size}", f"data.workers={args.workers}",
+        f"data.limit_test={args.test_images}", f"detection.mosaics.canvas={args.canvas}",
+        f"detection.mosaics.train_images={args.train_images}", f"detection.mosaics.val_images={args.val_images}",
+        f"detection.mosaics.min_scale={0.8 * scale}", f"detection.mosaics.max_scale={1.6 * scale}",
+        f"optim.lr={args.lr}", f"train.epochs={epochs}", f"train.seed={seed}", f"train.device={args.device}",
+        "train.progress=false", "output.tensorboard=false", f"output.dir={run_dir}",
+    ]  # fmt: skip
+    if file != TEACHER[0]:
+        overrides.append(f"data.limit_train={args.student_images}")
+    if teacher_dir is not None:
+        overrides.append(f"teacher.checkpoint={teacher_dir}")
+    return load_config(CONFIGS / file, overrides)
+
+
+def train(cfg: Config, mode: str) -> dict[str, Any]:
+    """Run (or resume) one config; return its final and best metrics and its cost."""
+    run_dir = Path(cfg.output.dir)
+    start = time.perf_counter()
+    result = run(cfg, mode=mode, resume=(run_dir / "last.pt").is_file())
+    final = result.history[-1]
+    best = max(result.history, key=lambda r: r["test_AP"])
+    return {
+        "final": {k: final[f"test_{k}"] for k in METRICS},
+        "best": {k: best[f"test_{k}"] for k in METRICS},
+        "best_epoch": best["epoch"],
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "extra_parameters": result.extra_parameters,
+        "history": result.history,
+    }
+
+
+def spread(values: list[float]) -> str:
+    """mean ± standard deviation (just the value for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def summary(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """The markdown report: the settings, the per-seed table and the mean / spread over seeds."""
+    rows = {"teacher (R50)": results["teacher"]["final"]}
+    for method, runs in results["methods"].items():
+        rows.update({f"{method} seed {seed}": r["final"] for seed, r in runs.items()})
+    lines = [format_table(rows, "Final-epoch COCO box AP (%) on the validation mosaics, every run:"), ""]
+    lines += ["Mean ± std over seeds (final epoch; best epoch in brackets):", "",
+              "| model | AP | AP50 | AP75 | best-epoch AP | train s / run |", "|---|---|---|---|---|---|"]
+    for method, runs in results["methods"].items():
+        final = {k: [r["final"][k] for r in runs.values()] for k in ("AP", "AP50", "AP75")}
+        best = [r["best"]["AP"] for r in runs.values()]
+        seconds = statistics.mean(r["train_seconds"] for r in runs.values())
+        lines.append(f"| {method} | {spread(final['AP'])} | {spread(final['AP50'])} | {spread(final['AP75'])} | "
+                     f"({spread(best)}) | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    data = Path(args.data) if args.data else out / "data"
+    teacher_dir = out / "teacher"
+    results: dict[str, Any] = {"settings": vars(args), "methods": {}}
+    results["teacher"] = train(make_config(TEACHER[0], args, teacher_dir, data, 0, args.teacher_epochs, None), TEACHER[1])
+    for method in args.methods:
+        file, mode = METHODS[method]
+        runs = {}
+        for seed in args.seeds:
+            cfg = make_config(file, args, out / f"{method}_seed{seed}", data, seed, args.epochs,
+                              teacher_dir if mode == "distill" else None)
+            runs[seed] = train(cfg, mode)
+            print(f"{method} seed {seed}: final AP {runs[seed]['final']['AP']:.1f}", flush=True)
+        results["methods"][method] = runs
+    report = summary(results, args)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(report + "\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
