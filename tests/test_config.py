@@ -47,7 +47,9 @@ def test_full_config_round_trip(tmp_path: Path) -> None:
         "levels": [
             {"student": "@feature", "teacher": "@feature", "method": "diffkd", "options": {"distance": "mse"}},
             {"student": "fc", "teacher": "fc", "method": "kd", "weight": 0.5, "name": "logits", "options": {"tau": 4}},
+            {"student": {"path": "features", "capture": "input"}, "teacher": "features", "method": "mse"},
         ],
+        "data": {"name": "imagenet", "image_size": 160, "randaugment": True, "random_erasing": 0.25, "cutmix": 1.0},
         "optim": {"name": "rmsprop", "lr": 1e-3, "alpha": 0.9, "eps": 1e-3},
         "schedule": {"name": "exponential", "gamma": 0.97, "every_epochs": 2.4, "warmup_epochs": 3},
         "train": {"amp": "bf16", "ema_decay": 0.9999, "clip_grad_norm": 5, "label_smoothing": 0.1},
@@ -55,6 +57,7 @@ def test_full_config_round_trip(tmp_path: Path) -> None:
     cfg = config_from_dict(data)
     assert cfg.schedule.warmup_epochs == 3.0 and isinstance(cfg.schedule.warmup_epochs, float)  # int widened
     assert cfg.levels[1].options == {"tau": 4}
+    assert cfg.levels[2].student == {"path": "features", "capture": "input"}  # a Tap mapping
     path = tmp_path / "c.yaml"
     save_config(cfg, path)
     assert load_config(path) == cfg

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from diffkd.detection.coco import Categories, CocoDetectionSet, collate, find_split, hflip, open_coco, open_split
-from diffkd.detection.evaluator import CocoEvaluator, coco_box_ap, format_table
+from diffkd.detection.evaluator import CocoAP, coco_box_ap, format_table
 from diffkd.detection.models import available, build_detector, parse_name
 from diffkd.detection.mosaics import MosaicSpec, ensure_mosaics
 from diffkd.detection.pretrained import check_category_names, narrow_classes
@@ -230,17 +230,24 @@ def gt_coco(tmp_path: Path, images: list[list[tuple[list[float], int]]]):
     return open_coco(tmp_path, write_split(tmp_path, "val", images, size=64)).coco
 
 
-def detections(boxes_xyxy: list[list[float]], scores: list[float], labels: list[int]) -> dict[str, torch.Tensor]:
-    return {"boxes": torch.tensor(boxes_xyxy).reshape(-1, 4), "scores": torch.tensor(scores), "labels": torch.tensor(labels)}
+def add(ap: CocoAP, image_id: int, boxes_xyxy: list[list[float]], scores: list[float], labels: list[int]) -> None:
+    """One image's detections, as a detector in eval mode returns them."""
+    detection = {"boxes": torch.tensor(boxes_xyxy).reshape(-1, 4), "scores": torch.tensor(scores), "labels": torch.tensor(labels)}
+    ap.update([detection], [{"image_id": torch.tensor(image_id)}])
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The sum over one process."""
+    return t
 
 
 def test_ap_is_one_when_predictions_equal_the_ground_truth(tmp_path: Path):
     images = [[([4, 6, 20, 20], 3), ([30, 30, 40, 40], 7)], [([10, 10, 12, 30], 7)]]  # small, medium, small
-    evaluator = CocoEvaluator(gt_coco(tmp_path, images), category_ids=[3, 7])
+    ap = CocoAP(gt_coco(tmp_path, images), category_ids=[3, 7])
     for image_id, boxes in enumerate(images, start=1):
         xyxy = [[x, y, x + w, y + h] for (x, y, w, h), _ in boxes]
-        evaluator.add([detections(xyxy, [1.0] * len(boxes), [1 if c == 3 else 2 for _, c in boxes])], [image_id])
-    metrics = evaluator.compute()
+        add(ap, image_id, xyxy, [1.0] * len(boxes), [1 if c == 3 else 2 for _, c in boxes])
+    metrics = ap.compute(local)
     assert {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm")} == pytest.approx(dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm"), 100.0))
     assert math.isnan(metrics["APl"])  # no large object in the ground truth
     assert "| ours | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | - |" in format_table({"ours": metrics})
@@ -254,10 +261,10 @@ def test_ap_of_a_hand_computed_case(tmp_path: Path):
     # 1 for recall <= 0.5 (51 of the 101 recall points) and 2/3 above (50 points).
     # FP case: precision 1 up to recall 0.5 (51 points), 0 beyond.
     gt = gt_coco(tmp_path, [[([0, 0, 10, 10], 3), ([30, 30, 10, 10], 3)]])
-    evaluator = CocoEvaluator(gt, category_ids=[3, 7])
-    evaluator.add([detections([[0, 0, 10, 10], [50, 50, 60, 60], [30, 30, 40, 37.2]], [0.9, 0.8, 0.7], [1, 1, 1])], [1])
+    ap = CocoAP(gt, category_ids=[3, 7])
+    add(ap, 1, [[0, 0, 10, 10], [50, 50, 60, 60], [30, 30, 40, 37.2]], [0.9, 0.8, 0.7], [1, 1, 1])
     tp_case, fp_case = (51 + 50 * 2 / 3) / 101, 51 / 101
-    metrics = evaluator.compute()
+    metrics = ap.compute(local)
     assert metrics["AP50"] == pytest.approx(100 * tp_case, abs=1e-6)
     assert metrics["AP75"] == pytest.approx(100 * fp_case, abs=1e-6)
     assert metrics["AP"] == pytest.approx(100 * (5 * tp_case + 5 * fp_case) / 10, abs=1e-6)

@@ -2,7 +2,8 @@
 
 Detections come as torchvision returns them in eval mode (boxes xyxy in original image pixels,
 scores, labels 1..K); labels are mapped back to the file's category ids. Only the images that were
-evaluated count, so a `limit`ed test split is scored on its own images.
+evaluated count, so a `limit`ed test split is scored on its own images. `CocoAP` is the task's
+metrics accumulator: it gathers every process's detections with a sum over processes only.
 """
 
 from __future__ import annotations
@@ -11,26 +12,18 @@ import contextlib
 import copy
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+Reduce = Callable[[Tensor], Tensor]  # sums a tensor over all processes (identity for one process's share)
+
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six numbers COCOeval.summarize prints
-
-
-def to_results(image_id: int, detection: Mapping[str, Tensor], category_ids: Sequence[int]) -> list[dict]:
-    """One image's detections as COCO result records (xywh boxes, category ids, scores)."""
-    boxes = detection["boxes"].detach().float().cpu()
-    boxes[:, 2:] -= boxes[:, :2]
-    labels = detection["labels"].detach().cpu().tolist()
-    scores = detection["scores"].detach().float().cpu().tolist()
-    return [
-        {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
-        for box, label, score in zip(boxes.tolist(), labels, scores)
-    ]
 
 
 def _results_coco(ground_truth: COCO, results: list[dict]) -> COCO:
@@ -63,24 +56,77 @@ def coco_box_ap(ground_truth: COCO, results: list[dict], image_ids: Iterable[int
     return {name: 100.0 * v if v >= 0 else math.nan for name, v in zip(METRICS, stats.tolist())}
 
 
-class CocoEvaluator:
-    """Collects detections image by image, then scores them against a pycocotools ground truth."""
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the process count (0, 1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    def __init__(self, ground_truth: COCO, category_ids: Sequence[int]):
+
+def gather_rows(rows: Tensor, reduce: Reduce) -> Tensor:
+    """Every process's (n_i, k) rows, in rank order, using only `reduce` (a sum over processes).
+
+    Each process writes its rows into its own slot of a zero buffer and the sum fills every slot;
+    with an identity `reduce` (one process's share) only this process's rows come back.
+    """
+    rank, world = _rank_and_world()
+    counts = torch.zeros(world, dtype=torch.float64, device=rows.device)
+    counts[rank] = len(rows)
+    counts = reduce(counts).long().tolist()
+    buffer = rows.new_zeros(sum(counts), rows.shape[1])
+    start = sum(counts[:rank])
+    buffer[start : start + len(rows)] = rows
+    return reduce(buffer)
+
+
+class CocoAP:
+    """COCO box AP of the detections of evaluated images; training batches (loss dicts) hold none."""
+
+    def __init__(self, ground_truth: Any, category_ids: Sequence[int]) -> None:
         self.ground_truth = ground_truth
         self.category_ids = list(category_ids)
-        self.results: list[dict] = []
+        self.rows: list[Tensor] = []  # per image: (n, 7) image id, label, x1, y1, x2, y2, score
         self.image_ids: list[int] = []
+        self.device: torch.device | None = None
+        self.saw_losses = False
 
-    def add(self, detections: Sequence[Mapping[str, Tensor]], image_ids: Sequence[int]) -> None:
-        """Add a batch: one detection dict per image and the images' ids."""
-        for image_id, detection in zip(image_ids, detections, strict=True):
+    def update(self, outputs: Any, targets: Sequence[Mapping[str, Tensor]]) -> None:
+        """Add the detections of one batch; a loss dict (training mode) holds none."""
+        if isinstance(outputs, Mapping):
+            self.saw_losses = True
+            return
+        for detection, target in zip(outputs, targets, strict=True):
+            image_id = target["image_id"].reshape(1, 1).double()
+            self.device = image_id.device
             self.image_ids.append(int(image_id))
-            self.results.extend(to_results(int(image_id), detection, self.category_ids))
+            boxes = detection["boxes"].detach().double()
+            self.rows.append(torch.cat([
+                image_id.expand(len(boxes), 1), detection["labels"].double()[:, None], boxes,
+                detection["scores"].detach().double()[:, None],
+            ], dim=1))  # fmt: skip
 
-    def compute(self) -> dict[str, float]:
-        """The six COCO box metrics in % of everything added so far."""
-        return coco_box_ap(self.ground_truth, self.results, self.image_ids)
+    def _device(self) -> torch.device:
+        """Where the gathered tensors live: the detections' device, else NCCL's, else the CPU."""
+        if self.device is not None:
+            return self.device
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def compute(self, reduce: Reduce) -> dict[str, float]:
+        """AP, AP50, AP75, APs, APm, APl in % over every process's images (nan on training batches)."""
+        if self.saw_losses and not self.image_ids:
+            return {name: math.nan for name in METRICS}
+        device = self._device()
+        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, 7, dtype=torch.float64, device=device)
+        rows = gather_rows(rows.to(device), reduce).cpu()
+        ids = gather_rows(torch.tensor(self.image_ids, dtype=torch.float64, device=device).view(-1, 1), reduce)
+        results = [
+            {"image_id": int(r[0]), "category_id": self.category_ids[int(r[1]) - 1],
+             "bbox": [r[2], r[3], r[4] - r[2], r[5] - r[3]], "score": r[6]}
+            for r in rows.tolist()
+        ]  # fmt: skip
+        return coco_box_ap(self.ground_truth, results, [int(i) for i in ids.view(-1).tolist()])
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]], title: str = "") -> str:

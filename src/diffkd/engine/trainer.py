@@ -324,7 +324,7 @@ def _train_epoch(s: Session, loader: Any, epoch: int) -> tuple[dict[str, float],
     bar = progress_bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{s.cfg.train.epochs}", enabled=show)
     start = time.perf_counter()
     for batch in bar:
-        inputs, targets = s.task.train_batch(*s.task.to_device(batch, s.ctx.device))
+        inputs, targets = s.task.augment_batch(*s.task.to_device(batch, s.ctx.device))
         out = _train_step(s, inputs, targets, epoch, params)
         meter.update(out, s.task.batch_size(inputs))
         metrics.update(out.outputs, targets)

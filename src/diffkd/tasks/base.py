@@ -65,7 +65,7 @@ class Task(ABC):
         inputs, targets = batch
         return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
-    def train_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
+    def augment_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
         """Batch-level training augmentation on the device (mixup, cutmix); unchanged by default."""
         return inputs, targets
 

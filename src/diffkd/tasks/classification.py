@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .. import data, models
-from ..config import Config, ModelConfig, TeacherConfig
+from ..config import Config, ConfigError, ModelConfig, TeacherConfig
+from ..methods import METHODS
 from .base import Metrics, Reduce, Task
 
 
@@ -53,6 +54,12 @@ class ClassificationTask(Task):
         d = cfg.data
         self.policies = data.Policies(d.randaugment, d.color_jitter, d.random_erasing)
         self.mixer = data.BatchMixer(self.info.num_classes, d.mixup, d.cutmix)
+        hard = [lv.method for lv in cfg.levels if lv.method in METHODS and METHODS[lv.method].needs_targets]
+        if self.mixer.enabled and hard:
+            raise ConfigError(
+                f"data.mixup / data.cutmix give soft targets, but method {hard[0]!r} needs class labels; "
+                "turn mixing off (data.mixup=0 data.cutmix=0) or use another method"
+            )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -78,7 +85,7 @@ class ClassificationTask(Task):
         classes = spec.num_classes or self.info.num_classes
         return models.create(spec.name, num_classes=classes, pretrained=spec.pretrained)
 
-    def train_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def augment_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return self.mixer(inputs, targets) if self.mixer.enabled else (inputs, targets)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:

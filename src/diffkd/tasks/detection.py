@@ -8,25 +8,24 @@ its loss dict (summed by `loss`) and in eval mode its detections (scored by `Coc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError, ModelConfig, TeacherConfig
 from ..data.cache import cache_dir
 from ..detection.coco import Categories, CocoDetectionSet, CocoImages, collate, open_split
-from ..detection.evaluator import METRICS, coco_box_ap, to_results
+from ..detection.evaluator import CocoAP
 from ..detection.models import build_detector
 from ..detection.mosaics import MosaicSpec, ensure_mosaics
 from ..detection.pretrained import coco_detector
-from .base import Metrics, Reduce, Task
+from .base import Metrics, Task
 
 COCO_RESIZE = (800, 1333)  # torchvision's (and the paper's) resize range for COCO images
 
@@ -48,39 +47,8 @@ def _mosaic_root(cfg: Config) -> Path:
 DATA_SOURCES: dict[str, Callable[[Config], Path]] = {"coco": _coco_root, "fashion_mosaics": _mosaic_root}
 
 
-def _gather(value: Any) -> list[Any]:
-    """Every process's `value` (just [value] when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-class CocoAP(Metrics):
-    """COCO box AP of the detections of evaluated images; training batches (loss dicts) are ignored."""
-
-    def __init__(self, ground_truth: Any, category_ids: Sequence[int]) -> None:
-        self.ground_truth = ground_truth
-        self.category_ids = list(category_ids)
-        self.results: list[dict] = []
-        self.image_ids: list[int] = []
-
-    def update(self, outputs: Any, targets: Sequence[Mapping[str, Tensor]]) -> None:
-        """Add the detections of one batch; a loss dict (training mode) holds none."""
-        if isinstance(outputs, Mapping):
-            return
-        for detection, target in zip(outputs, targets, strict=True):
-            image_id = int(target["image_id"])
-            self.image_ids.append(image_id)
-            self.results.extend(to_results(image_id, detection, self.category_ids))
-
-    def compute(self, reduce: Reduce) -> dict[str, float]:
-        """AP, AP50, AP75, APs, APm, APl in % over every process's images (nan before any detection batch)."""
-        parts = _gather((self.results, self.image_ids))
-        results = [r for part, _ in parts for r in part]
-        image_ids = [i for _, ids in parts for i in ids]
-        return coco_box_ap(self.ground_truth, results, image_ids)
+class DetectionMetrics(CocoAP, Metrics):
+    """COCO box AP as the engine's metrics accumulator."""
 
 
 class DetectionTask(Task):
@@ -164,7 +132,7 @@ class DetectionTask(Task):
         return sum(v.float() for v in outputs.values())  # type: ignore[return-value]
 
     def metrics(self) -> Metrics:
-        return CocoAP(self.source("test").coco, self.categories.ids)
+        return DetectionMetrics(self.source("test").coco, self.categories.ids)
 
 
-__all__ = ["METRICS", "CocoAP", "DetectionTask"]
+__all__ = ["DetectionTask"]
