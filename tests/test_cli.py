@@ -87,6 +87,10 @@ def test_train_distill_eval_export(tmp_path: Path, capsys) -> None:
     student.load_state_dict(weights, strict=True)
     expected = evaluated_weights(ckpt)
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+    before = out.read_bytes()
+    assert main(["export", str(student_dir), str(out)]) == 1  # an existing file is never replaced silently
+    assert "refusing to overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["export", str(student_dir), str(out), "--force"]) == 0
 
     assert main(["export", str(teacher_dir)]) == 0  # a train run exports its model
     models.create("fmnist_teacher", num_classes=10).load_state_dict(

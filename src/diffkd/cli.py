@@ -113,12 +113,13 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--which", choices=("best", "last"), default="best", help="checkpoint to export from (default best)"
     )
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists (refused otherwise)")
 
 
 def _export(args: argparse.Namespace) -> int:
     from .engine import export_weights
 
-    print(f"wrote {export_weights(args.run_dir, args.out, which=args.which)}")
+    print(f"wrote {export_weights(args.run_dir, args.out, which=args.which, overwrite=args.force)}")
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .atomic import save_atomic
 from .methods import build_method
 from .taps import FeatureTaps, Tap, call_model, probe_shapes
 
@@ -138,18 +139,3 @@ class Distiller(nn.Module):
         """Remove the feature hooks from both models."""
         self.student_taps.close()
         self.teacher_taps.close()
-
-
-def save_atomic(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """torch.save to a temporary file beside `path`, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True or choose another path)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path

@@ -6,52 +6,17 @@ so `torch.load(..., weights_only=True)` can read it and loading never runs code.
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
 
 from .errors import CheckpointError
 
 FORMAT = "diffkd-run"
 VERSION = 1
 STUDENT_PREFIX = "student."  # the Distiller's state dict keys of the student
-
-
-def write_atomic(data: bytes, path: str | Path) -> None:
-    """Write bytes to path through a temporary file in the same folder, fsync'ed, then os.replace'd."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def serialize(obj: Any) -> bytes:
-    """torch.save into bytes (so one serialization can be written to several files)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save obj to path atomically: a crash leaves the old file or the new one, never half of one."""
-    write_atomic(serialize(obj), path)
 
 
 def load_file(path: str | Path) -> Any:

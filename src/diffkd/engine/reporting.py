@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .checkpoint import write_atomic
+from ..atomic import write_atomic
 
 log = logging.getLogger("diffkd")
 

@@ -24,7 +24,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from ..config import Config, ConfigError, config_to_dict, save_config
 from ..tasks import Metrics, Task, build_task
 from . import distributed, rng
-from .checkpoint import FORMAT, VERSION, load_checkpoint, serialize, write_atomic
+from ..atomic import serialize, write_atomic
+from .checkpoint import FORMAT, VERSION, load_checkpoint
 from .ema import EMA
 from .errors import CheckpointError, NonFiniteLossError
 from .evaluation import evaluate, task_loader, test_loader

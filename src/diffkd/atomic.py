@@ -1,0 +1,48 @@
+"""Atomic file writes: a crash leaves the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """Write bytes through a temporary file in the same folder, fsync'ed, then os.replace'd."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def serialize(obj: Any) -> bytes:
+    """torch.save into bytes (so one serialization can be written to several files)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_atomic(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """torch.save obj to path atomically; with overwrite=False an existing file is refused, not replaced."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it (choose another path, or --force)")
+    write_atomic(serialize(obj), path)
+    return path
