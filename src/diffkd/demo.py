@@ -30,8 +30,8 @@ class DemoSize:
 
 
 SIZES = {
-    "quick": DemoSize(train_items=4000, test_items=2000, teacher_epochs=2, student_epochs=2),
-    "full": DemoSize(train_items=15000, test_items=10000, teacher_epochs=6, student_epochs=6),
+    "quick": DemoSize(train_items=6000, test_items=2000, teacher_epochs=2, student_epochs=2),
+    "full": DemoSize(train_items=15000, test_items=10000, teacher_epochs=5, student_epochs=5),
 }
 
 STUDENTS: dict[str, list[dict[str, Any]]] = {
@@ -48,9 +48,9 @@ def recipe(size: DemoSize, epochs: int, out: Path, device: str, data_root: str |
     """The shared recipe (data, optimizer, schedule) as a config dict."""
     return {
         "task": "classification",
-        "data": {"name": "fashion_mnist", "root": data_root, "batch_size": 128,
+        "data": {"name": "fashion_mnist", "root": data_root, "batch_size": 64,
                  "limit_train": size.train_items, "limit_test": size.test_items},
-        "optim": {"name": "adamw", "lr": 0.004, "weight_decay": 0.05, "no_decay_norm_bias": True},
+        "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.05, "no_decay_norm_bias": True},
         "schedule": {"name": "cosine", "warmup_epochs": 0.25},
         "train": {"epochs": epochs, "seed": 0, "device": device},
         "output": {"dir": str(out), "tensorboard": False},
