@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
+from diffkd.config import Config, ConfigError, config_from_dict, load_config
 from diffkd.detection.coco import Categories, CocoDetectionSet, collate, find_split, hflip, open_coco, open_split
 from diffkd.detection.evaluator import CocoAP, coco_box_ap, format_table
 from diffkd.detection.models import available, build_detector, parse_name
@@ -22,7 +24,21 @@ from diffkd.detection.pretrained import check_category_names, narrow_classes
 from diffkd.losses import attention_mse_loss
 from diffkd.methods import build_method
 from diffkd.module import DiffKD
+from diffkd.engine.learner import LEARNERS
 from diffkd.taps import FeatureTaps
+from diffkd.tasks import build_task
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Detectors run many small convolutions: on a CPU shared with other jobs one thread is much faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "bar"}]
 
@@ -293,3 +309,98 @@ def test_mosaics_are_deterministic_and_boxes_are_item_extents(tmp_path: Path):
     assert ensure_mosaics(first, spec) == first  # reused as it is
     with pytest.raises(ValueError, match="holds mosaics of another spec .*seed: 3 there, 4 asked"):
         ensure_mosaics(first, MosaicSpec(canvas=64, train_images=6, val_images=2, max_scale=2.0, seed=4))
+
+
+def test_detections_are_gathered_with_a_sum_over_processes(monkeypatch: pytest.MonkeyPatch):
+    # Pretend to be rank 1 of 2; rank 0 holds rows a (2 rows), we hold b (1 row). The fake all-reduce
+    # adds what rank 0 contributes: its count in slot 0, its rows at the start of the buffer.
+    from diffkd.detection import evaluator
+
+    a, b = torch.arange(14, dtype=torch.float64).view(2, 7), torch.full((1, 7), -1.0, dtype=torch.float64)
+    monkeypatch.setattr(evaluator, "_rank_and_world", lambda: (1, 2))
+    rank0 = iter([torch.tensor([2.0, 0.0], dtype=torch.float64), torch.cat([a, torch.zeros(1, 7, dtype=torch.float64)])])
+    gathered = evaluator.gather_rows(b, lambda t: t + next(rank0))
+    assert torch.equal(gathered, torch.cat([a, b]))
+
+
+# ------------------------------------------------------------------------------------- the task plug-in
+# Faster R-CNN samples fewer RoIs here so one CPU step stays short; the architecture is unchanged.
+SMALL_RCNN = {"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "rpn_pre_nms_top_n_train": 100,
+              "rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 32}
+LEVELS = {"fasterrcnn": ["0", "1", "2", "3", "pool"], "retinanet": ["0", "1", "2", "p6", "p7"], "fcos": ["0", "1", "2", "p6", "p7"]}
+
+
+def detection_config(root: Path, tmp_path: Path, family: str, **sections: Any) -> Config:
+    """Distil <family>_resnet18_fpn into itself on the test's COCO files: 64 px, batch 2, CPU."""
+    name = f"{family}_resnet18_fpn"
+    levels = [{"name": f"p{i}", "student": f"backbone[{key!r}]", "teacher": f"backbone[{key!r}]", "method": "diffkd",
+               "options": {"distance": "attention_mse", "tau": 0.5, "kd_weight": 5.0}} for i, key in enumerate(LEVELS[family])]
+    regression = parse_name(name).family.regression
+    if regression is not None:
+        levels.append({"name": "regression_kd", "student": regression, "teacher": regression, "method": "regression_l1"})
+    data = {
+        "task": "detection",
+        "data": {"name": "coco", "root": str(root), "batch_size": 2},
+        "detection": {"min_size": 64, "max_size": 64, "options": SMALL_RCNN if family == "fasterrcnn" else {}},
+        "teacher": {"name": name, "checkpoint": str(tmp_path / "teacher.pt")},
+        "student": {"name": name},
+        "levels": levels,
+        "train": {"device": "cpu", "progress": False},
+        "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+        **sections,
+    }
+    return config_from_dict(data)
+
+
+@pytest.mark.parametrize("family", ["fasterrcnn", "retinanet", "fcos"])
+def test_one_distillation_step_per_detector_family(coco_root: Path, tmp_path: Path, family: str):
+    torch.manual_seed(0)
+    cfg = detection_config(coco_root, tmp_path, family)
+    task = build_task(cfg)
+    torch.save(task.build_model(cfg.teacher).state_dict(), tmp_path / "teacher.pt")
+    learner = LEARNERS["distill"](cfg, task)
+    train = task.build_dataset("train")
+    inputs, targets = task.to_device(task.collate_fn([train[0], train[1]]), torch.device("cpu"))
+    assert task.batch_size(inputs) == 2
+    learner.module.train()
+    out = learner.compute(learner.module, inputs, targets)
+    expected = {"task", *(f"p{i}/{t}" for i in range(5) for t in ("kd", "diffusion"))}
+    assert set(out.terms) == expected | ({"regression_kd"} if family != "fasterrcnn" else set())
+    assert out.total.item() == pytest.approx(sum(v.item() for v in out.terms.values()), rel=1e-5)
+    out.total.backward()
+    student_grads = [p.grad for p in learner.student.backbone.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in student_grads)
+    assert all(p.grad is None for p in learner.module.teacher.parameters())  # the teacher learns nothing
+    level = learner.module.methods["p0"].diffkd
+    assert level.noise_predictor.layers[-2].weight.grad.abs().sum() > 0
+
+
+def test_task_errors(coco_root: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="data.name: the detection task reads coco, fashion_mosaics, got 'cifar100'"):
+        build_task(detection_config(coco_root, tmp_path, "fcos", data={"name": "cifar100"}))
+    with pytest.raises(ConfigError, match="data.root: required for data.name=coco"):
+        build_task(detection_config(coco_root, tmp_path, "fcos", data={"name": "coco"})).root
+    task = build_task(detection_config(coco_root, tmp_path, "fcos", student={"name": "fcos_resnet18_fpn", "num_classes": 91}))
+    with pytest.raises(ConfigError, match=r"num_classes of 'fcos_resnet18_fpn' is 91, but the annotation files have 2 categories"):
+        task.build_model(task.cfg.student)
+    write_split(coco_root, "val", TRAIN[1:2], categories=[{"id": 3, "name": "square"}, {"id": 8, "name": "bar"}])
+    task = build_task(detection_config(coco_root, tmp_path, "fcos"))
+    with pytest.raises(ValueError, match="category ids do not match between .*instances_train.json and .*instances_val.json"):
+        task.build_dataset("train")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_recipes_parse_and_their_taps_exist(path: Path):
+    cfg = load_config(path)
+    assert cfg.task == "detection"
+    names = [spec.name for spec in (cfg.model, cfg.teacher, cfg.student) if spec is not None]
+    families = {parse_name(name).family_name for name in names}
+    assert len(families) == 1  # teacher and student of one family: same anchors, same FPN keys
+    if cfg.levels:
+        model = build_detector(f"{families.pop()}_resnet18_fpn", 3, min_size=64, max_size=64).eval()
+        taps = {f"{lv.name}/{side}": getattr(lv, side) for lv in cfg.levels for side in ("student", "teacher")}
+        with torch.no_grad(), FeatureTaps(model, taps) as captured:
+            model([torch.rand(3, 64, 64)])
+            assert all(captured[name].shape[0] == 1 for name in taps)
+        kd = [lv for lv in cfg.levels if lv.method == "diffkd"]
+        assert len(kd) == 5 and all(lv.options == {"distance": "attention_mse", "tau": 0.5, "kd_weight": 5.0} for lv in kd)

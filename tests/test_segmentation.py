@@ -12,17 +12,28 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffkd.config import Config, config_from_dict
 from diffkd.segmentation import catalog, labels, mosaic
 from diffkd.segmentation import models as seg_models
 from diffkd.segmentation.backbones import DilatedMobileNetV2, DilatedResNet, measure_output_stride
 from diffkd.segmentation.cityscapes import CityscapesFolder
 from diffkd.segmentation.miou import confusion_matrix, iou_per_class, metric_key
 from diffkd.segmentation.transforms import train_transform
+from diffkd.tasks import build_task
 from diffkd.tasks.segmentation import MeanIoU
 
 # The 19 evaluated Cityscapes classes by label id, written out from the dataset's label definitions.
 TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
              26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many tiny convolutions: on a CPU shared with other jobs one thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- label ids
@@ -269,3 +280,83 @@ def test_mosaic_set_is_deterministic_and_in_cityscapes_format(tmp_path):
     assert torch.equal(label > 0, raw > 0) and int(label.max()) <= 10
     with pytest.raises(FileExistsError, match="exists; remove it or choose another folder"):
         mosaic.generate(tmp_path / "a", spec)
+
+
+# ----------------------------------------------------------------------------- the task and the engine
+def seg_config(root: Path, mode: str, student: str = "deeplabv3_resnet18", **sections) -> Config:
+    """A tiny segmentation run on `root` (Cityscapes format), networks at width 1/16, on CPU."""
+    data = {
+        "task": "segmentation",
+        "data": {"name": "cityscapes", "root": str(root), "batch_size": 2},
+        "segmentation": {"crop_size": [32, 48], "scale_range": [0.5, 2.0], "width_mult": 0.0625},
+        "optim": {"name": "sgd", "lr": 0.01},
+        "schedule": {"name": "poly", "power": 0.9},
+        "train": {"epochs": 1, "device": "cpu", "progress": False, "log_every": 1},
+        "output": {"dir": str(root / "run"), "tensorboard": False},
+    }
+    if mode == "train":
+        data["model"] = {"name": student}
+    else:
+        data["teacher"] = {"name": "deeplabv3_resnet101", "checkpoint": str(root / "teacher.pt")}
+        data["student"] = {"name": student}
+        data["levels"] = [{"student": "@logits", "teacher": "@logits", "method": "diffkd", "options": {"distance": "dist"}}]
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return config_from_dict(data)
+
+
+def test_task_loss_is_cross_entropy_plus_0_4_aux_with_ignored_pixels(tmp_path):
+    task = build_task(seg_config(tmp_path, "train"))
+    torch.manual_seed(0)
+    out, aux = torch.randn(2, 19, 3, 4), torch.randn(2, 19, 3, 4)
+    target = torch.randint(0, 19, (2, 3, 4))
+    target[0, 0, :2] = 255
+
+    def ce(logits: torch.Tensor) -> float:  # mean over kept pixels of -log softmax at the target class
+        logp = logits.log_softmax(1).permute(0, 2, 3, 1)
+        kept = target != 255
+        return float(-logp[kept].gather(1, target[kept][:, None]).mean())
+
+    assert float(task.loss({"out": out, "aux": aux}, target)) == pytest.approx(ce(out) + 0.4 * ce(aux), rel=1e-6)
+    assert task.main_metric == "miou" and task.input_shape == (3, 32, 48)
+
+
+def test_poly_schedule_follows_its_formula():
+    from diffkd.config import ScheduleConfig
+    from diffkd.engine.schedules import LRSchedule, Timeline
+
+    schedule = LRSchedule(ScheduleConfig(name="poly", power=0.9, min_lr=1e-4), 0.02, Timeline(10, 4))
+    for step in (0, 1, 17, 39):
+        assert schedule.lr(step) == pytest.approx(1e-4 + (0.02 - 1e-4) * (1 - step / 40) ** 0.9)
+
+
+@pytest.mark.parametrize("student", ["deeplabv3_resnet18", "pspnet_resnet18", "deeplabv3_mobilenetv2"])
+def test_one_diffkd_training_step_of_each_student_on_cityscapes_files(tmp_path, student):
+    from torch.utils.data import default_collate
+
+    from diffkd.engine.learner import DistillLearner
+
+    write_cityscapes(tmp_path, "train", "aachen", 2, size=(56, 40))
+    cfg = seg_config(tmp_path, "distill", student)
+    task = build_task(cfg)
+    torch.manual_seed(0)
+    torch.save(task.build_model(cfg.teacher).state_dict(), tmp_path / "teacher.pt")
+    learner = DistillLearner(cfg, task)
+    data = task.build_dataset("train")
+    inputs, targets = default_collate([data[0], data[1]])
+    assert inputs.shape == (2, 3, 32, 48) and targets.shape == (2, 32, 48)
+    teacher_before = {k: v.clone() for k, v in learner.module.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in learner.student.state_dict().items()}
+    optimizer = torch.optim.SGD(learner.trainable_parameters(), lr=0.01, momentum=0.9)
+    learner.module.train()
+    step = learner.compute(learner.module, inputs, targets)
+    assert set(step.terms) == {"task", "diffkd_classifier/kd", "diffkd_classifier/diffusion"}
+    assert torch.isfinite(step.total) and float(step.terms["diffkd_classifier/kd"].detach()) > 0
+    optimizer.zero_grad()
+    step.total.backward()
+    projector = learner.module.methods["diffkd_classifier"].diffkd.projector.weight
+    assert projector.grad is not None and float(projector.grad.abs().sum()) > 0
+    optimizer.step()
+    student_after, teacher_after = learner.student.state_dict(), learner.module.teacher.state_dict()
+    assert any(not torch.equal(v, student_after[k]) for k, v in student_before.items())
+    assert all(torch.equal(v, teacher_after[k]) for k, v in teacher_before.items())

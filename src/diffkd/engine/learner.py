@@ -76,8 +76,10 @@ class PlainLearner(Learner):
         return StepOutput(outputs, {"task": loss}, loss)
 
 
-def resolve_tap(spec: str | dict[str, Any], model_name: str, where: str) -> str | dict[str, Any]:
-    """'@feature' / '@logits' -> the model's default tap path; any other spec (path, Tap mapping) unchanged."""
+def resolve_tap(
+    spec: str | dict[str, Any], model_name: str, where: str, default_taps: Callable[[str], models.Taps] = models.default_taps
+) -> str | dict[str, Any]:
+    """'@feature' / '@logits' -> the model's default tap path (per `default_taps`); any other spec unchanged."""
     if not isinstance(spec, str) or not spec.startswith("@"):
         return spec
     alias = spec[1:]
@@ -85,7 +87,7 @@ def resolve_tap(spec: str | dict[str, Any], model_name: str, where: str) -> str 
         raise ConfigError(
             f"{where}: unknown tap alias {spec!r}; use {', '.join('@' + a for a in TAP_ALIASES)} or a module path"
         )
-    return getattr(models.default_taps(model_name), alias)
+    return getattr(default_taps(model_name), alias)
 
 
 class DistillLearner(Learner):
@@ -101,8 +103,8 @@ class DistillLearner(Learner):
         student = task.build_model(cfg.student)
         levels = [
             Level(
-                student=resolve_tap(lv.student, cfg.student.name, f"levels.{i}.student"),
-                teacher=resolve_tap(lv.teacher, cfg.teacher.name, f"levels.{i}.teacher"),
+                student=resolve_tap(lv.student, cfg.student.name, f"levels.{i}.student", task.default_taps),
+                teacher=resolve_tap(lv.teacher, cfg.teacher.name, f"levels.{i}.teacher", task.default_taps),
                 method=lv.method,
                 weight=lv.weight,
                 name=lv.name,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from .. import models
 from ..config import Config, ModelConfig, TeacherConfig
 
 Reduce = Callable[[Tensor], Tensor]  # sums a tensor over all processes (identity when not distributed)
@@ -55,6 +56,10 @@ class Task(ABC):
     @abstractmethod
     def metrics(self) -> Metrics:
         """An empty metrics accumulator."""
+
+    def default_taps(self, name: str) -> models.Taps:
+        """Where a model's "@feature" / "@logits" taps are (the `diffkd.models` registry's by default)."""
+        return models.default_taps(name)
 
     def collate_fn(self, batch: list[Any]) -> Any:
         """Merge a list of dataset items into a batch (torch's default: stack tensors)."""

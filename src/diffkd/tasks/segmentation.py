@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..config import ModelConfig, TeacherConfig
+from ..models import Taps
 from ..segmentation import catalog
 from ..segmentation import models as seg_models
 from ..segmentation.labels import IGNORE
@@ -78,10 +79,16 @@ class SegmentationTask(Task):
         )  # fmt: skip
 
     def build_model(self, spec: ModelConfig | TeacherConfig) -> nn.Module:
+        """A network of `diffkd.segmentation.models`; a teacher always has its aux head (as it was trained)."""
+        aux = self.settings.aux_weight > 0 or isinstance(spec, TeacherConfig)
         return seg_models.create(
             spec.name, num_classes=spec.num_classes or self.data.num_classes, in_channels=self.data.channels,
-            width_mult=self.settings.width_mult, aux=self.settings.aux_weight > 0, pretrained_backbone=spec.pretrained,
+            width_mult=self.settings.width_mult, aux=aux, pretrained_backbone=spec.pretrained,
         )  # fmt: skip
+
+    def default_taps(self, name: str) -> Taps:
+        """"@logits" is the logits map before upsampling (`classifier`), "@feature" the backbone's last map."""
+        return seg_models.default_taps(name)
 
     def loss(self, outputs: dict[str, Tensor], targets: Tensor) -> Tensor:
         """CE(out) + aux_weight * CE(aux), pixels labelled IGNORE left out."""
