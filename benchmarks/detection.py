@@ -5,7 +5,7 @@ through the engine, and writes results.json and results.md: per run and as mean 
 seeds, the COCO box AP of the final epoch (the number to compare; no selection on the test set) and
 of the best epoch.
 
-    python benchmarks/detection.py                    # CPU size: 64 px canvases, 400 training images
+    python benchmarks/detection.py                    # CPU size: 64 px canvases, 300 training images
     python benchmarks/detection.py --canvas 128 --train-images 8000 --val-images 1000 --student-images 8000 \
         --teacher-epochs 24 --epochs 24 --batch-size 32 --lr 0.002 --seeds 0 1 2 --device cuda --out runs/bench/det_gpu
 
@@ -42,12 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench/detection", help="folder for the runs and the results")
     p.add_argument("--data", help="mosaic folder (default OUT/data, generated from the size flags if missing)")
     p.add_argument("--canvas", type=int, default=64, help="mosaic side in pixels (also the detectors' resize)")
-    p.add_argument("--train-images", type=int, default=1000, help="mosaics generated for training (the teacher uses all)")
-    p.add_argument("--val-images", type=int, default=250, help="mosaics generated for validation")
-    p.add_argument("--student-images", type=int, default=400, help="training mosaics the students see")
+    p.add_argument("--train-images", type=int, default=600, help="mosaics generated for training (the teacher uses all)")
+    p.add_argument("--val-images", type=int, default=200, help="mosaics generated for validation")
+    p.add_argument("--student-images", type=int, default=300, help="training mosaics the students see")
     p.add_argument("--test-images", type=int, default=200, help="validation mosaics scored")
     p.add_argument("--teacher-epochs", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.001)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

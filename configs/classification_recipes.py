@@ -240,6 +240,11 @@ def _compare(table: str, number: float | None) -> str:
     return "Paper: see Tab. 3." if table == "Tab. 3" else f"Paper: not reported in {table}."
 
 
+def _recipe_line(strategy: Strategy) -> str:
+    """The header line summing up the strategy."""
+    return f"Strategy {strategy.name}: {strategy.summary}."
+
+
 def _teacher_section(net: Net, checkpoint: str | None) -> dict[str, Any]:
     """The teacher section: its registry name plus a checkpoint (a run dir or weights file) or pretrained."""
     section: dict[str, Any] = {"name": net.name}
@@ -251,7 +256,7 @@ def _teacher_section(net: Net, checkpoint: str | None) -> dict[str, Any]:
 
 def _train_recipe(strategy: Strategy, net: Net, folder: str, what: str, table: str, number: float | None) -> Recipe:
     """A `diffkd train` config, <folder>/<slug>.yaml: one model with its task loss only."""
-    header = (f"{strategy.name}: {what}.", _compare(table, number))
+    header = (f"{strategy.name}: {what}.", _compare(table, number), _recipe_line(strategy))
     content = _config(strategy, net.lr, f"runs/{folder}/{net.slug}", model={"name": net.name})
     return Recipe(f"{folder}/{net.slug}.yaml", header, content, "train")
 
@@ -266,6 +271,7 @@ def _distill_recipes(
         header = (
             f"{strategy.name}: {pair.teacher.label} -> {pair.student.label}, {what}.",
             _compare(table, pair.paper.get(key)),
+            _recipe_line(strategy),
         )
         content = _config(
             strategy,

@@ -14,6 +14,7 @@ from diffkd.config import ConfigError, apply_overrides, config_from_dict
 from diffkd.data import BatchMixer, Policies, build_dataset
 from diffkd.data.imagenet import make_transform
 from diffkd.data.mixing import cut_box
+from diffkd.engine import run
 from diffkd.tasks import build_task
 from diffkd.tasks.classification import TopK
 
@@ -118,6 +119,25 @@ def test_task_mixes_training_batches_only_when_configured():
     torch.manual_seed(0)
     mixed, soft = classification("data.mixup=0.8").augment_batch(images, labels)
     assert soft.shape == (6, 10) and not torch.equal(mixed, images)
+
+
+def test_a_training_run_mixes_its_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    try:
+        build_dataset("fashion_mnist", "test", limit=1)
+    except (FileNotFoundError, ValueError):
+        pytest.skip("Fashion-MNIST is not installed")
+    calls = []
+    mix = BatchMixer.__call__
+    monkeypatch.setattr(BatchMixer, "__call__", lambda self, x, y: calls.append(len(x)) or mix(self, x, y))
+    data = {
+        "model": {"name": "fmnist_student"},
+        "data": {"limit_train": 64, "limit_test": 32, "batch_size": 32, "mixup": 0.8, "cutmix": 1.0},
+        "train": {"epochs": 1, "device": "cpu", "progress": False, "label_smoothing": 0.1},
+        "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+    }
+    [record] = run(config_from_dict(data), mode="train").history
+    assert calls == [32, 32]
+    assert 0 <= record["train_top1"] <= 100 and record["train_loss"] > 0
 
 
 def test_mixing_with_a_method_that_needs_hard_labels_is_refused():

@@ -6,8 +6,10 @@ tests/test_losses.py::test_attention_mse; here we only check that a DiffKD level
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +311,10 @@ def test_mosaics_are_deterministic_and_boxes_are_item_extents(tmp_path: Path):
     assert ensure_mosaics(first, spec) == first  # reused as it is
     with pytest.raises(ValueError, match="holds mosaics of another spec .*seed: 3 there, 4 asked"):
         ensure_mosaics(first, MosaicSpec(canvas=64, train_images=6, val_images=2, max_scale=2.0, seed=4))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty and holds no mosaics.json"):
+        ensure_mosaics(tmp_path / "other", spec)
 
 
 def test_detections_are_gathered_with_a_sum_over_processes(monkeypatch: pytest.MonkeyPatch):
@@ -331,7 +337,7 @@ LEVELS = {"fasterrcnn": ["0", "1", "2", "3", "pool"], "retinanet": ["0", "1", "2
 
 
 def detection_config(root: Path, tmp_path: Path, family: str, **sections: Any) -> Config:
-    """Distil <family>_resnet18_fpn into itself on the test's COCO files: 64 px, batch 2, CPU."""
+    """Distil <family>_resnet18_fpn into itself on the test's COCO files, resized to 32 px, batch 2, CPU."""
     name = f"{family}_resnet18_fpn"
     levels = [{"name": f"p{i}", "student": f"backbone[{key!r}]", "teacher": f"backbone[{key!r}]", "method": "diffkd",
                "options": {"distance": "attention_mse", "tau": 0.5, "kd_weight": 5.0}} for i, key in enumerate(LEVELS[family])]
@@ -341,7 +347,7 @@ def detection_config(root: Path, tmp_path: Path, family: str, **sections: Any) -
     data = {
         "task": "detection",
         "data": {"name": "coco", "root": str(root), "batch_size": 2},
-        "detection": {"min_size": 64, "max_size": 64, "options": SMALL_RCNN if family == "fasterrcnn" else {}},
+        "detection": {"min_size": 32, "max_size": 32, "options": SMALL_RCNN if family == "fasterrcnn" else {}},
         "teacher": {"name": name, "checkpoint": str(tmp_path / "teacher.pt")},
         "student": {"name": name},
         "levels": levels,
@@ -389,6 +395,12 @@ def test_task_errors(coco_root: Path, tmp_path: Path):
         task.build_dataset("train")
 
 
+@functools.cache
+def small_detector(family: str) -> torch.nn.Module:
+    """A 64 px ResNet-18 detector of a family: the same module tree as its recipes' models above the backbone body."""
+    return build_detector(f"{family}_resnet18_fpn", 3, min_size=64, max_size=64).eval()
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_recipes_parse_and_their_taps_exist(path: Path):
     cfg = load_config(path)
@@ -397,10 +409,30 @@ def test_recipes_parse_and_their_taps_exist(path: Path):
     families = {parse_name(name).family_name for name in names}
     assert len(families) == 1  # teacher and student of one family: same anchors, same FPN keys
     if cfg.levels:
-        model = build_detector(f"{families.pop()}_resnet18_fpn", 3, min_size=64, max_size=64).eval()
+        model = small_detector(families.pop())
         taps = {f"{lv.name}/{side}": getattr(lv, side) for lv in cfg.levels for side in ("student", "teacher")}
         with torch.no_grad(), FeatureTaps(model, taps) as captured:
             model([torch.rand(3, 64, 64)])
             assert all(captured[name].shape[0] == 1 for name in taps)
         kd = [lv for lv in cfg.levels if lv.method == "diffkd"]
         assert len(kd) == 5 and all(lv.options == {"distance": "attention_mse", "tau": 0.5, "kd_weight": 5.0} for lv in kd)
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_at_a_tiny_size(tmp_path: Path):
+    """The whole pipeline through the engine and the mosaic recipes: generate, train the teacher, train the
+    student alone, distil with DiffKD, evaluate with COCO AP, resume the finished runs, write the report."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import detection as bench
+
+    args = ["--out", str(tmp_path), "--canvas", "64", "--train-images", "8", "--val-images", "4", "--student-images", "8",
+            "--test-images", "4", "--teacher-epochs", "1", "--epochs", "1", "--batch-size", "4", "--seeds", "0", "--device", "cpu"]
+    assert bench.main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = [results["teacher"], results["methods"]["student"]["0"], results["methods"]["diffkd"]["0"]]
+    assert all(set(r["final"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"} for r in runs)
+    assert runs[2]["extra_parameters"] == 5 * 694_722  # five FPN levels of 256 channels, no AE
+    diffkd_terms = [k for k in runs[2]["history"][0] if k.startswith("loss_diffkd_p3")]
+    assert diffkd_terms == ["loss_diffkd_p3/kd", "loss_diffkd_p3/diffusion"] and "loss_regression_kd" in runs[2]["history"][0]
+    assert "| diffkd |" in (tmp_path / "results.md").read_text()
+    assert bench.main(args) == 0  # finished runs are reused, not retrained

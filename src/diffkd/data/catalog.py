@@ -73,7 +73,7 @@ def build_dataset(
     augment: bool | None = None,
     limit: int | None = None,
     image_size: int | None = None,
-    policies: imagenet.Policies = imagenet.Policies(),
+    policies: imagenet.Policies | None = None,
 ) -> Dataset:
     """One split as a map-style dataset of (normalized float image, int label).
 
@@ -92,7 +92,7 @@ def build_dataset(
             f"{name} images are always {entry.info.input_size[-1]}px; image_size={image_size}"
         )
     if entry.policies:
-        options["policies"] = policies
-    elif policies != imagenet.Policies():
+        options["policies"] = policies or imagenet.Policies()
+    elif policies not in (None, imagenet.Policies()):
         raise ValueError(f"{name} has no randaugment / color_jitter / random_erasing; they apply to imagenet")
     return entry.build(split, root, limit=limit, **options)

@@ -130,28 +130,31 @@ def ensure_mosaics(root: str | Path, spec: MosaicSpec = MosaicSpec(), source_roo
     """The mosaic folder for `spec` at root, generated first if absent; refuses a folder made with another spec.
 
     Generation writes into a temporary folder beside root and renames it, so an interrupted run never
-    leaves half a dataset behind.
+    leaves half a dataset behind, and processes generating at once (DDP) all end up with one folder.
     """
     root = Path(root).expanduser()
-    wanted = asdict(spec)
-    if (root / SPEC_FILE).is_file():
-        found = json.loads((root / SPEC_FILE).read_text())
-        if found != wanted:
-            changed = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in wanted.items() if found.get(k) != v)
-            raise ValueError(f"{root} holds mosaics of another spec ({changed}); use another data.root or delete it")
-        return root
-    if root.exists() and any(root.iterdir()):
+    if not (root / SPEC_FILE).is_file() and root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} exists, is not empty and holds no {SPEC_FILE}; choose an empty or new folder for the mosaics")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        for split in SPLITS:
-            write_split(tmp, split, spec, source_root)
-        (tmp / SPEC_FILE).write_text(json.dumps(wanted, indent=1))
-        if root.exists():
-            root.rmdir()
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not (root / SPEC_FILE).is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+        try:
+            for split in SPLITS:
+                write_split(tmp, split, spec, source_root)
+            (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=1))
+            tmp.rename(root)  # replaces an empty folder; fails if another process got there first
+        except OSError:
+            if not (root / SPEC_FILE).is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _check_spec(root, spec)
     return root
+
+
+def _check_spec(root: Path, spec: MosaicSpec) -> None:
+    """Refuse a mosaic folder generated from another spec."""
+    found, wanted = json.loads((root / SPEC_FILE).read_text()), asdict(spec)
+    if found != wanted:
+        changed = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in wanted.items() if found.get(k) != v)
+        raise ValueError(f"{root} holds mosaics of another spec ({changed}); use another data.root or delete it")
