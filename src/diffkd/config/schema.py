@@ -138,12 +138,17 @@ class DetectionConfig:
 
 @dataclass
 class SegmentationConfig:
-    """Settings the segmentation task reads: training crop (H, W), scale range, flip, width, aux loss weight."""
+    """Settings the segmentation task reads: training crop (H, W), scale range, flip, width, aux loss weight.
+
+    width_mult scales every network's channels (1 = the paper's); teacher_width_mult, when set, the
+    teacher's instead (CPU-sized runs want a wider teacher than student).
+    """
 
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
     width_mult: float = 1.0
+    teacher_width_mult: float | None = None
     aux_weight: float = 0.4
 
 
@@ -205,5 +210,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.log_every": (lambda v: v >= 1, "at least 1"),
     "segmentation.crop_size": (lambda v: len(v) == 2 and min(v) >= 1, "two positive sizes [height, width]"),
     "segmentation.scale_range": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
+    "segmentation.width_mult": (lambda v: v > 0, "more than 0"),
+    "segmentation.teacher_width_mult": (lambda v: v is None or v > 0, "more than 0 (or null: width_mult)"),
+    "segmentation.aux_weight": (lambda v: v >= 0, "0 or more (0 drops the aux head)"),
     "train.device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
 }

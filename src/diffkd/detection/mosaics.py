@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from ..data import build_dataset
 from ..data.fashion_mnist import CLASSES
@@ -54,15 +55,6 @@ class MosaicSpec:
             raise ValueError("mosaics need at least one train and one val image")
 
 
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of one xyxy box `a` (4,) with each of the boxes `b` (n, 4)."""
-    lt = torch.maximum(a[:2], b[:, :2])
-    rb = torch.minimum(a[2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
 def scaled_item(item: Tensor, side: int) -> tuple[Tensor, Tensor] | None:
     """Resize a (28, 28) uint8 item to side x side; return it and its nonzero extent (x0, y0, x1, y1), or None if blank."""
     resized = F.interpolate(item[None, None].float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
@@ -91,7 +83,7 @@ def compose(items: Tensor, labels: Tensor, spec: MosaicSpec, generator: torch.Ge
         for _attempt in range(20):
             x, y = (int(v) for v in torch.randint(spec.canvas - side + 1, (2,), generator=generator))
             box = extent + torch.tensor([x, y, x, y], dtype=torch.float32)
-            if len(boxes) == 0 or box_iou(box, boxes).max() <= spec.max_overlap:
+            if len(boxes) == 0 or box_iou(box[None], boxes).max() <= spec.max_overlap:
                 break
         else:
             continue  # no free place for this item

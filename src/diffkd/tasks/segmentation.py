@@ -79,15 +79,18 @@ class SegmentationTask(Task):
         )  # fmt: skip
 
     def build_model(self, spec: ModelConfig | TeacherConfig) -> nn.Module:
-        """A network of `diffkd.segmentation.models`; a teacher always has its aux head (as it was trained)."""
-        aux = self.settings.aux_weight > 0 or isinstance(spec, TeacherConfig)
+        """A network of `diffkd.segmentation.models`; a teacher always has its aux head (as it was trained with)."""
+        teacher = isinstance(spec, TeacherConfig)
+        width = self.settings.width_mult
+        if teacher and self.settings.teacher_width_mult is not None:
+            width = self.settings.teacher_width_mult
         return seg_models.create(
             spec.name, num_classes=spec.num_classes or self.data.num_classes, in_channels=self.data.channels,
-            width_mult=self.settings.width_mult, aux=aux, pretrained_backbone=spec.pretrained,
+            width_mult=width, aux=teacher or self.settings.aux_weight > 0, pretrained_backbone=spec.pretrained,
         )  # fmt: skip
 
     def default_taps(self, name: str) -> Taps:
-        """"@logits" is the logits map before upsampling (`classifier`), "@feature" the backbone's last map."""
+        """For "@logits" the logits map before upsampling (`classifier`), for "@feature" the backbone's last map."""
         return seg_models.default_taps(name)
 
     def loss(self, outputs: dict[str, Tensor], targets: Tensor) -> Tensor:
