@@ -36,6 +36,7 @@ METHODS: dict[str, list[Level]] = {
     "diffkd feature": [Level(FEATURE, FEATURE, "diffkd")],
     "diffkd logits": [Level(LOGITS, LOGITS, "diffkd")],
     "diffkd feature+logits": [Level(FEATURE, FEATURE, "diffkd"), Level(LOGITS, LOGITS, "diffkd")],
+    "diffkd AE64 feature+logits": [Level(FEATURE, FEATURE, "diffkd", latent_channels=64), Level(LOGITS, LOGITS, "diffkd")],
 }
 
 
