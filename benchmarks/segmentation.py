@@ -3,9 +3,10 @@
 Trains the teacher once (or reuses its run), then each method for each seed through the engine, and
 writes results.json and results.md (mean and spread of the best and final val mIoU over seeds).
 
-    python benchmarks/segmentation.py                         # CPU size: 64x64 canvases, width 1/8 nets
-    python benchmarks/segmentation.py --grid 4 --train 20000 --val 2000 --width 0.5 \
-        --teacher-epochs 40 --epochs 40 --batch-size 32 --seeds 0 1 2 --device cuda --out runs/bench/seg_gpu
+    python benchmarks/segmentation.py        # CPU size: 64x64 canvases, R34 (width 1/4) -> R18 (width 1/8)
+    python benchmarks/segmentation.py --grid 4 --train 20000 --val 2000 --teacher deeplabv3_resnet101 \
+        --teacher-width 0.5 --width 0.25 --teacher-epochs 40 --epochs 40 --batch-size 32 --workers 8 \
+        --threads 0 --seeds 0 1 2 --device cuda --out runs/bench/seg_gpu
 
 On a CPU shared with other work, `--threads 1` (the default) is far faster than letting every
 process spin several OpenMP threads.
@@ -35,6 +36,7 @@ METHODS = {  # name -> (config file, engine mode)
     "diffkd": ("mosaic_diffkd.yaml", "distill"),
 }
 DEFAULT_METHODS = ("student", "dist", "diffkd")
+log = logging.getLogger("diffkd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,13 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell", type=int, default=32)
     p.add_argument("--train", type=int, default=6000, help="training canvases")
     p.add_argument("--val", type=int, default=1000, help="validation canvases")
-    p.add_argument("--teacher", default="deeplabv3_resnet101")
+    p.add_argument("--teacher", default="deeplabv3_resnet34")
     p.add_argument("--student", default="deeplabv3_resnet18")
-    p.add_argument("--width", type=float, default=0.125, help="width multiplier of every network")
-    p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--teacher-width", type=float, default=0.25, help="width multiplier of the teacher")
+    p.add_argument("--width", type=float, default=0.125, help="width multiplier of the student")
+    p.add_argument("--teacher-epochs", type=int, default=16)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     p.add_argument("--device", default="auto")
@@ -67,6 +70,7 @@ def make_config(file: str, args: argparse.Namespace, run_dir: Path, data: Path, 
     overrides = [
         f"data.root={data}", f"data.batch_size={args.batch_size}", f"data.workers={args.workers}",
         f"segmentation.crop_size=[{canvas},{canvas}]", f"segmentation.width_mult={args.width}",
+        f"segmentation.teacher_width_mult={args.teacher_width}",
         f"optim.lr={args.lr}", f"train.epochs={epochs}", f"train.seed={seed}", f"train.device={args.device}",
         "train.progress=false", "output.tensorboard=false", f"output.dir={run_dir}",
     ]  # fmt: skip
@@ -84,10 +88,10 @@ def train_teacher(args: argparse.Namespace, out: Path, data: Path) -> dict[str, 
     run_dir = out / "teacher"
     summary = run_dir / "summary.json"
     if summary.is_file():
-        logging.info("reusing the teacher in %s", run_dir)
+        log.info("reusing the teacher in %s", run_dir)
         return json.loads(summary.read_text())
     cfg = make_config("mosaic_teacher.yaml", args, run_dir, data, 0, args.teacher_epochs, None)
-    cfg.model.name = args.teacher
+    cfg.model.name, cfg.segmentation.width_mult = args.teacher, args.teacher_width
     result = run(cfg, mode="train", force=True)
     record = {"best_miou": result.best_top1, "final_miou": result.final_top1, "train_seconds": result.train_seconds}
     summary.write_text(json.dumps(record, indent=1))
@@ -103,17 +107,20 @@ def spread(values: list[float]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     """The markdown table of one benchmark."""
+    teacher, width = results["teacher"], results["args"]["teacher_width"]
     rows = [
         "| method | best val mIoU | final val mIoU | seeds | train s / run | extra params |",
         "|---|---|---|---|---|---|",
-        f"| teacher ({results['teacher_name']}) | {results['teacher']['best_miou']:.2f} | "
-        f"{results['teacher']['final_miou']:.2f} | 1 | {results['teacher']['train_seconds']:.0f} | - |",
+        (
+            f"| teacher ({results['teacher_name']}, width {width}) | {teacher['best_miou']:.2f} | "
+            f"{teacher['final_miou']:.2f} | 1 | {teacher['train_seconds']:.0f} | - |"
+        ),
     ]
     for method, runs in results["methods"].items():
         best = [r["best_miou"] for r in runs]
         final = [r["final_miou"] for r in runs]
         seconds = statistics.mean(r["train_seconds"] for r in runs)
-        rows.append(f"| {method} ({results['student_name']}) | {spread(best)} | {spread(final)} | {len(runs)} | "
+        rows.append(f"| {method} ({results['student_name']}, width {results['args']['width']}) | {spread(best)} | {spread(final)} | {len(runs)} | "
                     f"{seconds:.0f} | {runs[0]['extra_parameters']:,} |")
     return "\n".join(rows)
 

@@ -15,8 +15,11 @@ from PIL import Image
 from diffkd.config import Config, config_from_dict
 from diffkd.segmentation import catalog, labels, mosaic
 from diffkd.segmentation import models as seg_models
-from diffkd.segmentation.backbones import DilatedMobileNetV2, DilatedResNet, measure_output_stride
-from diffkd.segmentation.cityscapes import CityscapesFolder
+from diffkd.segmentation.backbones import (
+    DilatedMobileNetV2,
+    DilatedResNet,
+    measure_output_stride,
+)
 from diffkd.segmentation.miou import confusion_matrix, iou_per_class, metric_key
 from diffkd.segmentation.transforms import train_transform
 from diffkd.tasks import build_task
@@ -318,7 +321,7 @@ def test_task_loss_is_cross_entropy_plus_0_4_aux_with_ignored_pixels(tmp_path):
         return float(-logp[kept].gather(1, target[kept][:, None]).mean())
 
     assert float(task.loss({"out": out, "aux": aux}, target)) == pytest.approx(ce(out) + 0.4 * ce(aux), rel=1e-6)
-    assert task.main_metric == "miou" and task.input_shape == (3, 32, 48)
+    assert task.main_metric == "miou" and task.input_shape == (3, 64, 64)
 
 
 def test_poly_schedule_follows_its_formula():
@@ -360,3 +363,48 @@ def test_one_diffkd_training_step_of_each_student_on_cityscapes_files(tmp_path, 
     student_after, teacher_after = learner.student.state_dict(), learner.module.teacher.state_dict()
     assert any(not torch.equal(v, student_after[k]) for k, v in student_before.items())
     assert all(torch.equal(v, teacher_after[k]) for k, v in teacher_before.items())
+
+
+# ----------------------------------------------------------------------------- recipes
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "segmentation"
+CITYSCAPES_TRAIN_IMAGES = 2975
+STUDENTS = {
+    "cityscapes_deeplabv3_r18_diffkd.yaml": ("deeplabv3_resnet18", True),
+    "cityscapes_deeplabv3_r18_scratch_diffkd.yaml": ("deeplabv3_resnet18", False),
+    "cityscapes_pspnet_r18_diffkd.yaml": ("pspnet_resnet18", True),
+    "cityscapes_deeplabv3_mbv2_diffkd.yaml": ("deeplabv3_mobilenetv2", True),
+}
+
+
+@pytest.mark.parametrize("name", ["cityscapes_teacher_deeplabv3_r101.yaml", *STUDENTS])
+def test_cityscapes_recipes_follow_the_paper_setting(name):
+    from diffkd.config import load_config
+
+    cfg = load_config(RECIPES / name)
+    assert (cfg.task, cfg.data.name, cfg.data.batch_size) == ("segmentation", "cityscapes", 16)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.02, 0.9, 5e-4)
+    assert (cfg.schedule.name, cfg.schedule.power, cfg.schedule.min_lr) == ("poly", 0.9, 1e-4)
+    s = cfg.segmentation
+    assert (s.crop_size, s.scale_range, s.flip, s.aux_weight, s.width_mult) == ([512, 1024], [0.5, 2.0], True, 0.4, 1.0)
+    iterations = cfg.train.epochs * (CITYSCAPES_TRAIN_IMAGES // cfg.data.batch_size)  # the last partial batch is dropped
+    assert abs(iterations - 40_000) < CITYSCAPES_TRAIN_IMAGES // cfg.data.batch_size
+    if cfg.model is not None:
+        assert (cfg.model.name, cfg.model.pretrained) == ("deeplabv3_resnet101", True)
+        return
+    assert (cfg.student.name, cfg.student.pretrained) == STUDENTS[name]
+    assert cfg.teacher.name == "deeplabv3_resnet101"
+    [level] = cfg.levels
+    assert (level.student, level.teacher, level.method, level.weight, level.options) == (
+        "classifier", "classifier", "diffkd", 1.0, {"distance": "dist"})  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("mosaic_*.yaml")))
+def test_mosaic_recipes_name_registered_models_and_methods(name):
+    from diffkd.config import load_config
+    from diffkd.methods import METHODS
+
+    cfg = load_config(RECIPES / name)
+    assert cfg.data.name == "fmnist_mosaic" and cfg.segmentation.crop_size == [64, 64]
+    for spec in (cfg.model, cfg.teacher, cfg.student):
+        assert spec is None or spec.name in seg_models.MODELS
+    assert all(level.method in METHODS for level in cfg.levels)

@@ -12,8 +12,6 @@ says its channel counts in `aux_channels` / `out_channels`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -74,7 +72,7 @@ class Bottleneck(nn.Module):
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
-RESNET_LAYOUTS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+RESNET_LAYOUTS: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
     50: (Bottleneck, (3, 4, 6, 3)),
@@ -171,7 +169,7 @@ class DilatedMobileNetV2(nn.Module):
         return outputs
 
 
-def _dilate(blocks: Sequence[nn.Module] | nn.Module, first: int, dilation: int) -> None:
+def _dilate(blocks: nn.Module, first: int, dilation: int) -> None:
     """Turn strided 3x3 convs into dilated ones: the first gets dilation `first`, the rest `dilation`."""
     convs = [m for m in blocks.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     for i, conv in enumerate(convs):
