@@ -26,6 +26,11 @@ import torch.nn.functional as F
 
 from diffkd import DiffKD, Distiller, Level, models
 
+try:
+    from .timing import device_name, sync
+except ImportError:  # run as a script
+    from timing import device_name, sync
+
 FEATURE, LOGITS = "features", "fc"
 METHODS: dict[str, list[Level]] = {
     "student alone": [],
@@ -67,11 +72,6 @@ def make_step(levels: list[Level], batch: int, device: torch.device):
         opt.step()
 
     return step, extra
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_steps(args: argparse.Namespace) -> dict:
@@ -118,12 +118,6 @@ def rss_kb(field: str) -> int:
     """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM peak), in kB."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu, {torch.get_num_threads()} threads"
 
 
 # ------------------------------------------------------------------------------------------ Tab. 8

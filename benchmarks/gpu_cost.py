@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from diffkd import DiffKD, Distiller, Level, models
+
+try:
+    from .timing import device_name, median_ms
+except ImportError:  # run as a script
+    from timing import device_name, median_ms
 
 R34_R18 = {
     "kd": [Level("fc", "fc", "kd", tau=1.0)],
@@ -40,26 +43,15 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
     """(median ms, peak MB) of step() after warm-up."""
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1000)
+    ms = median_ms(step, device, 0, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
+    return ms, peak
 
 
 def distill_step(teacher: str, student: str, levels: list[Level], shape: tuple[int, ...], batch: int,
@@ -118,7 +110,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    result = {"device": device_name(device),
               "torch": torch.__version__, "batch": args.batch, "size": args.size,
               "channels_last": args.channels_last, "r34_r18": {}, "fmnist": {}}
     shape = (3, args.size, args.size)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -16,29 +14,15 @@ from torch import nn
 
 from diffkd import DiffKD
 
+try:
+    from .timing import device_name, median_ms
+except ImportError:  # run as a script
+    from timing import device_name, median_ms
+
 CASES = {
     "imagenet_b1 (512->512, latent 1024, 7x7, batch 8)": dict(s=512, t=512, latent=1024, hw=7, batch=8),
     "tiny (32->256, 7x7, batch 128)": dict(s=32, t=256, latent=None, hw=7, batch=128),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_step(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn() (forward + backward) after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def measure(case: dict, device: torch.device, warmup: int, repeats: int) -> dict:
@@ -54,8 +38,8 @@ def measure(case: dict, device: torch.device, warmup: int, repeats: int) -> dict
     def mse_step():
         F.mse_loss(connector(s), t).backward()
 
-    diffkd_ms = time_step(diffkd_step, device, warmup, repeats)
-    mse_ms = time_step(mse_step, device, warmup, repeats)
+    diffkd_ms = median_ms(diffkd_step, device, warmup, repeats)
+    mse_ms = median_ms(mse_step, device, warmup, repeats)
     return {"diffkd_ms": round(diffkd_ms, 3), "mse_ms": round(mse_ms, 3), "ratio": round(diffkd_ms / mse_ms, 2)}
 
 
@@ -67,8 +51,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-               "torch": torch.__version__, "cases": {}}
+    results = {"device": device_name(device), "torch": torch.__version__, "cases": {}}
     for name, case in CASES.items():
         results["cases"][name] = measure(case, device, args.warmup, args.repeats)
         r = results["cases"][name]

@@ -1,0 +1,35 @@
+"""Shared timing helpers of the benchmark scripts: device sync, median step time, device naming."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock times are real (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of step() over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU with its torch thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
