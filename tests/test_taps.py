@@ -413,3 +413,24 @@ def test_probe_shapes_with_example_input(net: nn.Module) -> None:
     assert not net.training
     with pytest.raises(ValueError, match="exactly one"):
         probe_shapes(net, {"c3": "layer3"})
+
+
+def test_channels_last_map_is_read_as_bchw():
+    """A (B, H, W, C) output (timm Swin stages) comes back as the (B, C, H, W) map it holds."""
+
+    class NHWC(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1) * 2
+
+    model = nn.Sequential(NHWC())
+    x = torch.randn(2, 5, 3, 4)
+    with FeatureTaps(model, {"f": {"path": "0", "channels_last": True}}) as taps:
+        model(x)
+        assert torch.equal(taps["f"], x * 2)
+    identity = nn.Identity()
+    with FeatureTaps(identity, {"f": {"path": "", "channels_last": True}}) as taps:
+        identity(x[:, :, 0])
+        with pytest.raises(ValueError, match=r"channels_last expects a \(B, H, W, C\) map, got shape \(2, 5, 4\)"):
+            taps["f"]
+    with pytest.raises(ValueError, match="Tap.channels_last is for"):
+        Tap("x", channels_last=True, prefix_tokens=1)

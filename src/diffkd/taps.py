@@ -65,6 +65,7 @@ class Tap:
     token_hw: tuple[int, int] | None = None
     prefix_tokens: int = 0
     tokens_to_map: bool = True
+    channels_last: bool = False  # the capture is a (B, H, W, C) map (timm Swin stages): make it (B, C, H, W)
 
     def __post_init__(self) -> None:
         """Reject malformed fields at construction, where the mistake is made."""
@@ -82,6 +83,8 @@ class Tap:
                 raise ValueError(f"Tap.token_hw must be a tuple of two positive ints (H, W), got {hw!r}")
             if not self.tokens_to_map:
                 raise ValueError("Tap.token_hw only applies with tokens_to_map=True")
+        if self.channels_last and (self.prefix_tokens or self.token_hw is not None):
+            raise ValueError("Tap.channels_last is for (B, H, W, C) maps; prefix_tokens/token_hw are for token sequences")
 
     @classmethod
     def parse(cls, spec: str | Tap | Mapping[str, Any]) -> Tap:
@@ -180,6 +183,10 @@ def _select(name: str, tap: Tap, value: Any) -> torch.Tensor:
 def _to_map(name: str, tap: Tap, t: torch.Tensor) -> torch.Tensor:
     """Drop prefix tokens and fold a (B, N, C) token sequence into a contiguous (B, C, H, W) map."""
     where = _where(name, tap)
+    if tap.channels_last:
+        if t.dim() != 4:
+            raise ValueError(f"{where}: channels_last expects a (B, H, W, C) map, got shape {tuple(t.shape)}")
+        return t.permute(0, 3, 1, 2)
     if t.dim() != 3:
         if tap.prefix_tokens or tap.token_hw is not None:
             raise ValueError(

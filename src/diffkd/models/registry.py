@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,9 +32,13 @@ _FMNIST_INPUT = (1, 28, 28)
 
 @dataclass(frozen=True)
 class Taps:
-    """Module paths whose outputs are the last feature map before global pooling and the logits."""
+    """Module paths whose outputs are the last feature map before global pooling and the logits.
 
-    feature: str
+    `feature` is a Tap mapping instead of a path where the map needs reading, e.g. timm Swin's
+    (B, H, W, C) output: {"path": "norm", "channels_last": True}.
+    """
+
+    feature: str | dict[str, Any]
     logits: str
 
 
@@ -209,6 +214,9 @@ def _timm_probe(arch: str) -> tuple[Taps, tuple[int, int, int]]:
     returning = [name for name, out in outputs if out is features]
     if not returning:
         raise _no_timm_rule(arch, "no single module returns the output of forward_features")
+    width = getattr(model, "num_features", None)
+    if features.dim() == 4 and features.shape[-1] == width and features.shape[1] != width:  # (B, H, W, C)
+        return Taps({"path": returning[-1], "channels_last": True}, logits), size
     return Taps(returning[-1], logits), size
 
 
