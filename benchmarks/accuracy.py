@@ -5,7 +5,9 @@
 
 Writes results.csv (one row per run), table.md (mean ± std over seeds, gain over the student
 alone) and accuracy.png (bars with std error bars) into the output folder; the teacher is trained
-once per output folder (cached, as in `diffkd demo`). Same command on a GPU: add `--device cuda`.
+once per output folder (cached, as in `diffkd demo`), and `--train-items` / `--epochs` change only the
+students, so several student sizes share one teacher. The outputs are rewritten after every run, and
+a rerun resumes unfinished runs and rereads finished ones. Same command on a GPU: add `--device cuda`.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ ABLATIONS: dict[str, dict[str, list[dict]]] = {
 def run_method(levels: list[dict], seed: int, size: DemoSize, out: Path, teacher_dir: Path, device: str,
                data_root: str | None) -> dict:
     """Train one student with `levels` (empty: alone) and return its final test top-1 and cost."""
-    from diffkd.engine import run
+    from diffkd.engine import resume_or_restart, run
 
     cfg = recipe(size, size.student_epochs, out, device, data_root)
     cfg["train"]["seed"] = seed
@@ -62,7 +64,7 @@ def run_method(levels: list[dict], seed: int, size: DemoSize, out: Path, teacher
                    student={"name": "fmnist_student"}, levels=levels)
     else:
         cfg["model"] = {"name": "fmnist_student"}
-    result = run(config_from_dict(cfg), mode="distill" if levels else "train", force=out.exists())
+    result = run(config_from_dict(cfg), mode="distill" if levels else "train", **resume_or_restart(out))
     return {"top1": result.final_top1, "seconds": result.train_seconds, "extra": result.extra_parameters}
 
 
@@ -122,25 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the size's student epochs")
     args = parser.parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
-    if args.train_items or args.epochs:
-        size = DemoSize(args.train_items or size.train_items, size.test_items, size.teacher_epochs,
+    students = DemoSize(args.train_items or size.train_items, size.test_items, size.teacher_epochs,
                         args.epochs or size.student_epochs)
     root = Path(args.out)
     teacher_top1, _, _ = cached_teacher(teacher_config(size, root, args.device, args.data_root))
     methods = LADDER if args.what == "ladder" else ABLATIONS[args.what]
-    out = root / args.what
+    out = root / (args.what if students == size else f"{args.what}-{students.train_items}x{students.student_epochs}")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    title = (f"Fashion-MNIST fmnist_teacher ({teacher_top1:.2f}) -> fmnist_student, {students.train_items} train items, "
+             f"{students.student_epochs} epochs, {args.seeds} seeds: {args.what}")
+    rows, table = [], ""
     for seed in range(args.seeds):
         for method, levels in methods.items():
             run_dir = out / "runs" / f"{method.replace(' ', '_').replace('+', 'plus')}-seed{seed}"
-            r = run_method(levels, seed, size, run_dir, root / "teacher", args.device, args.data_root)
+            r = run_method(levels, seed, students, run_dir, root / "teacher", args.device, args.data_root)
             rows.append({"method": method, "seed": seed, **r})
             print(f"{method} seed {seed}: top-1 {r['top1']:.2f} ({r['seconds']:.0f} s)", flush=True)
-    summary = summarize(rows, "student alone" if args.what == "ladder" else None)
-    title = (f"Fashion-MNIST fmnist_teacher ({teacher_top1:.2f}) -> fmnist_student, {size.train_items} train items, "
-             f"{size.student_epochs} epochs, {args.seeds} seeds: {args.what}")
-    print(write_outputs(rows, summary, out, title))
+            table = write_outputs(rows, summarize(rows, "student alone" if args.what == "ladder" else None), out, title)
+    print(table)
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 
 from diffkd.config import Config, load_config
 from diffkd.detection.evaluator import METRICS, format_table
-from diffkd.engine import run
+from diffkd.engine import resume_or_restart, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection" / "mosaics"
 TEACHER = ("fcos_r50_teacher.yaml", "train")
@@ -87,7 +87,7 @@ def train(cfg: Config, mode: str) -> dict[str, Any]:
     """Run (or resume) one config; return its final and best metrics and its cost."""
     run_dir = Path(cfg.output.dir)
     start = time.perf_counter()
-    result = run(cfg, mode=mode, resume=(run_dir / "last.pt").is_file())
+    result = run(cfg, mode=mode, **resume_or_restart(run_dir))
     final = result.history[-1]
     best = max(result.history, key=lambda r: r["test_AP"])
     return {

@@ -2,6 +2,8 @@
 
 Trains the teacher once (or reuses its run), then each method for each seed through the engine, and
 writes results.json and results.md (mean and spread of the best and final val mIoU over seeds).
+A rerun resumes unfinished runs from their last.pt and rereads finished ones, so adding a seed or a
+method costs only the new runs.
 
     python benchmarks/segmentation.py        # CPU size: 64x64 canvases, R34 (width 1/4) -> R18 (width 1/8)
     python benchmarks/segmentation.py --grid 4 --train 20000 --val 2000 --teacher deeplabv3_resnet101 \
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from diffkd.config import Config, load_config
-from diffkd.engine import run
+from diffkd.engine import resume_or_restart, run
 from diffkd.segmentation import mosaic
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "segmentation"
@@ -92,7 +94,7 @@ def train_teacher(args: argparse.Namespace, out: Path, data: Path) -> dict[str, 
         return json.loads(summary.read_text())
     cfg = make_config("mosaic_teacher.yaml", args, run_dir, data, 0, args.teacher_epochs, None)
     cfg.model.name, cfg.segmentation.width_mult = args.teacher, args.teacher_width
-    result = run(cfg, mode="train", force=True)
+    result = run(cfg, mode="train", **resume_or_restart(run_dir))
     record = {"best_miou": result.best_top1, "final_miou": result.final_top1, "train_seconds": result.train_seconds}
     summary.write_text(json.dumps(record, indent=1))
     return record
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         file, mode = METHODS[method]
         for seed in args.seeds:
             cfg = make_config(file, args, out / f"{method}_seed{seed}", data, seed, args.epochs, out / "teacher")
-            result = run(cfg, mode=mode, force=True)
+            result = run(cfg, mode=mode, **resume_or_restart(Path(cfg.output.dir)))
             results["methods"].setdefault(method, []).append({
                 "seed": seed, "best_miou": result.best_top1, "final_miou": result.final_top1,
                 "train_seconds": result.train_seconds, "extra_parameters": result.extra_parameters,

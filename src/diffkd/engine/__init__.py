@@ -5,6 +5,7 @@ from .errors import CheckpointError, EngineError, NonFiniteLossError, RunDirErro
 from .evaluation import evaluate, evaluate_checkpoint
 from .export import export_weights
 from .learner import LEARNERS
+from .rundir import resume_or_restart
 from .trainer import RunResult, run
 
 MODES = tuple(LEARNERS)
@@ -22,5 +23,6 @@ __all__ = [
     "export_weights",
     "find_checkpoint",
     "load_checkpoint",
+    "resume_or_restart",
     "run",
 ]

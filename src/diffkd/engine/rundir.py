@@ -55,3 +55,9 @@ def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> Path | None:
         path.rename(moved)
     path.mkdir(parents=True, exist_ok=True)
     return moved
+
+
+def resume_or_restart(path: Path) -> dict[str, bool]:
+    """`run()` flags for batch jobs: resume (or just reread) a run with a checkpoint, else start afresh,
+    moving a run that died before its first checkpoint aside."""
+    return {"resume": True} if (path / "last.pt").is_file() else {"force": True}
