@@ -123,6 +123,56 @@ def test_deterministic_under_manual_seed():
     assert torch.equal(l1, l2) and torch.equal(d1, d2)
 
 
+# ------------------------------------------------------------------ fast path vs reference
+def _paired_levels(**options):
+    """The default (channels-last) level and the contiguous reference with the same weights."""
+    torch.manual_seed(0)
+    fast = DiffKD(12, 24, **options)
+    reference = DiffKD(12, 24, memory_format="contiguous", **options)
+    reference.load_state_dict(fast.state_dict())
+    return fast, reference
+
+
+def _run(level, s, t, noises, dtype):
+    s = s.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = level(s, t, start_noise=noises[0], diffusion_noise=noises[1], diffusion_timesteps=noises[2])
+    out.loss.backward()
+    grads = {name: p.grad for name, p in level.named_parameters() if p.grad is not None}
+    return out, s.grad, grads
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("latent", [None, 16])
+def test_channels_last_fast_path_matches_contiguous_reference(dtype, tolerance, latent):
+    fast, reference = _paired_levels(latent_channels=latent)
+    assert fast.projector.weight.is_contiguous(memory_format=torch.channels_last)
+    width = latent or 24
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 12, 5, 6, generator=g), torch.randn(4, 24, 5, 6, generator=g)
+    noises = (torch.randn(4, width, 5, 6, generator=g), torch.randn(4, width, 5, 6, generator=g), torch.tensor([3, 500, 999, 42]))
+    out_f, grad_f, params_f = _run(fast, s, t, noises, dtype)
+    out_r, grad_r, params_r = _run(reference, s, t, noises, dtype)
+    assert out_f.denoised.is_contiguous(memory_format=torch.channels_last) and out_r.denoised.is_contiguous()
+
+    def close(a, b):  # relative to the reference's scale, so bf16 rounding does not trip it
+        return (a.float() - b.float()).abs().max().item() <= tolerance * max(1.0, b.float().abs().max().item())
+
+    for name in ("loss", "kd_loss", "diffusion_loss", "denoised", "gamma"):
+        assert close(getattr(out_f, name), getattr(out_r, name)), name
+    assert close(grad_f, grad_r)
+    assert params_f.keys() == params_r.keys()
+    for name in params_r:
+        assert close(params_f[name], params_r[name]), name
+    for name, buffer in reference.named_buffers():  # BatchNorm running statistics move alike
+        assert close(dict(fast.named_buffers())[name], buffer), name
+
+
+def test_unknown_memory_format_is_refused():
+    with pytest.raises(ValueError, match="unknown memory_format 'nhwc'; expected one of"):
+        DiffKD(4, 6, memory_format="nhwc")
+
+
 # ------------------------------------------------------------------ shapes
 def test_odd_sizes_channels_last_and_batch_of_two():
     level = DiffKD(6, 10)
