@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                               teacher_dir if mode == "distill" else None, extra)
             runs[seed] = train(cfg, mode)
             print(f"{method} seed {seed}: final AP {runs[seed]['final']['AP']:.1f}", flush=True)
-        results["methods"][method] = runs
+            results["methods"][method] = runs
+            (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = summary(results, args)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(report + "\n")
     print(report)
     return 0
