@@ -168,6 +168,21 @@ def test_channels_last_fast_path_matches_contiguous_reference(dtype, tolerance, 
         assert close(dict(fast.named_buffers())[name], buffer), name
 
 
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_torch_compile_sees_one_graph_without_breaks(kind):
+    """The chain's schedule constants are Python floats fixed at construction, so dynamo traces a
+    whole level (chain, ANM, noise draws, losses) as one graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    if kind == "conv":
+        level, s, t = DiffKD(6, 10, 8), torch.randn(2, 6, 5, 5), torch.randn(2, 10, 5, 5)
+    else:
+        level, s, t = DiffKD(10, 10, kind="mlp", distance="kl"), torch.randn(3, 10), torch.randn(3, 10)
+    report = torch._dynamo.explain(level)(s, t)
+    assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
+
+
 def test_unknown_memory_format_is_refused():
     with pytest.raises(ValueError, match="unknown memory_format 'nhwc'; expected one of"):
         DiffKD(4, 6, memory_format="nhwc")
