@@ -41,14 +41,17 @@ LADDER: dict[str, list[dict]] = {
     "DiffKD feature+logits": [diffkd_level(FEATURE, **FEATURE_DIFFKD), diffkd_level(LOGITS, distance="kl", tau=1.0)],
     "DiffKD+DIST": [diffkd_level(FEATURE, **FEATURE_DIFFKD), diffkd_level(LOGITS, distance="dist")],
 }
+ALONE = {"student alone": []}  # every ablation carries the baseline, so its gains are read at its own size
 ABLATIONS: dict[str, dict[str, list[dict]]] = {
-    "nfe": {f"NFE {k}": [diffkd_level(FEATURE, inference_steps=k, **FEATURE_DIFFKD)] for k in (1, 2, 3, 5, 8)},
+    "nfe": {**ALONE, **{f"NFE {k}": [diffkd_level(FEATURE, inference_steps=k, **FEATURE_DIFFKD)] for k in (1, 2, 3, 5, 8)}},
     "latent": {
+        **ALONE,
         **{f"latent {c}": [diffkd_level(FEATURE, latent_channels=c)] for c in (16, 32, 64, 128)},
         "no AE (256)": [diffkd_level(FEATURE)],
     },
-    "anm": {f"ANM {'on' if on else 'off'}": [diffkd_level(FEATURE, adaptive_noise=on, **FEATURE_DIFFKD)] for on in (True, False)},
-    "placement": {k: LADDER[k] for k in ("DiffKD feature", "DiffKD logits", "DiffKD feature+logits")},
+    "anm": {**ALONE, **{f"ANM {'on' if on else 'off'}": [diffkd_level(FEATURE, adaptive_noise=on, **FEATURE_DIFFKD)]
+                        for on in (True, False)}},
+    "placement": {k: LADDER[k] for k in ("student alone", "DiffKD feature", "DiffKD logits", "DiffKD feature+logits")},
 }
 
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_method(levels, seed, students, run_dir, root / "teacher", args.device, args.data_root)
             rows.append({"method": method, "seed": seed, **r})
             print(f"{method} seed {seed}: top-1 {r['top1']:.2f} ({r['seconds']:.0f} s)", flush=True)
-            table = write_outputs(rows, summarize(rows, "student alone" if args.what == "ladder" else None), out, title)
+            table = write_outputs(rows, summarize(rows, "student alone"), out, title)
     print(table)
     return 0
 
