@@ -97,7 +97,7 @@ def write_outputs(rows: list[dict], summary: list[dict], out: Path, title: str) 
         writer = csv.DictWriter(f, fieldnames=["method", "seed", "top1", "seconds", "extra"])
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"| method | top-1 mean ± std (n) | gain | train s |", "|---|---|---|---|"]
+    lines = ["| method | top-1 mean ± std (n) | gain | train s |", "|---|---|---|---|"]
     lines += [f"| {s['method']} | {s['mean']:.2f} ± {s['std']:.2f} ({s['n']}) | {s['gain']:+.2f} | {s['seconds']:.0f} |"
               for s in summary]
     table = "\n".join(lines) + "\n"

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +25,9 @@ import torch.nn.functional as F
 from diffkd import DiffKD, Distiller, Level, models
 
 try:
-    from .timing import device_name, sync
+    from .timing import device_name, interleaved_ms
 except ImportError:  # run as a script
-    from timing import device_name, sync
+    from timing import device_name, interleaved_ms
 
 FEATURE, LOGITS = "features", "fc"
 METHODS: dict[str, list[Level]] = {
@@ -77,19 +75,11 @@ def make_step(levels: list[Level], batch: int, device: torch.device):
 def run_steps(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     steps = {name: make_step(levels, args.batch, device) for name, levels in METHODS.items()}
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
-    for round_ in range(args.warmup + args.rounds):
-        for name, (step, _) in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            if round_ >= args.warmup:
-                times[name].append((time.perf_counter() - start) * 1000)
-    kd = statistics.median(times["kd"])
+    times = interleaved_ms({name: step for name, (step, _) in steps.items()}, device, args.warmup, args.rounds)
+    kd = times["kd"]
     rows = {}
     for name, (_, extra) in steps.items():
-        ms = statistics.median(times[name])
+        ms = times[name]
         rows[name] = {"step_ms": round(ms, 2), "vs_kd": round(ms / kd, 2), "extra_params": extra,
                       "peak_mb": peak_memory_mb(name, args, device)}
     return {"device": device_name(device), "torch": torch.__version__, "batch": args.batch,

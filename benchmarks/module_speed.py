@@ -1,5 +1,5 @@
 """Forward+backward time of one DiffKD level vs a plain MSE baseline (1x1 connector + MSE),
-measured side by side on the same tensors; the level runs in its default channels-last memory
+measured side by side (interleaved) on the same tensors; the level runs in its default channels-last memory
 format and in the contiguous reference format (same weights), so the fast path's gain is shown too.
 
     python benchmarks/module_speed.py [--device cpu|cuda] [--repeats 10] [--json out.json]
@@ -16,9 +16,9 @@ from torch import nn
 from diffkd import DiffKD
 
 try:
-    from .timing import device_name, median_ms
+    from .timing import device_name, interleaved_ms
 except ImportError:  # run as a script
-    from timing import device_name, median_ms
+    from timing import device_name, interleaved_ms
 
 CASES = {
     "imagenet_b1 (512->512, latent 1024, 7x7, batch 8)": dict(s=512, t=512, latent=1024, hw=7, batch=8),
@@ -42,9 +42,8 @@ def measure(case: dict, device: torch.device, warmup: int, repeats: int) -> dict
     def mse_step():
         F.mse_loss(connector(s), t).backward()
 
-    fast_ms = median_ms(step(fast), device, warmup, repeats)
-    reference_ms = median_ms(step(reference), device, warmup, repeats)
-    mse_ms = median_ms(mse_step, device, warmup, repeats)
+    ms = interleaved_ms({"fast": step(fast), "reference": step(reference), "mse": mse_step}, device, warmup, repeats)
+    fast_ms, reference_ms, mse_ms = ms["fast"], ms["reference"], ms["mse"]
     return {"diffkd_ms": round(fast_ms, 3), "diffkd_contiguous_ms": round(reference_ms, 3), "mse_ms": round(mse_ms, 3),
             "ratio": round(fast_ms / mse_ms, 2), "channels_last_speedup": round(reference_ms / fast_ms, 2)}
 

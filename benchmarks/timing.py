@@ -28,6 +28,21 @@ def median_ms(step: Callable[[], None], device: torch.device, warmup: int, repea
     return statistics.median(times)
 
 
+def interleaved_ms(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each step, timed in rounds of one call each, so that load drift on a
+    shared machine hits every step alike (timing them one after another lets it bias the ratios)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU with its torch thread count."""
     if device.type == "cuda":
