@@ -49,3 +49,35 @@ def test_tab8_flops_rows_are_counted():
     params, flops = cost.module_flops(64, 64, 3, None)
     assert params == sum(p.numel() for p in __import__("diffkd").DiffKD(64, 64).parameters())
     assert flops > 0
+
+
+def test_accuracy_ladder_end_to_end_then_a_rerun_rereads_every_run(tmp_path, monkeypatch):
+    """The whole harness at a tiny size on real Fashion-MNIST: CSV, table and PNG; the students'
+    size flags leave the teacher alone; a rerun with one more seed trains only that seed."""
+    from test_cli import needs_fmnist  # the same availability check as the CLI tests
+
+    if needs_fmnist.args[0]:
+        pytest.skip(needs_fmnist.kwargs["reason"])
+    from diffkd.demo import DemoSize
+
+    monkeypatch.setitem(accuracy.SIZES, "quick", DemoSize(train_items=256, test_items=128, teacher_epochs=1, student_epochs=1))
+    small = {"student alone": [], "KD": accuracy.LADDER["KD"], "DiffKD feature+logits": accuracy.LADDER["DiffKD feature+logits"]}
+    monkeypatch.setattr(accuracy, "LADDER", small)
+    argv = ["ladder", "--quick", "--device", "cpu", "--out", str(tmp_path), "--train-items", "128"]
+    assert accuracy.main([*argv, "--seeds", "1"]) == 0
+    out = tmp_path / "ladder-128x1"
+    with open(out / "results.csv") as f:
+        first = list(csv.DictReader(f))
+    assert [r["method"] for r in first] == list(small) and all(0 <= float(r["top1"]) <= 100 for r in first)
+    assert (tmp_path / "teacher" / "config.yaml").read_text().count("limit_train: 256") == 1
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| DiffKD feature+logits |" in (out / "table.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*-seed0/last.pt")}
+    assert len(stamps) == 3
+
+    assert accuracy.main([*argv, "--seeds", "2"]) == 0
+    with open(out / "results.csv") as f:
+        second = list(csv.DictReader(f))
+    assert second[:3] == first  # seed 0 reread, not retrained: same figures, same checkpoints
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [r["seed"] for r in second[3:]] == ["1"] * 3
