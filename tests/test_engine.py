@@ -401,3 +401,15 @@ def test_compiled_run_matches_the_checkpoint_layout(tmp_path: Path) -> None:
     ckpt = load_checkpoint(result.run_dir / "last.pt")
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])  # the bare model's keys
     models.create("fmnist_student", num_classes=10).load_state_dict(ckpt["model"])
+
+
+def test_resume_or_restart_picks_the_flags_a_batch_job_needs(tmp_path):
+    from diffkd.engine import resume_or_restart
+
+    assert resume_or_restart(tmp_path / "never-run") == {"force": True}
+    (tmp_path / "died-early").mkdir()
+    (tmp_path / "died-early" / "config.yaml").write_text("task: classification\n")
+    assert resume_or_restart(tmp_path / "died-early") == {"force": True}  # moved aside by force, not deleted
+    (tmp_path / "has-checkpoint").mkdir()
+    (tmp_path / "has-checkpoint" / "last.pt").write_bytes(b"")
+    assert resume_or_restart(tmp_path / "has-checkpoint") == {"resume": True}
