@@ -16,16 +16,7 @@ def sync(device: torch.device) -> None:
 
 def median_ms(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
     """Median milliseconds of step() over `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return interleaved_ms({"step": step}, device, warmup, repeats)["step"]
 
 
 def interleaved_ms(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:

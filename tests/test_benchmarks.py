@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import accuracy, cost  # noqa: E402
+from test_cli import needs_fmnist  # noqa: E402  (the CLI tests' Fashion-MNIST availability check)
 
 
 def test_accuracy_summary_and_outputs(tmp_path):
@@ -51,13 +52,10 @@ def test_tab8_flops_rows_are_counted():
     assert flops > 0
 
 
+@needs_fmnist
 def test_accuracy_ladder_end_to_end_then_a_rerun_rereads_every_run(tmp_path, monkeypatch):
     """The whole harness at a tiny size on real Fashion-MNIST: CSV, table and PNG; the students'
     size flags leave the teacher alone; a rerun with one more seed trains only that seed."""
-    from test_cli import needs_fmnist  # the same availability check as the CLI tests
-
-    if needs_fmnist.args[0]:
-        pytest.skip(needs_fmnist.kwargs["reason"])
     from diffkd.demo import DemoSize
 
     monkeypatch.setitem(accuracy.SIZES, "quick", DemoSize(train_items=256, test_items=128, teacher_epochs=1, student_epochs=1))

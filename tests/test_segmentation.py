@@ -4,6 +4,7 @@ the task's loss, and one DiffKD training step of every student on tiny files in 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffkd.config import Config, config_from_dict
+from diffkd.config import Config, ConfigError, config_from_dict
 from diffkd.segmentation import catalog, labels, mosaic
 from diffkd.segmentation import models as seg_models
 from diffkd.segmentation.backbones import (
@@ -306,6 +307,28 @@ def seg_config(root: Path, mode: str, student: str = "deeplabv3_resnet18", **sec
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return config_from_dict(data)
+
+
+def test_teacher_width_mult_sizes_the_teacher_only(tmp_path):
+    cfg = seg_config(tmp_path, "distill", segmentation={"teacher_width_mult": 0.125})
+    task = build_task(cfg)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    teacher, student = task.build_model(cfg.teacher), task.build_model(cfg.student)
+    assert n_params(teacher) == n_params(seg_models.create("deeplabv3_resnet101", num_classes=19, width_mult=0.125))
+    assert n_params(student) == n_params(seg_models.create("deeplabv3_resnet18", num_classes=19, width_mult=0.0625))
+    unset = seg_config(tmp_path, "distill")  # null: the teacher follows width_mult
+    assert n_params(build_task(unset).build_model(unset.teacher)) == n_params(
+        seg_models.create("deeplabv3_resnet101", num_classes=19, width_mult=0.0625))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("width_mult", 0.0, "segmentation.width_mult: must be more than 0, got 0.0"),
+    ("teacher_width_mult", -1.0, "segmentation.teacher_width_mult: must be more than 0 (or null: width_mult), got -1.0"),
+    ("aux_weight", -0.4, "segmentation.aux_weight: must be 0 or more (0 drops the aux head), got -0.4"),
+])
+def test_segmentation_sizes_out_of_range_are_refused(tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        seg_config(tmp_path, "train", segmentation={key: value})
 
 
 def test_task_loss_is_cross_entropy_plus_0_4_aux_with_ignored_pixels(tmp_path):

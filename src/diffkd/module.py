@@ -61,7 +61,8 @@ class DiffKD(nn.Module):
 
     kind="conv" takes maps (B,C,H,W); kind="mlp" takes vectors (B,K) or (B,K,1,1) and returns the
     rank it was given. A student map of another spatial size is resized (bilinear) to the
-    teacher's after the 1x1 projector.
+    teacher's after the 1x1 projector. memory_format picks the layout maps are computed in
+    ("channels_last", faster; "contiguous", the reference); vectors ignore it.
     """
 
     def __init__(
@@ -147,6 +148,7 @@ class DiffKD(nn.Module):
         if self.noise_matcher is None:
             return z_s.float(), None
         gamma = self.noise_matcher(z_s)
+        # Drawn in (B,C,H,W) order, then laid out: both memory formats get the same noise from one seed.
         noise = torch.randn(z_s.shape, device=z_s.device) if noise is None else noise.reshape(z_s.shape)
         noise = self.in_layout(noise)
         g = gamma.view(-1, *([1] * (z_s.dim() - 1)))
