@@ -1,10 +1,11 @@
 """Schedule, add_noise, DDIM step and chain against formulas written here."""
+import copy
 import math
 
 import pytest
 import torch
 
-from diffkd.diffusion import NoisePredictor, NoiseSchedule, ddim_step, denoise
+from diffkd.diffusion import Bottleneck, NoisePredictor, NoiseSchedule, VectorBatchNorm, ddim_step, denoise, denoise_folded
 
 # DESIGN.md §1: abar at t = 400, 300, 200, 100, 0
 EXPECTED_ABAR = {400: 0.193572, 300: 0.394011, 200: 0.656347, 100: 0.895141, 0: 0.9999}
@@ -100,3 +101,93 @@ def test_vector_path_equals_1x1_map_path():
     assert torch.allclose(out_vec, out_map.flatten(1), atol=1e-5)
     for a, b in zip(vec.state_dict().values(), maps.state_dict().values()):  # same BN statistics
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_add_noise_offset_joins_the_same_passes():
+    torch.manual_seed(0)
+    s = NoiseSchedule()
+    x0, eps, offset = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(1, 4, 1, 1)
+    t = torch.tensor([7, 400, 990])
+    assert torch.allclose(s.add_noise(x0, eps, t, offset=offset), s.add_noise(x0, eps, t) + offset, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the folded chain (fast path)
+def _batch_norm_by_hand(x, weight, bias, eps=1e-5):
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)
+
+
+@pytest.mark.parametrize("momentum,track", [(0.1, True), (None, True), (0.1, False)])
+def test_vector_batchnorm_behaves_as_batchnorm2d(momentum, track):
+    """VectorBatchNorm reimplements BatchNorm2d's forward (to take another affine): same outputs,
+    running statistics and batch counter, in training and in eval."""
+    torch.manual_seed(0)
+    ours, torchs = VectorBatchNorm(5, momentum=momentum, track_running_stats=track), torch.nn.BatchNorm2d(5, momentum=momentum, track_running_stats=track)
+    with torch.no_grad():
+        for m in (ours, torchs):
+            m.weight.copy_(torch.linspace(0.5, 2, 5))
+            m.bias.copy_(torch.linspace(-1, 1, 5))
+    for _ in range(3):
+        x = torch.randn(4, 5, 3, 3) * 3 + 1
+        out = ours(x)
+        assert torch.allclose(out, torchs(x), atol=1e-6)
+    assert torch.allclose(out, _batch_norm_by_hand(x, ours.weight, ours.bias), atol=1e-5)
+    for (name, a), b in zip(ours.named_buffers(), torchs.buffers()):
+        assert torch.equal(a, b), name
+    ours.eval(), torchs.eval()
+    assert torch.allclose(ours(x), torchs(x), atol=1e-6)
+    w, b = torch.randn(5), torch.randn(5)
+    ours.train()
+    assert torch.allclose(ours.normalize(x, w, b), _batch_norm_by_hand(x, w, b), atol=1e-5)
+
+
+def _chain_pair(kind, last=None):
+    torch.manual_seed(0)
+    predictor = NoisePredictor(8, kind)
+    if last is not None:
+        predictor.layers[-1] = last
+    twin = copy.deepcopy(predictor)
+    x = torch.randn(6, 8, 3, 3) if kind == "conv" else torch.randn(6, 8)
+    return predictor, twin, x
+
+
+@pytest.mark.parametrize("kind,last", [("conv", None), ("mlp", None), ("conv", torch.nn.BatchNorm2d(8))])
+def test_folded_chain_equals_reference_chain(kind, last):
+    """denoise_folded (state carries the next embedding, a*x + b*eps folded into the last layer)
+    gives the reference chain's output, input and parameter gradients and BN statistics. The third
+    case has a last layer it cannot fold into (as after SyncBatchNorm conversion): applied after."""
+    predictor, twin, x = _chain_pair(kind, last)
+    coefficients = NoiseSchedule().ddim_coefficients(5)
+    x_ref, x_fold = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = denoise(x_ref, predictor, coefficients)
+    folded = denoise_folded(x_fold + twin.embed(coefficients[0][0], x.dim()), twin, coefficients)
+    assert torch.allclose(folded, ref, atol=1e-5)
+    (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
+    (folded * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
+    assert torch.allclose(x_fold.grad, x_ref.grad, atol=1e-5)
+    for (name, p), q in zip(predictor.named_parameters(), twin.parameters()):
+        assert torch.allclose(q.grad, p.grad, atol=1e-4, rtol=1e-4), name
+    for (name, a), b in zip(predictor.named_buffers(), twin.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_scaled_output_formula():
+    torch.manual_seed(0)
+    predictor = NoisePredictor(8, "conv")
+    h, shift = torch.randn(4, 8, 3, 3), torch.randn(1, 8, 1, 1)
+    twin = copy.deepcopy(predictor)
+    assert torch.allclose(twin.scaled_output(h, -0.3, shift), -0.3 * predictor.layers(h) + shift, atol=1e-5)
+
+
+def test_bottleneck_residual_keeps_float32_under_autocast():
+    """The residual is added in place only when dtypes match: under bf16 autocast a float32 input
+    still gives a float32 sum, as the out-of-place add did."""
+    block, x = Bottleneck(8), torch.randn(2, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    assert out.dtype == torch.float32
+    torch.manual_seed(0)
+    block = Bottleneck(8)
+    assert torch.allclose(block(x), block.block(x) + x, atol=1e-6)

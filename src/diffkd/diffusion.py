@@ -40,10 +40,14 @@ class NoiseSchedule(nn.Module):
             self.alphas_cumprod = torch.tensor(self.abar_values, dtype=torch.float32, device=device)
         return self
 
-    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per sample t, in float32."""
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor, offset: Tensor | None = None) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per sample t, in float32.
+
+        `offset` (broadcastable, e.g. the time embedding) is added in the same two passes.
+        """
         abar = self.alphas_cumprod.to(x0.device)[timesteps].view(-1, *([1] * (x0.dim() - 1)))
-        return abar.sqrt() * x0.float() + (1.0 - abar).sqrt() * noise.float()
+        noised = (1.0 - abar).sqrt() * noise.float() if offset is None else torch.addcmul(offset.float(), noise.float(), (1.0 - abar).sqrt())
+        return torch.addcmul(noised, x0.float(), abar.sqrt())
 
     def inference_timesteps(self, steps: int) -> list[int]:
         """The last `steps` timesteps of a 2*steps DDIM schedule of stride T // (2*steps).
@@ -84,11 +88,27 @@ def ddim_step(x: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float) -> Te
 def denoise(
     x: Tensor, noise_predictor: Callable[[Tensor, int], Tensor], coefficients: list[tuple[int, float, float]]
 ) -> Tensor:
-    """Run the DDIM chain from x (float32 state); gradients flow through every step."""
+    """Run the DDIM chain from x (float32 state); gradients flow through every step (the reference)."""
     x = x.float()
     for t, a, b in coefficients:
         x = a * x + b * noise_predictor(x, t).float()
     return x
+
+
+def denoise_folded(h: Tensor, noise_predictor: "NoisePredictor", coefficients: list[tuple[int, float, float]]) -> Tensor:
+    """The chain of `denoise` in fewer passes over the maps; h = x + the first step's time embedding.
+
+    The state carries the next step's embedding, so x_prev + emb_prev = a * (x + emb_t) + b * eps
+    + (emb_prev - a * emb_t): the scale b and that per-channel shift fold into the predictor's
+    last layer, and one in-place add finishes the step (no embedding add, no separate DDIM update).
+    """
+    h = h.float()
+    for i, (t, a, b) in enumerate(coefficients):
+        shift = -a * noise_predictor.embed(t, h.dim())
+        if i + 1 < len(coefficients):
+            shift = shift + noise_predictor.embed(coefficients[i + 1][0], h.dim())
+        h = noise_predictor.scaled_output(h, b, shift).add_(h, alpha=a)
+    return h
 
 
 class PointwiseConv(nn.Conv2d):
@@ -107,11 +127,29 @@ class PointwiseConv(nn.Conv2d):
 
 
 class VectorBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that also normalises (B,C) vectors (the same statistics as (B,C,1,1) maps)."""
+    """BatchNorm2d that also normalises (B,C) vectors (the same statistics as (B,C,1,1) maps), and
+    can apply another affine than its own (`normalize`), so a caller can fold a scale into it."""
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in (2, 4):
             raise ValueError(f"expected a (B,C) or (B,C,H,W) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x, self.weight, self.bias)
+
+    def normalize(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """BatchNorm2d's forward (statistics, running-buffer updates, train/eval rules) with this affine."""
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x, self.running_mean if use_buffers else None, self.running_var if use_buffers else None,
+            weight, bias, batch_stats, factor, self.eps,
+        )
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 1) -> list[nn.Module]:
@@ -134,7 +172,8 @@ class Bottleneck(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block(x) + x
+        out = self.block(x)  # a fresh BatchNorm output nothing else holds: add the residual in place
+        return out.add_(x) if out.dtype == x.dtype else out + x
 
 
 class NoisePredictor(nn.Module):
@@ -160,13 +199,30 @@ class NoisePredictor(nn.Module):
             raise ValueError(f"unknown noise predictor kind {kind!r}; expected 'conv' or 'mlp'")
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, t: int | Tensor) -> Tensor:
-        trailing = [1] * (x.dim() - 2)  # broadcast over space for maps; nothing for vectors
+    def embed(self, t: int | Tensor, rank: int) -> Tensor:
+        """Time embedding of one step (int) or per sample (B,), shaped to broadcast over a rank-`rank` input."""
+        trailing = [1] * (rank - 2)  # broadcast over space for maps; nothing for vectors
         if isinstance(t, int):
-            embedding = self.time_embedding.weight[t].view(1, -1, *trailing)
-        else:
-            embedding = self.time_embedding(t.long()).view(t.shape[0], -1, *trailing)
-        return self.layers(x + embedding)
+            return self.time_embedding.weight[t].view(1, -1, *trailing)
+        return self.time_embedding(t.long()).view(t.shape[0], -1, *trailing)
+
+    def forward(self, x: Tensor, t: int | Tensor) -> Tensor:
+        return self.layers(x + self.embed(t, x.dim()))
+
+    def scaled_output(self, h: Tensor, scale: float, shift: Tensor) -> Tensor:
+        """scale * layers(h) + shift (h already holds the time embedding), in float32.
+
+        In float32 the scale and shift fold into the last layer's affine (BatchNorm) or bias (linear),
+        saving two passes; otherwise (autocast, SyncBatchNorm, ...) they are applied after it.
+        """
+        body, last = self.layers[:-1], self.layers[-1]
+        y = body(h)
+        shift = shift.float()
+        if y.dtype == torch.float32 and type(last) is VectorBatchNorm and last.affine:
+            return last.normalize(y, scale * last.weight, torch.add(shift.flatten(), last.bias, alpha=scale))
+        if y.dtype == torch.float32 and type(last) is PointwiseConv and y.dim() == 2:
+            return torch.addmm(torch.add(shift, last.bias, alpha=scale), y, last.weight.flatten(1).t(), alpha=scale)
+        return torch.add(shift, last(y), alpha=scale)
 
 
 class AdaptiveNoiseMatcher(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .diffusion import AdaptiveNoiseMatcher, NoisePredictor, NoiseSchedule, PointwiseConv, conv_bn, denoise
+from .diffusion import AdaptiveNoiseMatcher, NoisePredictor, NoiseSchedule, PointwiseConv, conv_bn, denoise, denoise_folded
 from .losses import Distance, resolve_distance
 
 
@@ -42,8 +42,6 @@ class LinearAutoencoder(nn.Module):
         return latent, self.decoder(latent)
 
 
-MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-
 # Official release key prefix -> ours; the layers inside each box are numbered identically.
 OFFICIAL_KEY_PREFIXES = {
     "trans.": "projector.",
@@ -61,8 +59,9 @@ class DiffKD(nn.Module):
 
     kind="conv" takes maps (B,C,H,W); kind="mlp" takes vectors (B,K) or (B,K,1,1) and returns the
     rank it was given. A student map of another spatial size is resized (bilinear) to the
-    teacher's after the 1x1 projector. memory_format picks the layout maps are computed in
-    ("channels_last", faster; "contiguous", the reference); vectors ignore it.
+    teacher's after the 1x1 projector. fast=True (default) computes maps channels-last and folds the
+    time embeddings and DDIM updates into the noise predictor's last layer; fast=False runs every
+    formula as written on contiguous maps: the reference, the same maths (tests hold them together).
     """
 
     def __init__(
@@ -80,13 +79,11 @@ class DiffKD(nn.Module):
         diffusion_weight: float = 1.0,
         ae_weight: float = 1.0,
         num_train_timesteps: int = 1000,
-        memory_format: str = "channels_last",
+        fast: bool = True,
     ):
         super().__init__()
         if kind not in ("conv", "mlp"):
             raise ValueError(f"unknown kind {kind!r}; expected 'conv' (maps) or 'mlp' (vectors)")
-        if memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"unknown memory_format {memory_format!r}; expected one of {sorted(MEMORY_FORMATS)}")
         if latent_channels is not None and kind != "conv":
             raise ValueError("the autoencoder (latent_channels) is for feature maps only (kind='conv')")
         self.kind = kind
@@ -105,10 +102,15 @@ class DiffKD(nn.Module):
         self.output_projection = nn.Sequential(*conv_bn(width, width))
         self.schedule = NoiseSchedule(num_train_timesteps)
         self.chain = self.schedule.ddim_coefficients(inference_steps)
-        # Maps run channels-last by default: the same maths, but the small convs and BatchNorms of
-        # the chain get faster kernels (benchmarks/module_speed.py); "contiguous" is the reference.
-        self.memory_format = MEMORY_FORMATS[memory_format] if kind == "conv" else torch.contiguous_format
-        self.to(memory_format=self.memory_format)
+        # Channels-last maps: the same maths, but the small convs and BatchNorms of the chain get
+        # faster kernels (benchmarks/module_speed.py).
+        self.fast = fast
+        self.memory_format = torch.channels_last if fast and kind == "conv" else torch.contiguous_format
+        for box in (self.projector, self.noise_predictor, self.noise_matcher, self.output_projection):
+            if box is not None:
+                box.to(memory_format=self.memory_format)
+        # The autoencoder keeps the default layout and reads the teacher map as the teacher made it:
+        # relaying out a wide teacher map costs more than it saves. Its narrow latent is laid out.
 
     # ----------------------------------------------------------------------------- input checks
     def check_inputs(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,7 +131,7 @@ class DiffKD(nn.Module):
             )
         if self.kind == "mlp":
             return student.flatten(1), teacher.flatten(1)
-        return self.in_layout(student), self.in_layout(teacher)
+        return self.in_layout(student), teacher
 
     def in_layout(self, x: Tensor) -> Tensor:
         """x in the module's memory format (a no-op for vectors and for maps already in it)."""
@@ -143,21 +145,30 @@ class DiffKD(nn.Module):
             z = F.interpolate(z, size=tuple(size), mode="bilinear", align_corners=False)
         return z
 
-    def start(self, z_s: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Start of the chain: gamma * z_s + (1 - gamma) * eps (Eq. 8), or z_s without ANM."""
+    def start(self, z_s: Tensor, noise: Tensor | None = None, offset: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Start of the chain: gamma * z_s + (1 - gamma) * eps (Eq. 8), or z_s without ANM.
+
+        `offset` (the fast path's first time embedding) is added in the same passes.
+        """
         if self.noise_matcher is None:
-            return z_s.float(), None
+            return (z_s.float(), None) if offset is None else (z_s.float() + offset.float(), None)
         gamma = self.noise_matcher(z_s)
-        # Drawn in (B,C,H,W) order, then laid out: both memory formats get the same noise from one seed.
+        # Drawn in (B,C,H,W) order, then laid out: both paths get the same noise from one seed.
         noise = torch.randn(z_s.shape, device=z_s.device) if noise is None else noise.reshape(z_s.shape)
         noise = self.in_layout(noise)
         g = gamma.view(-1, *([1] * (z_s.dim() - 1)))
-        return g * z_s.float() + (1.0 - g) * noise.float(), gamma
+        if offset is None:
+            return g * z_s.float() + (1.0 - g) * noise.float(), gamma
+        return torch.addcmul(torch.addcmul(offset.float(), noise.float(), 1.0 - g), z_s.float(), g), gamma
 
     def denoise(self, z_s: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """z_s_hat: the denoised student latent after the DDIM chain and the output projection."""
-        x, gamma = self.start(z_s, noise)
-        x = denoise(x, self.noise_predictor, self.chain)
+        if self.fast:
+            h, gamma = self.start(z_s, noise, offset=self.noise_predictor.embed(self.chain[0][0], z_s.dim()))
+            x = denoise_folded(h, self.noise_predictor, self.chain)
+        else:
+            x, gamma = self.start(z_s, noise)
+            x = denoise(x, self.noise_predictor, self.chain)
         return self.output_projection(x), gamma
 
     def diffusion_loss(self, z_t: Tensor, noise: Tensor | None = None, timesteps: Tensor | None = None) -> Tensor:
@@ -166,8 +177,12 @@ class DiffKD(nn.Module):
             timesteps = torch.randint(0, self.schedule.num_train_timesteps, (z_t.shape[0],), device=z_t.device)
         noise = torch.randn(z_t.shape, device=z_t.device) if noise is None else noise.reshape(z_t.shape)
         noise = self.in_layout(noise)
-        x_t = self.schedule.add_noise(z_t, noise, timesteps)
-        return F.mse_loss(self.noise_predictor(x_t, timesteps).float(), noise.float())
+        if self.fast:  # the time embedding joins the noising passes
+            x_t = self.schedule.add_noise(z_t, noise, timesteps, offset=self.noise_predictor.embed(timesteps, z_t.dim()))
+            eps_hat = self.noise_predictor.layers(x_t)
+        else:
+            eps_hat = self.noise_predictor(self.schedule.add_noise(z_t, noise, timesteps), timesteps)
+        return F.mse_loss(eps_hat.float(), noise.float())
 
     # ----------------------------------------------------------------------------- forward
     def forward(
@@ -185,9 +200,9 @@ class DiffKD(nn.Module):
         if self.autoencoder is not None:
             latent, reconstruction = self.autoencoder(t)
             ae_loss: Tensor | None = F.mse_loss(reconstruction.float(), t.float())
-            z_t = latent.detach()
+            z_t = self.in_layout(latent.detach())
         else:
-            ae_loss, z_t = None, t
+            ae_loss, z_t = None, self.in_layout(t)
         denoised, gamma = self.denoise(z_s, start_noise)
         diffusion = self.diffusion_loss(z_t, diffusion_noise, diffusion_timesteps)
         kd = self.distance(denoised, z_t)
