@@ -143,8 +143,8 @@ def main() -> None:
                             device, "fp32", False)
         ms, _ = timed(step, device, args.warmup, args.steps)
         rows[name] = {"step_ms": round(ms, 2)}
-    for name in rows:
-        rows[name]["vs_kd"] = round(rows[name]["step_ms"] / rows["kd"]["step_ms"], 3)
+    for row in rows.values():
+        row["vs_kd"] = round(row["step_ms"] / rows["kd"]["step_ms"], 3)
     result["fmnist"] = rows
     print(f"Fashion-MNIST pair, batch {args.fmnist_batch}: {json.dumps(rows)}")
     if args.json:

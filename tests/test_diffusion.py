@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from diffkd.diffusion import Bottleneck, NoisePredictor, NoiseSchedule, VectorBatchNorm, ddim_step, denoise, denoise_folded
+from diffkd.diffusion import (
+    Bottleneck,
+    NoisePredictor,
+    NoiseSchedule,
+    VectorBatchNorm,
+    ddim_step,
+    denoise,
+    denoise_folded,
+)
 
 # DESIGN.md §1: abar at t = 400, 300, 200, 100, 0
 EXPECTED_ABAR = {400: 0.193572, 300: 0.394011, 200: 0.656347, 100: 0.895141, 0: 0.9999}

@@ -144,10 +144,10 @@ def _run(level, s, t, noises, dtype):
 
 
 FAST_PATH_CASES = {
-    "maps": dict(kind="conv"),
-    "maps with AE": dict(kind="conv", latent_channels=16),
-    "maps without ANM": dict(kind="conv", adaptive_noise=False),
-    "vectors": dict(kind="mlp", distance="kl"),
+    "maps": {"kind": "conv"},
+    "maps with AE": {"kind": "conv", "latent_channels": 16},
+    "maps without ANM": {"kind": "conv", "adaptive_noise": False},
+    "vectors": {"kind": "mlp", "distance": "kl"},
 }
 
 

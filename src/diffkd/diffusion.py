@@ -95,7 +95,7 @@ def denoise(
     return x
 
 
-def denoise_folded(h: Tensor, noise_predictor: "NoisePredictor", coefficients: list[tuple[int, float, float]]) -> Tensor:
+def denoise_folded(h: Tensor, noise_predictor: NoisePredictor, coefficients: list[tuple[int, float, float]]) -> Tensor:
     """The chain of `denoise` in fewer passes over the maps; h = x + the first step's time embedding.
 
     The state carries the next step's embedding, so x_prev + emb_prev = a * (x + emb_t) + b * eps

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .diffusion import AdaptiveNoiseMatcher, NoisePredictor, NoiseSchedule, PointwiseConv, conv_bn, denoise, denoise_folded
+from .diffusion import (
+    AdaptiveNoiseMatcher,
+    NoisePredictor,
+    NoiseSchedule,
+    PointwiseConv,
+    conv_bn,
+    denoise,
+    denoise_folded,
+)
 from .losses import Distance, resolve_distance
 
 
@@ -221,7 +229,7 @@ class DiffKD(nn.Module):
 
     # ----------------------------------------------------------------------------- official weights
     @classmethod
-    def from_official_state_dict(cls, state_dict: Mapping[str, Tensor], **options) -> "DiffKD":
+    def from_official_state_dict(cls, state_dict: Mapping[str, Tensor], **options) -> DiffKD:
         """Build a level from a state dict saved by the official release (its DiffKD module).
 
         Channels, kind, AE and ANM are read off the tensors; `options` sets the rest
