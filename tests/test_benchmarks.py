@@ -79,3 +79,18 @@ def test_accuracy_ladder_end_to_end_then_a_rerun_rereads_every_run(tmp_path, mon
     assert second[:3] == first  # seed 0 reread, not retrained: same figures, same checkpoints
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert [r["seed"] for r in second[3:]] == ["1"] * 3
+
+
+def test_breakdown_counts_step_flops_and_groups_profiled_time():
+    """A KD step's FLOPs equal a count by hand: teacher forward, student forward + weight and input
+    gradients (no input gradient for the image), 2 FLOPs per multiply-add."""
+    batch = 2
+    teacher_macs = 28 * 28 * 32 * 9 * 1 + 14 * 14 * 64 * 9 * 32 + 7 * 7 * 128 * 9 * 64 + 7 * 7 * 256 * 9 * 128 + 256 * 10
+    student_convs = [28 * 28 * 8 * 9 * 1, 14 * 14 * 16 * 9 * 8, 7 * 7 * 32 * 9 * 16]
+    student_fc = 32 * 10
+    student_macs = 3 * (sum(student_convs) + student_fc) - student_convs[0]
+    step, _ = cost.make_step(cost.METHODS["kd"], batch, torch.device("cpu"))
+    assert cost.step_gflops(step) * 1e9 == 2 * batch * (teacher_macs + student_macs)
+    kinds = cost.profile_ms(step, torch.device("cpu"), rounds=1)
+    assert kinds["convolutions and matmuls"] > 0 and kinds["batch norms"] > 0
+    assert set(kinds) <= set(cost.KINDS.values()) | {"other"}
