@@ -2,11 +2,12 @@
 
     python benchmarks/gpu_cost.py --json gpu_cost.json                  # the full set on a GPU
     python benchmarks/gpu_cost.py --device cpu --batch 4 --size 64 --fmnist-batch 16 --steps 2 --warmup 1  # smoke test
+    python benchmarks/gpu_cost.py --activations-only --device cpu --batch 16   # activation memory, any device
 
 Cases (DESIGN.md §2 and issue "Fast DiffKD"):
 - ResNet-34 -> ResNet-18, batch 256, 224x224, random data, fp32 and bf16 autocast: plain KD (logits,
-  tau 1), DiffKD without AE, DiffKD as in B1 (feature AE latent 1024 + logits) on its fast path and as
-  the reference (fast=False); step time (median of `--steps` after `--warmup`) and peak memory; and
+  tau 1), DiffKD without AE, DiffKD as in B1 (feature AE latent 1024 + logits) on its fast path, as
+  the reference (fast=False) and with recompute=True on the feature level; step time (median of `--steps` after `--warmup`) and peak memory; and
   the B1 feature module alone, forward + backward.
 - The Fashion-MNIST pair, batch 128: plain KD vs the demo's DiffKD (feature AE latent 64 + logits),
   fast path and reference.
@@ -26,9 +27,9 @@ import torch.nn.functional as F
 from diffkd import DiffKD, Distiller, Level, models
 
 try:
-    from .timing import device_name, median_ms
+    from .timing import device_name, median_ms, saved_activation_mb
 except ImportError:  # run as a script
-    from timing import device_name, median_ms
+    from timing import device_name, median_ms, saved_activation_mb
 
 R34_R18 = {
     "kd": [Level("fc", "fc", "kd", tau=1.0)],
@@ -36,6 +37,8 @@ R34_R18 = {
     "diffkd_b1": [Level("layer4", "layer4", "diffkd", latent_channels=1024), Level("fc", "fc", "diffkd")],
     "diffkd_b1_reference": [Level("layer4", "layer4", "diffkd", latent_channels=1024, fast=False),
                             Level("fc", "fc", "diffkd", fast=False)],
+    "diffkd_b1_recompute": [Level("layer4", "layer4", "diffkd", latent_channels=1024, recompute=True),
+                            Level("fc", "fc", "diffkd")],
 }
 FMNIST = {
     "kd": [Level("fc", "fc", "kd")],
@@ -76,17 +79,34 @@ def distill_step(teacher: str, student: str, levels: list[Level], shape: tuple[i
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
     d.train()
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         with autocast(device, dtype):
             out = d(x, y)
-            loss = F.cross_entropy(out.student, y) + out.loss
+            return F.cross_entropy(out.student, y) + out.loss
+
+    def step() -> None:
+        loss = forward()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} ({dtype})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    step.forward, step.module = forward, d  # for activation_memory
     return step
+
+
+def activation_memory(args: argparse.Namespace, device: torch.device) -> dict:
+    """R34->R18 cases at fp32: activation MB per image kept for backward, trainable parameter MB."""
+    rows = {}
+    for name, levels in R34_R18.items():
+        step = distill_step("resnet34", "resnet18", levels, (3, args.size, args.size), args.batch, 1000, device, "fp32", False)
+        per_image = saved_activation_mb(step.forward, step.module.parameters()) / args.batch
+        params = sum(p.numel() * p.element_size() for p in step.module.trainable_parameters()) / 2**20
+        rows[name] = {"activation_mb_per_image": round(per_image, 2), "trainable_param_mb": round(params, 1)}
+    for row in rows.values():
+        row["activations_vs_kd"] = round(row["activation_mb_per_image"] / rows["kd"]["activation_mb_per_image"], 3)
+    return rows
 
 
 def module_step(batch: int, device: torch.device, dtype: str, channels_last: bool):
@@ -114,9 +134,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--activations-only", action="store_true",
+                        help="only count the activation memory of the R34->R18 cases (any device, any batch)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.activations_only:
+        rows = activation_memory(args, device)
+        for name, r in rows.items():
+            print(f"R34->R18 batch {args.batch} {name:22s} {json.dumps(r)}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "batch": args.batch, "size": args.size, "r34_r18": rows}, f, indent=2)
+        return
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     result = {"device": device_name(device),

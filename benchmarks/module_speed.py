@@ -1,6 +1,7 @@
 """Forward+backward time of one DiffKD level vs a plain MSE baseline (1x1 connector + MSE),
-measured side by side (interleaved) on the same tensors; the level runs on its default fast path and as
-the reference (fast=False, same weights), so the fast path's gain is shown too.
+measured side by side (interleaved) on the same tensors; the level runs on its default fast path, as
+the reference (fast=False) and with recompute=True (same weights), so the fast path's gain and the
+cost of recomputation are shown too, with the activation memory each keeps for backward.
 
     python benchmarks/module_speed.py [--device cpu|cuda] [--repeats 10] [--json out.json]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +18,9 @@ from torch import nn
 from diffkd import DiffKD
 
 try:
-    from .timing import device_name, interleaved_ms
+    from .timing import device_name, interleaved_ms, saved_activation_mb
 except ImportError:  # run as a script
-    from timing import device_name, interleaved_ms
+    from timing import device_name, interleaved_ms, saved_activation_mb
 
 CASES = {
     "imagenet_b1 (512->512, latent 1024, 7x7, batch 8)": dict(s=512, t=512, latent=1024, hw=7, batch=8),
@@ -33,7 +35,9 @@ def measure(case: dict, device: torch.device, warmup: int, repeats: int) -> dict
     t = torch.randn(case["batch"], case["t"], case["hw"], case["hw"], device=device)
     fast = DiffKD(case["s"], case["t"], case["latent"]).to(device)
     reference = DiffKD(case["s"], case["t"], case["latent"], fast=False).to(device)
-    reference.load_state_dict(fast.state_dict())
+    recomputing = DiffKD(case["s"], case["t"], case["latent"], recompute=True).to(device)
+    for level in (reference, recomputing):
+        level.load_state_dict(fast.state_dict())
     connector = nn.Conv2d(case["s"], case["t"], 1).to(device)
 
     def step(level: DiffKD):
@@ -42,10 +46,15 @@ def measure(case: dict, device: torch.device, warmup: int, repeats: int) -> dict
     def mse_step():
         F.mse_loss(connector(s), t).backward()
 
-    ms = interleaved_ms({"fast": step(fast), "reference": step(reference), "mse": mse_step}, device, warmup, repeats)
+    ms = interleaved_ms({"fast": step(fast), "reference": step(reference), "recompute": step(recomputing), "mse": mse_step},
+                        device, warmup, repeats)
     fast_ms, reference_ms, mse_ms = ms["fast"], ms["reference"], ms["mse"]
-    return {"diffkd_ms": round(fast_ms, 3), "diffkd_reference_ms": round(reference_ms, 3), "mse_ms": round(mse_ms, 3),
-            "ratio": round(fast_ms / mse_ms, 2), "fast_path_speedup": round(reference_ms / fast_ms, 2)}
+    per_image = {name: round(saved_activation_mb(partial(level, s, t), level.parameters()) / case["batch"], 3)
+                 for name, level in (("fast", fast), ("reference", reference), ("recompute", recomputing))}
+    return {"diffkd_ms": round(fast_ms, 3), "diffkd_reference_ms": round(reference_ms, 3),
+            "diffkd_recompute_ms": round(ms["recompute"], 3), "mse_ms": round(mse_ms, 3),
+            "ratio": round(fast_ms / mse_ms, 2), "fast_path_speedup": round(reference_ms / fast_ms, 2),
+            "saved_mb_per_image": per_image}
 
 
 def main() -> None:
@@ -60,8 +69,11 @@ def main() -> None:
     for name, case in CASES.items():
         results["cases"][name] = measure(case, device, args.warmup, args.repeats)
         r = results["cases"][name]
+        mb = r["saved_mb_per_image"]
         print(f"{name:46s} DiffKD {r['diffkd_ms']:8.1f} ms (reference {r['diffkd_reference_ms']:8.1f} ms, "
-              f"x{r['fast_path_speedup']:.2f})   MSE {r['mse_ms']:7.1f} ms   ratio {r['ratio']:6.2f}x")
+              f"x{r['fast_path_speedup']:.2f}; recompute {r['diffkd_recompute_ms']:8.1f} ms)   MSE {r['mse_ms']:7.1f} ms   "
+              f"ratio {r['ratio']:6.2f}x   saved MB/image fast {mb['fast']:.2f}, reference {mb['reference']:.2f}, "
+              f"recompute {mb['recompute']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

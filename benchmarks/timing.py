@@ -1,9 +1,10 @@
-"""Shared timing helpers of the benchmark scripts: device sync, median step time, device naming."""
+"""Shared helpers of the benchmark scripts: device sync, median step time, device naming, and the
+activation memory a forward keeps for backward."""
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -39,3 +40,19 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu, {torch.get_num_threads()} threads"
+
+
+def saved_activation_mb(forward: Callable[[], object], parameters: Iterable[torch.Tensor]) -> float:
+    """MB of distinct storages autograd keeps for backward while forward() runs, parameters
+    excluded: the activation memory of a training step, the same on any device."""
+    params = {p.untyped_storage().data_ptr() for p in parameters}
+    saved: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        if x.untyped_storage().data_ptr() not in params:
+            saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        forward()
+    return sum(saved.values()) / 2**20

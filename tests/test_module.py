@@ -387,3 +387,44 @@ def test_official_fixture_keys_map_onto_ours():
 def test_from_official_rejects_foreign_state_dict():
     with pytest.raises(ValueError, match="not an official DiffKD state dict"):
         DiffKD.from_official_state_dict({"conv.weight": torch.zeros(1)})
+
+
+# ------------------------------------------------------------------ recomputation (activation checkpointing)
+def _saved_bytes(fn):
+    """Bytes of distinct storages autograd keeps for backward while fn runs (parameters excluded)."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_recompute_gives_the_same_step_with_a_fraction_of_the_saved_activations(fast):
+    torch.manual_seed(0)
+    plain = DiffKD(8, 32, 16, fast=fast)
+    recomputing = DiffKD(8, 32, 16, fast=fast, recompute=True)
+    recomputing.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 8, 5, 5, generator=g), torch.randn(6, 32, 5, 5, generator=g)
+    noises = (torch.randn(6, 16, 5, 5, generator=g), torch.randn(6, 16, 5, 5, generator=g), torch.tensor([1, 99, 250, 500, 750, 999]))
+    results = {}
+    for name, level in (("plain", plain), ("recompute", recomputing)):
+        params = {p.untyped_storage().data_ptr() for p in level.parameters()}
+        s_in = s.clone().requires_grad_()
+        out, saved = _saved_bytes(lambda: level(s_in, t, start_noise=noises[0], diffusion_noise=noises[1], diffusion_timesteps=noises[2]))
+        out.loss.backward()
+        activations = sum(n for ptr, n in saved.items() if ptr not in params)
+        results[name] = (out, s_in.grad, {n: p.grad for n, p in level.named_parameters()}, dict(level.named_buffers()), activations)
+    (out_p, grad_p, params_p, buffers_p, bytes_p), (out_r, grad_r, params_r, buffers_r, bytes_r) = results["plain"], results["recompute"]
+    assert torch.allclose(out_r.loss, out_p.loss, atol=1e-6) and torch.allclose(out_r.denoised, out_p.denoised, atol=1e-6)
+    assert torch.allclose(grad_r, grad_p, atol=1e-6)
+    for name in params_p:
+        assert torch.allclose(params_r[name], params_p[name], atol=1e-5), name
+    for name in buffers_p:  # statistics and batch counters move once, as without recomputation
+        assert torch.equal(buffers_r[name], buffers_p[name]), name
+    assert bytes_r < 0.4 * bytes_p, (bytes_r, bytes_p)

@@ -70,6 +70,8 @@ class DiffKD(nn.Module):
     teacher's after the 1x1 projector. fast=True (default) computes maps channels-last and folds the
     time embeddings and DDIM updates into the noise predictor's last layer; fast=False runs every
     formula as written on contiguous maps: the reference, the same maths (tests hold them together).
+    recompute=True trades compute for memory: the noise predictor's six evaluations per step keep
+    only their inputs and run again in backward (same gradients and BatchNorm statistics).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class DiffKD(nn.Module):
         ae_weight: float = 1.0,
         num_train_timesteps: int = 1000,
         fast: bool = True,
+        recompute: bool = False,
     ):
         super().__init__()
         if kind not in ("conv", "mlp"):
@@ -105,7 +108,7 @@ class DiffKD(nn.Module):
 
         self.projector = PointwiseConv(student_channels, width)
         self.autoencoder = LinearAutoencoder(teacher_channels, width) if latent_channels else None
-        self.noise_predictor = NoisePredictor(width, kind)
+        self.noise_predictor = NoisePredictor(width, kind, recompute)
         self.noise_matcher = AdaptiveNoiseMatcher(width, kind) if adaptive_noise else None
         self.output_projection = nn.Sequential(*conv_bn(width, width))
         self.schedule = NoiseSchedule(num_train_timesteps)
@@ -187,7 +190,7 @@ class DiffKD(nn.Module):
         noise = self.in_layout(noise)
         if self.fast:  # the time embedding joins the noising passes
             x_t = self.schedule.add_noise(z_t, noise, timesteps, offset=self.noise_predictor.embed(timesteps, z_t.dim()))
-            eps_hat = self.noise_predictor.layers(x_t)
+            eps_hat = self.noise_predictor.predict(x_t)
         else:
             eps_hat = self.noise_predictor(self.schedule.add_noise(z_t, noise, timesteps), timesteps)
         return F.mse_loss(eps_hat.float(), noise.float())
