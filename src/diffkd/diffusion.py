@@ -244,6 +244,8 @@ class NoisePredictor(nn.Module):
         updates are undone, so running statistics move once per evaluation, as without it."""
         if not (self.recompute and torch.is_grad_enabled()):
             return fn(*args)
+        if torch.compiler.is_compiling():  # compiled, the rerun recomputes values but not buffer updates
+            return checkpoint(fn, *args, use_reentrant=False)
         return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), buffers_restored(self)))
 
     def _scaled_output(self, h: Tensor, scale: float, shift: Tensor) -> Tensor:
