@@ -124,6 +124,28 @@ def module_step(batch: int, device: torch.device, dtype: str, channels_last: boo
     return step
 
 
+# The issue's targets: (section, dtype, row, field, limit); a row's value must be at most the limit.
+TARGETS = {
+    "B1 step, bf16, vs KD": ("r34_r18", "bf16", "diffkd_b1", "vs_kd", 1.20),
+    "B1 step, fp32, vs KD": ("r34_r18", "fp32", "diffkd_b1", "vs_kd", 1.35),
+    "B1 feature module fwd+bwd, bf16, ms": ("r34_r18", "bf16", "b1_feature_module_fwd_bwd", "ms", 10.0),
+    "B1 peak memory, bf16, vs KD": ("r34_r18", "bf16", "diffkd_b1", "mem_vs_kd", 1.25),
+    "B1 with recompute, peak memory, bf16, vs KD": ("r34_r18", "bf16", "diffkd_b1_recompute", "mem_vs_kd", 1.25),
+    "Fashion-MNIST DiffKD step vs KD": ("fmnist", None, "diffkd", "vs_kd", 2.0),
+}
+
+
+def check_targets(result: dict) -> dict:
+    """Each target present in the result: its value, its limit and whether it is met."""
+    out = {}
+    for name, (section, dtype, row, field, limit) in TARGETS.items():
+        rows = result[section].get(dtype, {}) if dtype else result[section]
+        value = rows.get(row, {}).get(field)
+        if value is not None:
+            out[name] = {"value": value, "limit": limit, "met": value <= limit}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +175,13 @@ def main() -> None:
               "torch": torch.__version__, "batch": args.batch, "size": args.size,
               "channels_last": args.channels_last, "r34_r18": {}, "fmnist": {}}
     shape = (3, args.size, args.size)
+
+    def save() -> None:  # after every section, so a run cut short keeps what it measured
+        result["targets"] = check_targets(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
     for dtype in args.dtypes.split(","):
         rows = {}
         for name, levels in R34_R18.items():
@@ -167,6 +196,7 @@ def main() -> None:
         result["r34_r18"][dtype] = rows
         for name, r in rows.items():
             print(f"R34->R18 {dtype:5s} {name:28s} {json.dumps(r)}", flush=True)
+        save()
     rows = {}
     for name, levels in FMNIST.items():
         step = distill_step("fmnist_teacher", "fmnist_student", levels, (1, 28, 28), args.fmnist_batch, 10,
@@ -177,9 +207,9 @@ def main() -> None:
         row["vs_kd"] = round(row["step_ms"] / rows["kd"]["step_ms"], 3)
     result["fmnist"] = rows
     print(f"Fashion-MNIST pair, batch {args.fmnist_batch}: {json.dumps(rows)}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save()
+    for name, target in result["targets"].items():
+        print(f"target {name}: {target['value']} (limit {target['limit']}): {'met' if target['met'] else 'NOT met'}")
 
 
 if __name__ == "__main__":

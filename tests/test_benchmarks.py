@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import accuracy, cost  # noqa: E402
+from benchmarks import accuracy, cost, gpu_cost  # noqa: E402
 from test_cli import needs_fmnist  # noqa: E402  (the CLI tests' Fashion-MNIST availability check)
 
 
@@ -94,3 +94,18 @@ def test_breakdown_counts_step_flops_and_groups_profiled_time():
     kinds = cost.profile_ms(step, torch.device("cpu"), rounds=1)
     assert kinds["convolutions and matmuls"] > 0 and kinds["batch norms"] > 0
     assert set(kinds) <= set(cost.KINDS.values()) | {"other"}
+
+
+def test_gpu_targets_are_checked_against_the_issue_limits():
+    result = {
+        "r34_r18": {"bf16": {"diffkd_b1": {"vs_kd": 1.19, "mem_vs_kd": 1.30}, "b1_feature_module_fwd_bwd": {"ms": 12.0}},
+                    "fp32": {"diffkd_b1": {"vs_kd": 1.35, "mem_vs_kd": None}}},
+        "fmnist": {"diffkd": {"vs_kd": 2.5}},
+    }
+    targets = gpu_cost.check_targets(result)
+    assert {name: t["met"] for name, t in targets.items()} == {
+        "B1 step, bf16, vs KD": True, "B1 step, fp32, vs KD": True,
+        "B1 feature module fwd+bwd, bf16, ms": False, "B1 peak memory, bf16, vs KD": False,
+        "Fashion-MNIST DiffKD step vs KD": False,
+    }  # memory on CPU (None) and rows not run are left out, not failed
+    assert targets["B1 step, bf16, vs KD"] == {"value": 1.19, "limit": 1.20, "met": True}
