@@ -7,8 +7,8 @@
 Cases (DESIGN.md §2 and issue "Fast DiffKD"):
 - ResNet-34 -> ResNet-18, batch 256, 224x224, random data, fp32 and bf16 autocast: plain KD (logits,
   tau 1), DiffKD without AE, DiffKD as in B1 (feature AE latent 1024 + logits) on its fast path, as
-  the reference (fast=False) and with recompute=True on the feature level; step time (median of `--steps` after `--warmup`) and peak memory; and
-  the B1 feature module alone, forward + backward.
+  the reference (fast=False) and with recompute=True on the feature level; step time (median of
+  `--steps` after `--warmup`) and peak memory; and the B1 feature module alone, forward + backward.
 - The Fashion-MNIST pair, batch 128: plain KD vs the demo's DiffKD (feature AE latent 64 + logits),
   fast path and reference.
 DiffKD levels keep their own layout (the fast path is channels-last); `--channels-last` also converts
@@ -65,8 +65,9 @@ def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, f
     return ms, peak
 
 
-def distill_step(teacher: str, student: str, levels: list[Level], shape: tuple[int, ...], batch: int,
-                 classes: int, device: torch.device, dtype: str, channels_last: bool):
+def distill_forward(teacher: str, student: str, levels: list[Level], shape: tuple[int, ...], batch: int,
+                    classes: int, device: torch.device, dtype: str, channels_last: bool):
+    """(forward, distiller): forward() computes one batch's training loss on random data."""
     torch.manual_seed(0)
     t, s = models.create(teacher, num_classes=classes), models.create(student, num_classes=classes)
     fresh = [Level(lv.student, lv.teacher, lv.method, **lv.options) for lv in levels]
@@ -76,13 +77,19 @@ def distill_step(teacher: str, student: str, levels: list[Level], shape: tuple[i
         d = d.to(memory_format=fmt)
     x = torch.randn(batch, *shape, device=device).to(memory_format=fmt)
     y = torch.randint(0, classes, (batch,), device=device)
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
     d.train()
 
     def forward() -> torch.Tensor:
         with autocast(device, dtype):
             out = d(x, y)
             return F.cross_entropy(out.student, y) + out.loss
+
+    return forward, d
+
+
+def training_step(forward, d: Distiller, dtype: str):
+    """One training step (forward, backward, SGD on the trainable parameters) around forward()."""
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
         loss = forward()
@@ -92,7 +99,6 @@ def distill_step(teacher: str, student: str, levels: list[Level], shape: tuple[i
         loss.backward()
         opt.step()
 
-    step.forward, step.module = forward, d  # for activation_memory
     return step
 
 
@@ -100,9 +106,10 @@ def activation_memory(args: argparse.Namespace, device: torch.device) -> dict:
     """R34->R18 cases at fp32: activation MB per image kept for backward, trainable parameter MB."""
     rows = {}
     for name, levels in R34_R18.items():
-        step = distill_step("resnet34", "resnet18", levels, (3, args.size, args.size), args.batch, 1000, device, "fp32", False)
-        per_image = saved_activation_mb(step.forward, step.module.parameters()) / args.batch
-        params = sum(p.numel() * p.element_size() for p in step.module.trainable_parameters()) / 2**20
+        forward, d = distill_forward("resnet34", "resnet18", levels, (3, args.size, args.size), args.batch, 1000, device,
+                                     "fp32", False)
+        per_image = saved_activation_mb(forward, d.parameters()) / args.batch
+        params = sum(p.numel() * p.element_size() for p in d.trainable_parameters()) / 2**20
         rows[name] = {"activation_mb_per_image": round(per_image, 2), "trainable_param_mb": round(params, 1)}
     for row in rows.values():
         row["activations_vs_kd"] = round(row["activation_mb_per_image"] / rows["kd"]["activation_mb_per_image"], 3)
@@ -167,7 +174,8 @@ def main() -> None:
             print(f"R34->R18 batch {args.batch} {name:22s} {json.dumps(r)}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"torch": torch.__version__, "batch": args.batch, "size": args.size, "r34_r18": rows}, f, indent=2)
+                json.dump({"device": device_name(device), "torch": torch.__version__, "batch": args.batch, "size": args.size,
+                           "r34_r18": rows}, f, indent=2)
         return
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -185,7 +193,8 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         rows = {}
         for name, levels in R34_R18.items():
-            step = distill_step("resnet34", "resnet18", levels, shape, args.batch, 1000, device, dtype, args.channels_last)
+            step = training_step(*distill_forward("resnet34", "resnet18", levels, shape, args.batch, 1000, device, dtype,
+                                                  args.channels_last), dtype)
             ms, mb = timed(step, device, args.warmup, args.steps)
             rows[name] = {"step_ms": round(ms, 2), "peak_mb": round(mb, 1)}
         for name in rows:
@@ -199,8 +208,8 @@ def main() -> None:
         save()
     rows = {}
     for name, levels in FMNIST.items():
-        step = distill_step("fmnist_teacher", "fmnist_student", levels, (1, 28, 28), args.fmnist_batch, 10,
-                            device, "fp32", False)
+        step = training_step(*distill_forward("fmnist_teacher", "fmnist_student", levels, (1, 28, 28), args.fmnist_batch,
+                                              10, device, "fp32", False), "fp32")
         ms, _ = timed(step, device, args.warmup, args.steps)
         rows[name] = {"step_ms": round(ms, 2)}
     for row in rows.values():

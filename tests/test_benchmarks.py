@@ -109,3 +109,15 @@ def test_gpu_targets_are_checked_against_the_issue_limits():
         "Fashion-MNIST DiffKD step vs KD": False,
     }  # memory on CPU (None) and rows not run are left out, not failed
     assert targets["B1 step, bf16, vs KD"] == {"value": 1.19, "limit": 1.20, "met": True}
+
+
+def test_activation_memory_counts_what_recomputation_saves():
+    """R34->R18 at a tiny size: KD is the unit, DiffKD keeps more activations than KD, and the
+    recomputing B1 level keeps fewer than the plain one (the same parameters)."""
+    import argparse
+
+    rows = gpu_cost.activation_memory(argparse.Namespace(size=32, batch=2), torch.device("cpu"))
+    assert rows["kd"]["activations_vs_kd"] == 1.0
+    assert rows["diffkd_b1"]["activation_mb_per_image"] > rows["kd"]["activation_mb_per_image"]
+    assert rows["diffkd_b1_recompute"]["activation_mb_per_image"] < rows["diffkd_b1"]["activation_mb_per_image"]
+    assert rows["diffkd_b1_recompute"]["trainable_param_mb"] == rows["diffkd_b1"]["trainable_param_mb"]
