@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py ladder [--seeds 3] [--quick] [--out runs/bench-accuracy]
     python benchmarks/accuracy.py nfe | latent | anm | placement       # the paper's ablations
+    python benchmarks/accuracy.py ladder --methods "student alone" DIST   # a subset of a table's rows
 
 Writes results.csv (one row per run), table.md (mean ± std over seeds, gain over the student
 alone) and accuracy.png (bars with std error bars) into the output folder; the teacher is trained
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root")
     parser.add_argument("--train-items", type=int, help="override the size's training items")
     parser.add_argument("--epochs", type=int, help="override the size's student epochs")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these rows of the table (names as listed)")
     args = parser.parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
     students = DemoSize(args.train_items or size.train_items, size.test_items, size.teacher_epochs,
@@ -132,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out)
     teacher_top1, _, _ = cached_teacher(teacher_config(size, root, args.device, args.data_root))
     methods = LADDER if args.what == "ladder" else ABLATIONS[args.what]
+    if args.methods:
+        unknown = [m for m in args.methods if m not in methods]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown} for {args.what}; choose from {list(methods)}")
+        methods = {m: methods[m] for m in args.methods}
     out = root / (args.what if students == size else f"{args.what}-{students.train_items}x{students.student_epochs}")
     out.mkdir(parents=True, exist_ok=True)
     title = (f"Fashion-MNIST fmnist_teacher ({teacher_top1:.2f}) -> fmnist_student, {students.train_items} train items, "

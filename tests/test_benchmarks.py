@@ -80,6 +80,13 @@ def test_accuracy_ladder_end_to_end_then_a_rerun_rereads_every_run(tmp_path, mon
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert [r["seed"] for r in second[3:]] == ["1"] * 3
 
+    assert accuracy.main([*argv, "--seeds", "2", "--methods", "KD"]) == 0  # a subset of the rows, reread
+    with open(out / "results.csv") as f:
+        subset = list(csv.DictReader(f))
+    assert subset == [r for r in second if r["method"] == "KD"]
+    with pytest.raises(SystemExit):
+        accuracy.main([*argv, "--methods", "KDD"])
+
 
 def test_breakdown_counts_step_flops_and_groups_profiled_time():
     """A KD step's FLOPs equal a count by hand: teacher forward, student forward + weight and input
