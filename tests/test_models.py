@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffkd.models import Taps, available, create, default_taps, input_size, load_weights
 from diffkd.models.weights import file_sha256
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/cifar_zoo_state_dict.json"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cifar_zoo_state_dict.json"  # from DESIGN.md section 5
 
 # registry name: (fixture key, parameter count from DESIGN.md section 2 or None, pre-pool map (C, H, W))
 ZOO = {
@@ -52,8 +52,6 @@ BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 @functools.cache
 def fixture_models() -> dict[str, dict[str, list[int]]]:
     """Keys and shapes of the published zoo checkpoints."""
-    if not FIXTURE.is_file():
-        pytest.skip(f"fixture {FIXTURE} not found (the repository is expected beside shared/)")
     return json.loads(FIXTURE.read_text())["models"]
 
 
