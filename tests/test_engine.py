@@ -322,6 +322,22 @@ def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
 
 
 @needs_fmnist
+def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path: Path) -> None:
+    """A checkpoint whose config lacks a key the schema gained later (at its default) resumes."""
+    run(tiny(tmp_path, "train.epochs=1"), mode="train")
+    path = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["train"]["label_smoothing"]  # as if written before the key existed
+    torch.save(ckpt, path)
+    result = run(tiny(tmp_path, "train.epochs=2"), mode="train", resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    ckpt["config"]["train"]["label_smoothing"] = 0.1  # a real change is still refused
+    torch.save(ckpt, path)
+    with pytest.raises(ConfigError, match="differs from the run's in train.label_smoothing"):
+        run(tiny(tmp_path, "train.epochs=3"), mode="train", resume=True)
+
+
+@needs_fmnist
 def test_nan_loss_names_term_step_and_epoch_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
     original = ClassificationTask.loss
     calls = {"train": 0}

@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
-from ..config import Config, ConfigError, config_to_dict, save_config
+from ..config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from ..tasks import Metrics, Task, build_task
 from . import distributed, rng
 from ..atomic import serialize, write_atomic
@@ -210,7 +210,10 @@ def _restore(s: Session, path: Path) -> None:
     ckpt = load_checkpoint(path)
     if ckpt["mode"] != s.mode:
         raise CheckpointError(f"{path} is from `diffkd {ckpt['mode']}`, not `diffkd {s.mode}`")
-    changed = [k for k in _config_changes(ckpt["config"], config_to_dict(s.cfg)) if k not in RESUMABLE_CHANGES]
+    # The saved config is read back through the schema, so keys added to it since (at their defaults)
+    # are no change; a saved key the schema no longer knows fails there with the usual message.
+    saved = config_to_dict(config_from_dict(ckpt["config"]))
+    changed = [k for k in _config_changes(saved, config_to_dict(s.cfg)) if k not in RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(
             f"cannot resume {path.parent}: the config differs from the run's in {', '.join(changed)}; resume with "
