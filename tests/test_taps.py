@@ -265,7 +265,7 @@ def test_select_on_single_tensor_is_error(net: nn.Module, x: torch.Tensor) -> No
 def test_tokens_with_class_token_become_map() -> None:
     model = TokenNet()
     tokens = torch.randn(2, 1 + 16, 8)
-    specs = {"map": Tap("block", prefix_tokens=1), "raw": Tap("block", tokens_to_map=False)}
+    specs = {"map": Tap("block", prefix_tokens=1), "seq": Tap("block", prefix_tokens=1, tokens_to_map=False)}
     with FeatureTaps(model, specs) as taps:
         model(tokens)
         fmap = taps["map"]
@@ -273,7 +273,9 @@ def test_tokens_with_class_token_become_map() -> None:
         assert fmap.shape == (2, 8, 4, 4) and fmap.is_contiguous()
         assert torch.equal(fmap, reference)
         assert torch.equal(fmap[:, :, 1, 2], tokens[:, 1 + 1 * 4 + 2])  # row-major token order
-        assert taps["raw"].shape == (2, 17, 8)
+        # tokens_to_map=False hands the tokens out channel-first, as a (B, C, N) sequence
+        assert torch.equal(taps["seq"], tokens[:, 1:].transpose(1, 2))
+        assert taps.layouts() == {"map": "map", "seq": "sequence"}
 
 
 def test_tokens_with_explicit_grid() -> None:
@@ -286,23 +288,24 @@ def test_tokens_with_explicit_grid() -> None:
 
 def test_non_square_tokens_error() -> None:
     model = TokenNet()
-    with FeatureTaps(model, {"t": "block", "hw": Tap("block", token_hw=(3, 3))}) as taps:
+    with FeatureTaps(model, {"t": Tap("block", layout="tokens"), "hw": Tap("block", token_hw=(3, 3))}) as taps:
         model(torch.randn(2, 17, 8))
         with pytest.raises(ValueError) as info:
             taps["t"]
         msg = str(info.value)
         assert "N=17 tokens" in msg and "token_hw=(H, W)" in msg and "prefix_tokens=1" in msg
+        assert "tokens_to_map=False for a (B, C, N) sequence" in msg
         with pytest.raises(ValueError, match="needs 9 tokens but there are 17"):
             taps["hw"]
 
 
 def test_bad_rank_error() -> None:
     model = TokenNet()
-    with FeatureTaps(model, {"t": "block", "raw": Tap("block", tokens_to_map=False)}) as taps:
+    with FeatureTaps(model, {"t": "block", "raw": Tap("block", layout="raw")}) as taps:
         model(torch.randn(2, 3, 4, 5, 6))
-        with pytest.raises(ValueError, match=r"got shape \(2, 3, 4, 5, 6\)"):
+        with pytest.raises(ValueError, match=r"got shape \(2, 3, 4, 5, 6\); set layout='raw' to take it as is"):
             taps["t"]
-        assert taps["raw"].dim() == 5
+        assert taps["raw"].dim() == 5 and taps.layout("raw") == "raw"
 
 
 # ---------------------------------------------------------------- staleness

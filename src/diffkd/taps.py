@@ -2,10 +2,10 @@
 
 A :class:`Tap` names one feature: a module path as in ``model.named_modules()`` ("layer4",
 "features.18", "blocks.11.mlp"; "" is the model itself), whether to take the module's output or its
-first positional input, which element of a tuple/list/dict to keep, and how to turn a (B, N, C)
-token sequence into a (B, C, H, W) map. :class:`FeatureTaps` hooks a set of named taps onto a model
-and hands out the processed captures of the model's latest forward; :func:`probe_shapes` runs one
-dry forward to learn every tap's shape (for building projectors before training starts).
+first positional input, which element of a tuple/list/dict to keep, and the capture's ``layout``.
+:class:`FeatureTaps` hooks a set of named taps onto a model and hands out the processed captures of
+the model's latest forward; :func:`probe_features` / :func:`probe_shapes` run one dry forward to learn
+every tap's shape and layout (for building projectors before training starts).
 
 String syntax of :meth:`Tap.parse` (for configs and command lines)::
 
@@ -15,8 +15,40 @@ String syntax of :meth:`Tap.parse` (for configs and command lines)::
     "backbone[pool]"         key "pool" of a dict output (bare non-numeric words are string keys)
     ""                       the model's own output
 
-Other fields (``capture="input"``, ``prefix_tokens``, ``token_hw``, ``tokens_to_map``) are given
-with a :class:`Tap` or a mapping such as ``{"path": "blocks.11", "prefix_tokens": 1}``.
+Other fields (``capture="input"``, ``layout``, ``prefix_tokens``, ``token_hw``, ``tokens_to_map``,
+``channels_last``) are given with a :class:`Tap` or a mapping such as
+``{"path": "blocks.11", "prefix_tokens": 1}`` or ``{"path": "encoder", "layout": "sequence"}``.
+
+Layouts. Every capture is handed out channel-first, so a method never has to guess what an axis is:
+
+* ``"map"``: a (B, C, H, W) map, handed out as is; with ``channels_last=True`` the capture is a
+  (B, H, W, C) map (timm Swin stages) and is permuted to (B, C, H, W).
+* ``"vector"``: a (B, K) vector (pooled features, logits).
+* ``"sequence"``: a (B, C, L) sequence of 1-D features (audio, ECG, time series), handed out as is.
+* ``"tokens"``: a (B, N, C) token sequence. The first ``prefix_tokens`` (class/register tokens) are
+  dropped, then the tokens are folded row-major into a (B, C, H, W) map on the grid ``token_hw`` (or
+  a square grid when N is a square); with ``tokens_to_map=False`` they are handed out as a (B, C, N)
+  sequence instead.
+* ``"raw"``: exactly as produced, any rank (e.g. a detector's (B, anchors, 4) box regression,
+  compared element by element).
+
+``layout=None`` (the default) decides only what is certain: rank 2 is a vector, rank 4 a map;
+``prefix_tokens``, ``token_hw`` or ``tokens_to_map=False`` say tokens (today's ViT syntax). A rank-3
+capture is otherwise never guessed; it is a sequence only when the module that produced it says so
+by its type: for ``capture="output"``, an ``nn.Conv1d``, ``nn.ConvTranspose1d``, ``nn.BatchNorm1d``,
+``nn.SyncBatchNorm``, ``nn.InstanceNorm1d``, ``nn.GroupNorm`` or 1-D pooling module (PyTorch defines
+each on (B, C, L) with C at dim 1; its width, where it has one, must match dim 1); an ``nn.Sequential`` takes the
+rule of its last child that changes anything, walking back over element-wise children (activations,
+Dropout, Identity). For ``capture="input"`` the same modules read their input as (B, C, L), and an
+``nn.Sequential`` takes the rule of its first child that changes anything. A rule applies only to a
+module running PyTorch's own ``forward`` (a subclass that overrides it may transpose) and only
+without ``select``. ``nn.Linear`` and ``nn.LayerNorm`` give no rule: they fix the channel axis (the
+last) but not the batch axis, and PyTorch's own transformer layers default to (N, B, C). Any other
+rank-3 capture raises, at access time, a one-line error that names the tap and the shape and asks for
+``layout="tokens"`` (B, N, C) or ``layout="sequence"`` (B, C, L). A capture whose rank does not fit
+an explicit layout is an error naming the layout and the shape. :meth:`FeatureTaps.layouts` tells
+what each capture was handed out as: "map", "vector", "sequence" or "raw" (tokens come out as a map
+or a sequence).
 
 Semantics worth knowing:
 
@@ -41,13 +73,13 @@ import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Tap", "FeatureTaps", "call_model", "probe_shapes"]
+__all__ = ["LAYOUTS", "Tap", "FeatureTaps", "ProbedFeature", "call_model", "probe_features", "probe_shapes"]
 
 _SPEC_RE = re.compile(r"(?P<path>[^\[\]]*)(?:\[(?P<select>[^\[\]]+)\])?")
 _INT_RE = re.compile(r"-?\d+")
@@ -55,9 +87,13 @@ _QUOTED_RE = re.compile(r"""(?P<q>['"])(?P<key>.*)(?P=q)""")
 _MAX_PREFIX_HINT = 16  # how many leading tokens the non-square error tries when suggesting prefix_tokens
 
 
+Layout = Literal["map", "vector", "sequence", "tokens", "raw"]
+LAYOUTS: tuple[str, ...] = ("map", "vector", "sequence", "tokens", "raw")
+
+
 @dataclass(frozen=True)
 class Tap:
-    """One feature to capture: a module path plus how to select and reshape what it produces."""
+    """One feature to capture: a module path plus how to select it and what layout it has."""
 
     path: str
     capture: Literal["output", "input"] = "output"
@@ -66,6 +102,7 @@ class Tap:
     prefix_tokens: int = 0
     tokens_to_map: bool = True
     channels_last: bool = False  # the capture is a (B, H, W, C) map (timm Swin stages): make it (B, C, H, W)
+    layout: Layout | None = None  # None: decided by rank, token fields or the module type (module docstring)
 
     def __post_init__(self) -> None:
         """Reject malformed fields at construction, where the mistake is made."""
@@ -75,8 +112,12 @@ class Tap:
             raise ValueError(f"Tap.capture must be 'output' or 'input', got {self.capture!r}")
         if self.select is not None and not (_is_int(self.select) or isinstance(self.select, str)):
             raise TypeError(f"Tap.select must be an int index, a str key or None, got {self.select!r}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"Tap.layout must be one of {', '.join(map(repr, LAYOUTS))} or None, got {self.layout!r}")
         if not _is_int(self.prefix_tokens) or self.prefix_tokens < 0:
             raise ValueError(f"Tap.prefix_tokens must be an int >= 0, got {self.prefix_tokens!r}")
+        if not isinstance(self.tokens_to_map, bool):
+            raise TypeError(f"Tap.tokens_to_map must be a bool, got {self.tokens_to_map!r}")
         if self.token_hw is not None:
             hw = self.token_hw
             if not (isinstance(hw, tuple) and len(hw) == 2 and all(_is_int(v) and v > 0 for v in hw)):
@@ -85,6 +126,18 @@ class Tap:
                 raise ValueError("Tap.token_hw only applies with tokens_to_map=True")
         if self.channels_last and (self.prefix_tokens or self.token_hw is not None):
             raise ValueError("Tap.channels_last is for (B, H, W, C) maps; prefix_tokens/token_hw are for token sequences")
+        if self.channels_last and self.layout not in (None, "map"):
+            raise ValueError(f"Tap.channels_last is for (B, H, W, C) maps, not layout={self.layout!r}; drop one of them")
+        if self.names_tokens and self.layout not in (None, "tokens"):
+            raise ValueError(
+                f"Tap.prefix_tokens/token_hw/tokens_to_map are for layout='tokens', not layout={self.layout!r}; "
+                "drop them or set layout='tokens'"
+            )
+
+    @property
+    def names_tokens(self) -> bool:
+        """True when a token field is set: the tap itself says its capture is (B, N, C) tokens."""
+        return bool(self.prefix_tokens) or self.token_hw is not None or not self.tokens_to_map
 
     @classmethod
     def parse(cls, spec: str | Tap | Mapping[str, Any]) -> Tap:
@@ -180,30 +233,116 @@ def _select(name: str, tap: Tap, value: Any) -> torch.Tensor:
     return chosen
 
 
-def _to_map(name: str, tap: Tap, t: torch.Tensor) -> torch.Tensor:
-    """Drop prefix tokens and fold a (B, N, C) token sequence into a contiguous (B, C, H, W) map."""
-    where = _where(name, tap)
+# Modules that PyTorch defines on (B, C, L) at rank 3 (C at dim 1), with the attribute holding C
+# (None: no width to check). Their input and output are both (B, C, L).
+_SEQUENCE_MODULES: tuple[tuple[type[nn.Module], str | None, str | None], ...] = (
+    (nn.Conv1d, "in_channels", "out_channels"),
+    (nn.ConvTranspose1d, "in_channels", "out_channels"),
+    (nn.BatchNorm1d, "num_features", "num_features"),
+    (nn.SyncBatchNorm, "num_features", "num_features"),
+    (nn.InstanceNorm1d, "num_features", "num_features"),
+    (nn.GroupNorm, "num_channels", "num_channels"),
+    (nn.MaxPool1d, None, None),
+    (nn.AvgPool1d, None, None),
+    (nn.AdaptiveAvgPool1d, None, None),
+    (nn.AdaptiveMaxPool1d, None, None),
+    (nn.LPPool1d, None, None),
+)
+# Element-wise modules: the output has the input's shape and layout, so a Sequential's rule looks past them.
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+)
+
+
+@dataclass(frozen=True)
+class _SequenceRule:
+    """A module type that makes a rank-3 capture certainly (B, C, L): which module, and its width."""
+
+    module: str  # e.g. "Conv1d 'encoder.0'", for messages
+    channels: int | None
+
+
+def _runs_own_forward(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """An instance of cls whose forward is PyTorch's own (a subclass overriding it may transpose)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _sequence_rule(module: nn.Module, path: str, capture: str) -> _SequenceRule | None:
+    """The certain rule for a rank-3 capture of this module (see the module docstring), or None."""
+    if _runs_own_forward(module, nn.Sequential):
+        children = list(module.named_children())
+        if capture == "output":
+            children.reverse()  # the output is the last child's output; the input is the first child's input
+        for child_name, child in children:
+            if any(_runs_own_forward(child, cls) for cls in _ELEMENTWISE_MODULES):
+                continue
+            return _sequence_rule(child, f"{path}.{child_name}" if path else child_name, capture)
+        return None
+    for cls, in_width, out_width in _SEQUENCE_MODULES:
+        if _runs_own_forward(module, cls):
+            width = in_width if capture == "input" else out_width
+            channels = getattr(module, width) if width else None
+            return _SequenceRule(f"{type(module).__name__} {path!r}", channels if _is_int(channels) else None)
+    return None
+
+
+def _resolve(where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, producer: str) -> tuple[str, bool]:
+    """The capture's layout and whether tokens may fold into a map: the tap's word, the rank, or a rule."""
+    if tap.layout is not None:
+        return tap.layout, tap.layout == "tokens"
     if tap.channels_last:
-        if t.dim() != 4:
-            raise ValueError(f"{where}: channels_last expects a (B, H, W, C) map, got shape {tuple(t.shape)}")
-        return t.permute(0, 3, 1, 2)
+        return "map", False
+    if tap.names_tokens:
+        return "tokens", True
+    if t.dim() == 2:
+        return "vector", False
+    if t.dim() == 4:
+        return "map", False
+    shape = tuple(t.shape)
     if t.dim() != 3:
-        if tap.prefix_tokens or tap.token_hw is not None:
-            raise ValueError(
-                f"{where}: prefix_tokens/token_hw apply to (B, N, C) token captures, "
-                f"got shape {tuple(t.shape)}"
-            )
-        if tap.tokens_to_map and t.dim() not in (2, 4):
-            raise ValueError(
-                f"{where}: expected a (B, K) vector, a (B, N, C) token sequence or a (B, C, H, W) map, "
-                f"got shape {tuple(t.shape)}; set tokens_to_map=False to take it as is"
-            )
-        return t
+        raise ValueError(
+            f"{where}: expected a (B, K) vector, a rank-3 sequence or token capture or a (B, C, H, W) map, "
+            f"got shape {shape}; set layout='raw' to take it as is"
+        )
+    if rule is not None and rule.channels in (None, shape[1]):
+        return "sequence", False
+    raise ValueError(
+        f"{where}: a rank-3 capture of shape {shape} may be (B, N, C) tokens or a (B, C, L) sequence and "
+        f"{producer} does not say which; set layout='tokens' for (B, N, C) or layout='sequence' for (B, C, L)"
+    )
+
+
+def _arrange(
+    where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, producer: str
+) -> tuple[torch.Tensor, str]:
+    """The capture channel-first, with what it was handed out as: "map", "vector", "sequence" or "raw"."""
+    layout, may_fold = _resolve(where, tap, t, rule, producer)
+    shape = tuple(t.shape)
+    if layout == "raw":
+        return t, "raw"
+    if layout == "map":
+        if t.dim() != 4:
+            expected = "channels_last expects a (B, H, W, C) map" if tap.channels_last else "layout='map' expects a (B, C, H, W) map"
+            raise ValueError(f"{where}: {expected}, got shape {shape}")
+        return (t.permute(0, 3, 1, 2) if tap.channels_last else t), "map"
+    expected_rank = {"vector": 2, "sequence": 3, "tokens": 3}[layout]
+    if t.dim() != expected_rank:
+        what = {"vector": "(B, K) vector", "sequence": "(B, C, L) sequence", "tokens": "(B, N, C) token sequence"}[layout]
+        fields = "prefix_tokens/token_hw/tokens_to_map say" if layout == "tokens" and tap.layout is None else f"layout={layout!r} expects"
+        raise ValueError(f"{where}: {fields} a {what}, got shape {shape}")
+    if layout != "tokens":
+        return t, layout
     if tap.prefix_tokens >= t.shape[1]:
         raise ValueError(f"{where}: prefix_tokens={tap.prefix_tokens} leaves no tokens of {t.shape[1]}")
     tokens = t[:, tap.prefix_tokens :]
-    if not tap.tokens_to_map:
-        return tokens
+    if not (may_fold and tap.tokens_to_map):
+        return tokens.permute(0, 2, 1).contiguous(), "sequence"
+    return _fold(where, tap, tokens), "map"
+
+
+def _fold(where: str, tap: Tap, tokens: torch.Tensor) -> torch.Tensor:
+    """Fold (B, N, C) tokens row-major into a contiguous (B, C, H, W) map on token_hw or a square grid."""
     b, n, c = tokens.shape
     if tap.token_hw is not None:
         h, w = tap.token_hw
@@ -225,7 +364,7 @@ def _to_map(name: str, tap: Tap, t: torch.Tensor) -> torch.Tensor:
             )
             raise ValueError(
                 f"{where}: N={n} tokens (after dropping prefix_tokens={tap.prefix_tokens}) is not a square "
-                f"grid; set token_hw=(H, W){extra}"
+                f"grid; set token_hw=(H, W){extra}, or tokens_to_map=False for a (B, C, N) sequence"
             )
         w = h
     return tokens.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
@@ -306,7 +445,12 @@ class FeatureTaps:
             except AttributeError:
                 raise ValueError(_unknown_path_message(model, name, tap.path)) from None
         self._taps = parsed
+        # What decides a rank-3 capture without a layout: a module-type rule (output/input, no select).
+        self._rules = {name: None if tap.select is not None else _sequence_rule(modules[name], tap.path, tap.capture)
+                       for name, tap in parsed.items()}
+        self._producers = {name: f"{type(modules[name]).__name__} {tap.path!r}" for name, tap in parsed.items()}
         self._captures: dict[str, torch.Tensor | _Failure] = {}
+        self._layouts: dict[str, str] = {}
         self._forwards = 0
         handles = [model.register_forward_pre_hook(_Hook(self, "_begin_forward", ""), prepend=True)]
         for name, tap in parsed.items():
@@ -320,6 +464,7 @@ class FeatureTaps:
         """Root pre-hook: a new forward starts, so every earlier capture is stale; drop them."""
         self._forwards += 1
         self._captures.clear()
+        self._layouts.clear()
 
     def _capture_input(self, name: str, args: tuple[Any, ...]) -> None:
         """Pre-hook: keep the module's first positional input."""
@@ -338,10 +483,14 @@ class FeatureTaps:
     def _store(self, name: str, value: Any) -> None:
         """Process a capture now (so only the selected tensor is kept); defer errors to access time."""
         tap = self._taps[name]
+        self._layouts.pop(name, None)
         try:
-            self._captures[name] = _to_map(name, tap, _select(name, tap, value))
+            where = _where(name, tap)
+            tensor, layout = _arrange(where, tap, _select(name, tap, value), self._rules[name], self._producers[name])
         except (ValueError, TypeError) as exc:
             self._captures[name] = _Failure(type(exc), str(exc))
+        else:
+            self._captures[name], self._layouts[name] = tensor, layout
 
     @property
     def taps(self) -> Mapping[str, Tap]:
@@ -373,6 +522,15 @@ class FeatureTaps:
             raise value.kind(value.message)
         return value
 
+    def layout(self, name: str) -> str:
+        """What tap ``name``'s latest capture was handed out as: "map", "vector", "sequence" or "raw"."""
+        self[name]  # the same errors as the capture itself (unknown, stale, unprocessable)
+        return self._layouts[name]
+
+    def layouts(self) -> dict[str, str]:
+        """Every tap's handed-out layout in the latest forward, in tap order (see :meth:`layout`)."""
+        return {name: self.layout(name) for name in self._taps}
+
     def items(self) -> list[tuple[str, torch.Tensor]]:
         """(name, capture) pairs of the latest forward, in tap order."""
         return [(name, self[name]) for name in self._taps]
@@ -381,6 +539,7 @@ class FeatureTaps:
         """Remove all hooks and drop captures; safe to call more than once."""
         self._finalizer()
         self._captures.clear()
+        self._layouts.clear()
 
     def __enter__(self) -> FeatureTaps:
         """Use as a context manager that closes on exit."""
@@ -409,6 +568,41 @@ def _random_input(model: nn.Module, shape: Iterable[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator).to(device=device, dtype=dtype)
 
 
+class ProbedFeature(NamedTuple):
+    """One tap's processed shape (batch first) and what it is handed out as ("map", "vector", ...)."""
+
+    shape: torch.Size
+    layout: str
+
+
+def probe_features(
+    model: nn.Module,
+    taps: Mapping[str, Tap | str | Mapping[str, Any]],
+    example_input: Any = None,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    batch_size: int = 2,
+) -> dict[str, ProbedFeature]:
+    """Each tap's processed shape and layout from one no-grad eval forward, to size projectors before training."""
+    # example_input: a tuple spreads as positional arguments, a mapping as keywords, else one argument.
+    # input_shape excludes the batch dimension, e.g. (3, 224, 224): a seeded random batch of batch_size.
+    # Each module's own training flag is restored (not model.train(flag)), so mixed train/eval models
+    # (frozen BN, a pinned teacher) come back exactly as they were; eval keeps BN running stats fixed.
+    if (example_input is None) == (input_shape is None):
+        raise ValueError("probing taps needs exactly one of example_input or input_shape")
+    if input_shape is not None:
+        example_input = _random_input(model, (batch_size, *input_shape))
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with FeatureTaps(model, taps) as feature_taps, torch.no_grad():
+            call_model(model, example_input)
+            return {name: ProbedFeature(feature.shape, feature_taps.layout(name)) for name, feature in feature_taps.items()}
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def probe_shapes(
     model: nn.Module,
     taps: Mapping[str, Tap | str | Mapping[str, Any]],
@@ -417,21 +611,6 @@ def probe_shapes(
     input_shape: tuple[int, ...] | None = None,
     batch_size: int = 2,
 ) -> dict[str, torch.Size]:
-    """Each tap's processed shape from one no-grad eval forward, to size projectors before training."""
-    # example_input: a tuple spreads as positional arguments, a mapping as keywords, else one argument.
-    # input_shape excludes the batch dimension, e.g. (3, 224, 224): a seeded random batch of batch_size.
-    # Each module's own training flag is restored (not model.train(flag)), so mixed train/eval models
-    # (frozen BN, a pinned teacher) come back exactly as they were; eval keeps BN running stats fixed.
-    if (example_input is None) == (input_shape is None):
-        raise ValueError("probe_shapes needs exactly one of example_input or input_shape")
-    if input_shape is not None:
-        example_input = _random_input(model, (batch_size, *input_shape))
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with FeatureTaps(model, taps) as feature_taps, torch.no_grad():
-            call_model(model, example_input)
-            return {name: feature.shape for name, feature in feature_taps.items()}
-    finally:
-        for module, training in modes:
-            module.training = training
+    """Each tap's processed shape from one no-grad eval forward (:func:`probe_features` without layouts)."""
+    probed = probe_features(model, taps, example_input, input_shape=input_shape, batch_size=batch_size)
+    return {name: feature.shape for name, feature in probed.items()}

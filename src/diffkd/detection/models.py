@@ -51,11 +51,11 @@ def _families() -> dict[str, Family]:
         ),
         "retinanet": Family(
             RetinaNet, (2, 3, 4), lambda: LastLevelP6P7(256, 256), one_stage_levels,
-            {"path": "head.regression_head", "tokens_to_map": False}, coco_builder="retinanet_resnet50_fpn",
+            {"path": "head.regression_head", "layout": "raw"}, coco_builder="retinanet_resnet50_fpn",
         ),
         "fcos": Family(
             FCOS, (2, 3, 4), lambda: LastLevelP6P7(256, 256), one_stage_levels,
-            {"path": "head.regression_head", "select": 0, "tokens_to_map": False},  # (boxes, centerness)
+            {"path": "head.regression_head", "select": 0, "layout": "raw"},  # (boxes, centerness)
             coco_builder="fcos_resnet50_fpn",
         ),
     }
