@@ -114,9 +114,10 @@ def denoise_folded(h: Tensor, noise_predictor: NoisePredictor, coefficients: lis
 
 
 class PointwiseConv(nn.Conv2d):
-    """1x1 conv (with bias) that also takes (B,C) vectors, as one matrix product.
+    """1x1 conv (with bias) that also takes (B,C) vectors, as one matrix product, and (B,C,L) sequences.
 
-    Same weights and maths as on (B,C,1,1) maps, but far fewer and cheaper kernels for the mlp kind.
+    Same weights and maths as on (B,C,1,1) maps, but far fewer and cheaper kernels for the mlp kind;
+    one class for both spatial ranks keeps the 1-D conv kind's parameter names those of the 2-D kind.
     """
 
     def __init__(self, cin: int, cout: int):
@@ -125,16 +126,19 @@ class PointwiseConv(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:
             return F.linear(x, self.weight.flatten(1), self.bias)
+        if x.dim() == 3:
+            return F.conv1d(x, self.weight.flatten(2), self.bias)
         return super().forward(x)
 
 
 class VectorBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that also normalises (B,C) vectors (the same statistics as (B,C,1,1) maps), and
-    can apply another affine than its own (`normalize`), so a caller can fold a scale into it."""
+    """BatchNorm2d that also normalises (B,C) vectors (the same statistics as (B,C,1,1) maps) and
+    (B,C,L) sequences (statistics over batch and length), and can apply another affine than its own
+    (`normalize`), so a caller can fold a scale into it."""
 
     def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in (2, 4):
-            raise ValueError(f"expected a (B,C) or (B,C,H,W) input, got shape {tuple(x.shape)}")
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"expected a (B,C), (B,C,L) or (B,C,H,W) input, got shape {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.normalize(x, self.weight, self.bias)
@@ -154,22 +158,37 @@ class VectorBatchNorm(nn.BatchNorm2d):
         )
 
 
-def conv_bn(cin: int, cout: int, kernel: int = 1) -> list[nn.Module]:
-    """Conv (with bias, 'same' padding) followed by BatchNorm: the unit every box is made of."""
+def conv_bn(cin: int, cout: int, kernel: int = 1, dims: int = 2) -> list[nn.Module]:
+    """Conv (with bias, 'same' padding) followed by BatchNorm: the unit every box is made of.
+
+    dims is the spatial rank: 2 for (B,C,H,W) maps, 1 for (B,C,L) sequences (only a kernel > 1 differs).
+    """
     if kernel == 1:
         return [PointwiseConv(cin, cout), VectorBatchNorm(cout)]
+    if dims == 1:
+        return [nn.Conv1d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm1d(cout)]
     return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout)]
 
 
-class Bottleneck(nn.Module):
-    """Residual bottleneck: 1x1 C->C/r, 3x3 C/r->C/r, 1x1 C/r->C (BN, ReLU between), plus input."""
+def check_dims(dims: int) -> None:
+    """The conv kind's spatial rank: 2 (maps) or 1 (sequences)."""
+    if dims not in (1, 2):
+        raise ValueError(f"dims must be 2 ((B,C,H,W) maps) or 1 ((B,C,L) sequences), got {dims!r}")
 
-    def __init__(self, channels: int, reduction: int = 4):
+
+class Bottleneck(nn.Module):
+    """Residual bottleneck: 1x1 C->C/r, 3x3 C/r->C/r, 1x1 C/r->C (BN, ReLU between), plus input.
+
+    With dims=1 (sequences) the 3x3 conv is a kernel-3 conv along L (padding 1).
+    """
+
+    def __init__(self, channels: int, reduction: int = 4, dims: int = 2):
         super().__init__()
+        check_dims(dims)
         mid = max(1, channels // reduction)  # tiny widths keep one channel instead of none
         self.block = nn.Sequential(
             *conv_bn(channels, mid), nn.ReLU(inplace=True),
-            *conv_bn(mid, mid, 3), nn.ReLU(inplace=True),
+            *conv_bn(mid, mid, 3, dims), nn.ReLU(inplace=True),
             *conv_bn(mid, channels),
         )
 
@@ -193,18 +212,18 @@ def buffers_restored(module: nn.Module) -> Iterator[None]:
 class NoisePredictor(nn.Module):
     """eps(x, t): a learned time embedding added to x, then a conv ("conv") or 1x1 MLP ("mlp") net.
 
-    The mlp kind takes (B,C) vectors (or (B,C,1,1) maps: same weights, same result). With
+    The conv kind takes (B,C,H,W) maps, or (B,C,L) sequences when built with dims=1. The mlp kind takes (B,C) vectors (or (B,C,1,1) maps: same weights, same result). With
     `recompute` set, each evaluation keeps only its input for backward and is run again there
     (activation checkpointing): the same gradients for about a third more compute, and a fraction
     of the memory, since six evaluations per step otherwise hold all their activations.
     """
 
-    def __init__(self, channels: int, kind: str = "conv", recompute: bool = False):
+    def __init__(self, channels: int, kind: str = "conv", recompute: bool = False, dims: int = 2):
         super().__init__()
         self.recompute = recompute
         self.time_embedding = nn.Embedding(TIME_EMBEDDING_ROWS, channels)
         if kind == "conv":
-            layers = [Bottleneck(channels), Bottleneck(channels), *conv_bn(channels, channels)]
+            layers = [Bottleneck(channels, dims=dims), Bottleneck(channels, dims=dims), *conv_bn(channels, channels)]
         elif kind == "mlp":
             wide = 4 * channels
             layers = [
@@ -262,10 +281,11 @@ class NoisePredictor(nn.Module):
 class AdaptiveNoiseMatcher(nn.Module):
     """ANM: predicts per sample how much Gaussian noise to mix into the student latent (gamma)."""
 
-    def __init__(self, channels: int, kind: str = "conv"):
+    def __init__(self, channels: int, kind: str = "conv", dims: int = 2):
         super().__init__()
         if kind == "conv":
-            self.features = nn.Sequential(Bottleneck(channels, reduction=8), nn.AdaptiveAvgPool2d(1))
+            pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)  # global average over space
+            self.features = nn.Sequential(Bottleneck(channels, reduction=8, dims=dims), pool)
         elif kind == "mlp":
             self.features = nn.Sequential(
                 *conv_bn(channels, 2 * channels), nn.ReLU(inplace=True), *conv_bn(2 * channels, channels)

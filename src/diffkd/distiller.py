@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .atomic import save_atomic
 from .methods import build_method
-from .taps import FeatureTaps, Tap, call_model, probe_shapes
+from .taps import FeatureTaps, Tap, call_model, probe_features
 
 
 class Level:
@@ -70,12 +70,13 @@ class Distiller(nn.Module):
 
         student_specs = {lv.name: lv.student for lv in levels}
         teacher_specs = {lv.name: lv.teacher for lv in levels}
-        student_shapes = probe_shapes(student, student_specs, example_input, input_shape=input_shape)
-        teacher_shapes = probe_shapes(teacher, teacher_specs, example_input, input_shape=input_shape)
+        student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
+        teacher_probe = probe_features(teacher, teacher_specs, example_input, input_shape=input_shape)
         self.methods = nn.ModuleDict()
         for lv in levels:
+            s, t = student_probe[lv.name], teacher_probe[lv.name]
             try:
-                self.methods[lv.name] = build_method(lv.method, student_shapes[lv.name], teacher_shapes[lv.name], **lv.options)
+                self.methods[lv.name] = build_method(lv.method, s.shape, t.shape, layouts=(s.layout, t.layout), **lv.options)
             except ValueError as exc:
                 raise ValueError(f"level {lv.name!r} ({lv.student!r} -> {lv.teacher!r}): {exc}") from None
         self.student_taps = FeatureTaps(student, student_specs)

@@ -17,6 +17,7 @@ from .diffusion import (
     NoisePredictor,
     NoiseSchedule,
     PointwiseConv,
+    check_dims,
     conv_bn,
     denoise,
     denoise_folded,
@@ -43,7 +44,7 @@ class LinearAutoencoder(nn.Module):
     def __init__(self, channels: int, latent_channels: int):
         super().__init__()
         self.encoder = nn.Sequential(*conv_bn(channels, latent_channels))
-        self.decoder = nn.Sequential(nn.Conv2d(latent_channels, channels, 1))
+        self.decoder = nn.Sequential(PointwiseConv(latent_channels, channels))  # maps and sequences alike
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         latent = self.encoder(x)
@@ -65,9 +66,10 @@ OFFICIAL_KEY_PREFIXES = {
 class DiffKD(nn.Module):
     """One DiffKD level: denoise the student feature with a diffusion model trained on the teacher's.
 
-    kind="conv" takes maps (B,C,H,W); kind="mlp" takes vectors (B,K) or (B,K,1,1) and returns the
-    rank it was given. A student map of another spatial size is resized (bilinear) to the
-    teacher's after the 1x1 projector. fast=True (default) computes maps channels-last and folds the
+    kind="conv" takes maps (B,C,H,W), or with dims=1 sequences (B,C,L) (the same boxes, the 3x3 convs
+    become kernel-3 convs along L); kind="mlp" takes vectors (B,K) or (B,K,1,1) and returns the
+    rank it was given. A student map (sequence) of another spatial size (length) is resized, bilinear
+    (linear), to the teacher's after the 1x1 projector. fast=True (default) computes maps channels-last and folds the
     time embeddings and DDIM updates into the noise predictor's last layer; fast=False runs every
     formula as written on contiguous maps: the reference, the same maths (tests hold them together).
     recompute=True trades compute for memory: the noise predictor's six evaluations per step keep
@@ -81,6 +83,7 @@ class DiffKD(nn.Module):
         latent_channels: int | None = None,
         *,
         kind: str = "conv",
+        dims: int = 2,
         inference_steps: int = 5,
         adaptive_noise: bool = True,
         distance: str | Distance = "mse",
@@ -97,7 +100,11 @@ class DiffKD(nn.Module):
             raise ValueError(f"unknown kind {kind!r}; expected 'conv' (maps) or 'mlp' (vectors)")
         if latent_channels is not None and kind != "conv":
             raise ValueError("the autoencoder (latent_channels) is for feature maps only (kind='conv')")
+        check_dims(dims)
+        if dims != 2 and kind != "conv":
+            raise ValueError(f"dims is the conv kind's spatial rank; kind={kind!r} takes vectors, drop dims={dims}")
         self.kind = kind
+        self.dims = dims
         self.student_channels = student_channels
         self.teacher_channels = teacher_channels
         self.latent_channels = latent_channels
@@ -108,15 +115,15 @@ class DiffKD(nn.Module):
 
         self.projector = PointwiseConv(student_channels, width)
         self.autoencoder = LinearAutoencoder(teacher_channels, width) if latent_channels else None
-        self.noise_predictor = NoisePredictor(width, kind, recompute)
-        self.noise_matcher = AdaptiveNoiseMatcher(width, kind) if adaptive_noise else None
+        self.noise_predictor = NoisePredictor(width, kind, recompute, dims)
+        self.noise_matcher = AdaptiveNoiseMatcher(width, kind, dims) if adaptive_noise else None
         self.output_projection = nn.Sequential(*conv_bn(width, width))
         self.schedule = NoiseSchedule(num_train_timesteps)
         self.chain = self.schedule.ddim_coefficients(inference_steps)
         # Channels-last maps: the same maths, but the small convs and BatchNorms of the chain get
-        # faster kernels (benchmarks/module_speed.py).
+        # faster kernels (benchmarks/module_speed.py). Sequences and vectors keep the default layout.
         self.fast = fast
-        self.memory_format = torch.channels_last if fast and kind == "conv" else torch.contiguous_format
+        self.memory_format = torch.channels_last if fast and kind == "conv" and dims == 2 else torch.contiguous_format
         for box in (self.projector, self.noise_predictor, self.noise_matcher, self.output_projection):
             if box is not None:
                 box.to(memory_format=self.memory_format)
@@ -127,8 +134,11 @@ class DiffKD(nn.Module):
     def check_inputs(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
         """Validate shapes against the configuration; the mlp kind works on (B,K) vectors."""
         for role, x, channels in (("student", student, self.student_channels), ("teacher", teacher, self.teacher_channels)):
-            expected = "(B,C,H,W)" if self.kind == "conv" else "(B,K) or (B,K,1,1)"
-            ok_rank = x.dim() == 4 if self.kind == "conv" else x.dim() in (2, 4)
+            if self.kind == "conv":
+                expected = "(B,C,H,W)" if self.dims == 2 else "(B,C,L) (dims=1)"
+            else:
+                expected = "(B,K) or (B,K,1,1)"
+            ok_rank = x.dim() == self.dims + 2 if self.kind == "conv" else x.dim() in (2, 4)
             if not ok_rank or (self.kind == "mlp" and x.dim() == 4 and x.shape[2:] != (1, 1)):
                 raise ValueError(f"DiffKD(kind={self.kind!r}) expects {role} {expected}, got {tuple(x.shape)}")
             if x.shape[1] != channels:
@@ -150,10 +160,11 @@ class DiffKD(nn.Module):
 
     # ----------------------------------------------------------------------------- the boxes
     def project_student(self, student: Tensor, size: torch.Size) -> Tensor:
-        """z_s: the student feature in the latent space, resized to the teacher's spatial size."""
+        """z_s: the student feature in the latent space, resized to the teacher's spatial size (length)."""
         z = self.projector(student)
-        if z.dim() == 4 and z.shape[-2:] != size:
-            z = F.interpolate(z, size=tuple(size), mode="bilinear", align_corners=False)
+        if z.dim() > 2 and z.shape[2:] != size:
+            mode = "bilinear" if z.dim() == 4 else "linear"
+            z = F.interpolate(z, size=tuple(size), mode=mode, align_corners=False)
         return z
 
     def start(self, z_s: Tensor, noise: Tensor | None = None, offset: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -207,7 +218,7 @@ class DiffKD(nn.Module):
     ) -> DiffKDOutput:
         """Denoise the student feature and compute all losses; noises may be given for testing."""
         s, t = self.check_inputs(student, teacher.detach())  # the teacher gets no gradient
-        z_s = self.project_student(s, t.shape[-2:])
+        z_s = self.project_student(s, t.shape[2:])
         if self.autoencoder is not None:
             latent, reconstruction = self.autoencoder(t)
             ae_loss: Tensor | None = F.mse_loss(reconstruction.float(), t.float())
@@ -226,7 +237,7 @@ class DiffKD(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind!r}, student={self.student_channels}, teacher={self.teacher_channels}, "
+            f"kind={self.kind!r}, dims={self.dims}, student={self.student_channels}, teacher={self.teacher_channels}, "
             f"latent={self.latent_channels}, steps={[t for t, _, _ in self.chain]}"
         )
 

@@ -16,12 +16,20 @@ from .regression_l1 import RegressionL1
 METHODS: dict[str, type[Method]] = {"kd": KD, "mse": MSE, "dist": DIST, "dkd": DKD, "diffkd": DiffKD, "regression_l1": RegressionL1}
 
 
-def build_method(name: str, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> Method:
-    """Instantiate method `name` for the probed student/teacher tap shapes."""
+def build_method(name: str, student_shape: torch.Size, teacher_shape: torch.Size, *,
+                 layouts: tuple[str, str] | None = None, **options) -> Method:
+    """Instantiate method `name` for the probed student/teacher tap shapes (and their tap layouts)."""
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown method {name!r}{hint}; available: {sorted(METHODS)}")
+    accepted = METHODS[name].layouts
+    for role, layout in zip(("student", "teacher"), layouts or ()):
+        if layout not in accepted:
+            raise ValueError(
+                f"{name} reads {', '.join(sorted(accepted))} captures, but the {role} tap is {layout!r}; "
+                f"give the tap a layout {name} reads (a raw capture is not channel-first)"
+            )
     try:
         return METHODS[name].build(student_shape, teacher_shape, **options)
     except TypeError as exc:

@@ -23,6 +23,8 @@ class Method(nn.Module):
     """Base of all methods; `build` sizes the method from the probed tap shapes."""
 
     needs_targets = False
+    # The tap layouts (FeatureTaps.layouts) the method reads; "raw" captures are not channel-first.
+    layouts: frozenset[str] = frozenset({"map", "vector", "sequence"})
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "Method":

@@ -14,6 +14,8 @@ from .base import Method, MethodOutput, require_same_shape
 class RegressionL1(Method):
     """mean |student - teacher| over every anchor and coordinate, in float32."""
 
+    layouts = frozenset({"map", "vector", "sequence", "raw"})  # element-wise: any layout compares
+
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "RegressionL1":
         require_same_shape("regression_l1", student_shape, teacher_shape)
