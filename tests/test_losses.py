@@ -56,6 +56,23 @@ def test_dist_on_maps_treats_every_pixel_as_a_sample():
     assert dist_loss(s, t).item() == pytest.approx(inter + intra, rel=1e-5)
 
 
+def test_kd_and_dist_on_sequences_treat_every_position_as_a_sample():
+    """Frame-wise logits (B,C,L), channel-first as taps hand them out: B*L samples of C classes."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    rows_s = [s[b, :, i].tolist() for b in range(2) for i in range(7)]
+    rows_t = [t[b, :, i].tolist() for b in range(2) for i in range(7)]
+    tau = 2.0
+    expected_kd = tau**2 * sum(kl(softmax(r, tau), softmax(q, tau)) for q, r in zip(rows_s, rows_t)) / len(rows_s)
+    assert kd_loss(s, t, tau).item() == pytest.approx(expected_kd, rel=1e-5)
+    ys, yt = [softmax(r) for r in rows_s], [softmax(r) for r in rows_t]
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ys, yt)) / len(ys)
+    intra = 1 - sum(pearson([r[c] for r in ys], [r[c] for r in yt]) for c in range(5)) / 5
+    assert dist_loss(s, t).item() == pytest.approx(inter + intra, rel=1e-5)
+    with pytest.raises(ValueError, match=r"expected logits of shape \(B,K\), \(B,C,L\) or \(B,C,H,W\), got \(2, 5, 3, 4, 1\)"):
+        kd_loss(torch.zeros(2, 5, 3, 4, 1), torch.zeros(2, 5, 3, 4, 1))
+
+
 @pytest.mark.parametrize("alpha,beta,tau", [(1.0, 8.0, 4.0), (0.5, 0.5, 1.0)])
 def test_dkd(alpha, beta, tau):
     tckd = nckd = 0.0

@@ -1,7 +1,8 @@
 """Distillation distances (DESIGN.md §4): KD, DIST, DKD, MSE and attention-weighted MSE.
 
 Every function computes in float32, whatever the autocast dtype of its inputs, so the losses stay
-finite under bf16/fp16. Dense maps (B,C,H,W) are treated as B*H*W samples of C classes.
+finite under bf16/fp16. Dense maps (B,C,H,W) are treated as B*H*W samples of C classes, and
+sequences (B,C,L) (frame-wise logits, channel-first as every diffkd tap hands them out) as B*L.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ Distance = Callable[[Tensor, Tensor], Tensor]
 
 
 def as_rows(x: Tensor) -> Tensor:
-    """(B,K) stays; (B,C,H,W) -> (B*H*W, C): one row per sample (pixel), classes along columns."""
+    """(B,K) stays; (B,C,L) -> (B*L, C) and (B,C,H,W) -> (B*H*W, C): one row per sample (position,
+    pixel), classes along columns."""
     if x.dim() == 2:
         return x.float()
-    if x.dim() == 4:
-        return x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    raise ValueError(f"expected logits of shape (B,K) or (B,C,H,W), got {tuple(x.shape)}")
+    if x.dim() in (3, 4):
+        return x.float().movedim(1, -1).reshape(-1, x.shape[1])
+    raise ValueError(f"expected logits of shape (B,K), (B,C,L) or (B,C,H,W), got {tuple(x.shape)}")
 
 
 def _check_same_shape(student: Tensor, teacher: Tensor, what: str) -> None:

@@ -110,17 +110,28 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu"):
     return distiller.to(device), task
 
 
+def choose_level(distiller, level: str | None, where: str) -> str:
+    """The DiffKD feature-map level to draw (`level`, or the first); sequence levels are skipped, said so."""
+    conv = {name: m.diffkd.dims for name, m in distiller.methods.items() if hasattr(m, "diffkd") and m.diffkd.kind == "conv"}
+    levels = [name for name, dims in conv.items() if dims == 2]
+    sequences = [name for name, dims in conv.items() if dims == 1]
+    skipped = f"; sequence levels {sequences} have no attention map to draw and are skipped" if sequences else ""
+    if not levels:
+        raise ValueError(f"{where} has no DiffKD level on a feature map (levels: {list(distiller.methods)}){skipped}")
+    if level is None:
+        level = levels[0]
+    elif level not in levels:
+        raise ValueError(f"no DiffKD feature-map level {level!r}; choose one of {levels}{skipped}")
+    if sequences:
+        print(f"skipping DiffKD sequence levels {sequences}: attention maps are drawn for (B,C,H,W) levels only")
+    return level
+
+
 def visualize(run_dir: Path, images: int = 4, level: str | None = None, out: Path | None = None) -> list[Path]:
     """Write features.png (attention maps) and gamma.png into the run directory (or `out`)."""
     run_dir, out = Path(run_dir), Path(out or run_dir)
     distiller, task = load_run(run_dir)
-    levels = [name for name, m in distiller.methods.items() if hasattr(m, "diffkd") and m.diffkd.kind == "conv"]
-    if not levels:
-        raise ValueError(f"{run_dir} has no DiffKD level on a feature map (levels: {list(distiller.methods)})")
-    if level is None:
-        level = levels[0]
-    elif level not in levels:
-        raise ValueError(f"no DiffKD feature level {level!r}; choose one of {levels}")
+    level = choose_level(distiller, level, str(run_dir))
     test = task.build_dataset("test", limit=images)
     batch = torch.stack([test[i][0] for i in range(len(test))])
     features = level_features(distiller, level, batch)

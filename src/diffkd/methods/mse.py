@@ -11,25 +11,32 @@ from torch import Tensor, nn
 from ..losses import mse_loss
 from .base import Method, MethodOutput
 
+_CONNECTORS = {2: nn.Conv2d, 1: nn.Conv1d}  # spatial rank -> 1x1 conv; vectors get a linear map
+
 
 class MSE(Method):
-    """1x1 conv (maps) or linear (vectors) connector; a student map is resized to the teacher's."""
+    """1x1 conv (maps, sequences) or linear (vectors) connector; a student map (sequence) is resized
+    to the teacher's size (length), bilinear (linear)."""
 
-    def __init__(self, student_channels: int, teacher_channels: int, maps: bool = True):
+    def __init__(self, student_channels: int, teacher_channels: int, dims: int = 2):
         super().__init__()
-        self.connector = nn.Conv2d(student_channels, teacher_channels, 1) if maps else nn.Linear(student_channels, teacher_channels)
+        if dims not in (0, 1, 2):
+            raise ValueError(f"dims must be 2 (maps), 1 (sequences) or 0 (vectors), got {dims!r}")
+        self.connector = (_CONNECTORS[dims](student_channels, teacher_channels, 1) if dims
+                          else nn.Linear(student_channels, teacher_channels))
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "MSE":
-        if len(student_shape) != len(teacher_shape) or len(student_shape) not in (2, 4):
+        if len(student_shape) != len(teacher_shape) or len(student_shape) not in (2, 3, 4):
             raise ValueError(
-                f"mse needs two maps (B,C,H,W) or two vectors (B,K), got student {tuple(student_shape)} "
-                f"and teacher {tuple(teacher_shape)}"
+                f"mse needs two maps (B,C,H,W), two sequences (B,C,L) or two vectors (B,K), got student "
+                f"{tuple(student_shape)} and teacher {tuple(teacher_shape)}"
             )
-        return cls(student_shape[1], teacher_shape[1], maps=len(student_shape) == 4, **options)
+        return cls(student_shape[1], teacher_shape[1], dims=len(student_shape) - 2, **options)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         projected = self.connector(student)
-        if projected.dim() == 4 and projected.shape[-2:] != teacher.shape[-2:]:
-            projected = F.interpolate(projected, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+        if projected.dim() > 2 and projected.shape[2:] != teacher.shape[2:]:
+            mode = "bilinear" if projected.dim() == 4 else "linear"
+            projected = F.interpolate(projected, size=teacher.shape[2:], mode=mode, align_corners=False)
         return MethodOutput({"mse": mse_loss(projected, teacher)})
