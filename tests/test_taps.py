@@ -12,7 +12,9 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.models._utils import IntermediateLayerGetter
 
-from diffkd.taps import FeatureTaps, Tap, probe_shapes
+import torch.nn.functional as F
+
+from diffkd.taps import FeatureTaps, Tap, probe_features, probe_shapes
 
 
 @pytest.fixture
@@ -437,3 +439,158 @@ def test_channels_last_map_is_read_as_bchw():
             taps["f"]
     with pytest.raises(ValueError, match="Tap.channels_last is for"):
         Tap("x", channels_last=True, prefix_tokens=1)
+
+
+# ---------------------------------------------------------------- layouts: every capture channel-first
+
+
+class Signal(nn.Module):
+    """A 1-D conv net on (B, 2, L) signals: conv -> BN -> ReLU blocks, then a pooled linear head."""
+
+    def __init__(self, width: int = 64, second: int = 60) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv1d(2, width, 5), nn.BatchNorm1d(width), nn.ReLU(), nn.Conv1d(width, second, 5))
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(second, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+class TransposedConv1d(nn.Conv1d):
+    """A Conv1d subclass with its own forward (here reading (B, L, C)): its type proves nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2))
+
+
+@pytest.mark.parametrize("width", [64, 60])
+def test_conv1d_output_is_a_sequence_of_its_channels(width: int) -> None:
+    """The issue's case: Conv1d(2, width, 5) on length 100 was read as tokens (a 100-channel map for
+    width 64, an error about prefix_tokens for 60). It is a (B, width, 96) sequence, handed out as is."""
+    torch.manual_seed(0)
+    model = Signal(width).eval()
+    x = torch.randn(2, 2, 100)
+    conv = model.features[0]
+    with FeatureTaps(model, {"conv": "features.0", "block": "features", "bn": "features.1"}) as taps:
+        model(x)
+        expected = F.conv1d(x, conv.weight, conv.bias)  # independent of the tap machinery
+        assert taps["conv"].shape == (2, width, 96) and torch.equal(taps["conv"], expected)
+        assert taps["block"].shape == (2, 60, 92) and taps["bn"].shape == (2, width, 96)
+        assert taps.layouts() == {"conv": "sequence", "block": "sequence", "bn": "sequence"}
+    probed = probe_features(model, {"conv": "features.0"}, input_shape=(2, 100))
+    assert probed["conv"] == (torch.Size([2, width, 96]), "sequence")
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Sequential(nn.Conv1d(3, 5, 3), nn.ReLU()),  # walks back over the activation
+        nn.Sequential(nn.Sequential(nn.Conv1d(3, 5, 3), nn.GELU()), nn.Dropout(0.1), nn.Identity()),
+        nn.BatchNorm1d(3),
+        nn.InstanceNorm1d(3),
+        nn.GroupNorm(1, 3),
+        nn.MaxPool1d(2),
+        nn.AdaptiveAvgPool1d(4),
+        nn.ConvTranspose1d(3, 5, 3),
+    ],
+    ids=["conv+relu", "nested", "batchnorm1d", "instancenorm1d", "groupnorm", "maxpool1d", "adaptivepool1d", "convtranspose1d"],
+)
+def test_module_types_that_define_a_sequence(module: nn.Module) -> None:
+    x = torch.randn(2, 3, 12)
+    with FeatureTaps(module, {"out": "", "in": {"path": "", "capture": "input"}}) as taps:
+        y = module(x)
+        assert torch.equal(taps["out"], y) and torch.equal(taps["in"], x)
+        assert taps.layouts() == {"out": "sequence", "in": "sequence"}
+
+
+@pytest.mark.parametrize(
+    "module, spec",
+    [
+        (TokenNet(), "block"),  # a custom block: its (B, N, C) or (B, C, L) cannot be known
+        (nn.Sequential(nn.Linear(12, 12)), ""),  # Linear fixes the channel axis, not the batch axis
+        (nn.Sequential(nn.Linear(12, 12)), {"path": "0", "capture": "input"}),
+        (nn.Sequential(nn.ReLU(), nn.Dropout()), ""),  # only element-wise children: nothing says
+        (TransposedConv1d(12, 3, 1), ""),  # a subclass with its own forward
+        (nn.Sequential(nn.Conv1d(3, 4, 1), nn.LayerNorm(12)), ""),  # the last child decides, and says nothing
+    ],
+    ids=["custom", "linear-output", "linear-input", "elementwise-only", "overridden-forward", "layernorm-last"],
+)
+def test_rank3_capture_without_a_certain_rule_asks_for_layout(module: nn.Module, spec: object) -> None:
+    x = torch.randn(2, 3, 12)
+    with FeatureTaps(module, {"f": spec}) as taps:
+        out = module(x)
+        with pytest.raises(ValueError) as info:
+            taps["f"]
+        with pytest.raises(ValueError):
+            taps.layouts()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("tap 'f' (path ")
+    captured = x if isinstance(spec, dict) else out
+    assert f"shape {tuple(captured.shape)}" in message
+    assert "set layout='tokens' for (B, N, C) or layout='sequence' for (B, C, L)" in message
+    with pytest.raises(ValueError, match="layout='tokens'"):  # and at probe time, before training
+        probe_shapes(module, {"f": spec}, x)
+
+
+def test_tokens_sequence_vector_raw_and_map_layouts() -> None:
+    model = TokenNet()
+    x = torch.randn(2, 1 + 9, 4)
+    specs = {
+        "grid": Tap("block", layout="tokens", prefix_tokens=1),  # 9 tokens: a 3x3 grid
+        "seq": Tap("block", layout="tokens", prefix_tokens=1, tokens_to_map=False),
+        "as_is": Tap("block", layout="sequence"),
+        "raw": Tap("block", layout="raw"),
+    }
+    with FeatureTaps(model, specs) as taps:
+        model(x)
+        assert torch.equal(taps["grid"], x[:, 1:].permute(0, 2, 1).reshape(2, 4, 3, 3))
+        assert torch.equal(taps["seq"], x[:, 1:].transpose(1, 2)) and taps["seq"].is_contiguous()
+        assert torch.equal(taps["as_is"], x)
+        assert torch.equal(taps["raw"], x)
+        assert taps.layouts() == {"grid": "map", "seq": "sequence", "as_is": "sequence", "raw": "raw"}
+    vectors, maps = nn.Linear(4, 6), nn.Conv2d(3, 5, 1)
+    assert probe_features(vectors, {"v": "", "vv": Tap("", layout="vector")}, input_shape=(4,))["vv"].layout == "vector"
+    assert probe_features(maps, {"m": "", "mm": Tap("", layout="map")}, input_shape=(3, 4, 4))["m"] == (torch.Size([2, 5, 4, 4]), "map")
+
+
+@pytest.mark.parametrize(
+    "layout, shape, message",
+    [
+        ("map", (2, 3, 12), "layout='map' expects a (B, C, H, W) map, got shape (2, 3, 12)"),
+        ("sequence", (2, 3, 4, 4), "layout='sequence' expects a (B, C, L) sequence, got shape (2, 3, 4, 4)"),
+        ("vector", (2, 3, 12), "layout='vector' expects a (B, K) vector, got shape (2, 3, 12)"),
+        ("tokens", (2, 12), "layout='tokens' expects a (B, N, C) token sequence, got shape (2, 12)"),
+    ],
+)
+def test_wrong_rank_for_an_explicit_layout(layout: str, shape: tuple[int, ...], message: str) -> None:
+    model = TokenNet()
+    with FeatureTaps(model, {"f": Tap("block", layout=layout)}) as taps:
+        model(torch.randn(*shape))
+        with pytest.raises(ValueError) as info:
+            taps["f"]
+    assert str(info.value) == f"tap 'f' (path 'block', output): {message}"
+
+
+def test_layout_field_parsing_and_construction_errors() -> None:
+    assert Tap.parse({"path": "enc", "layout": "sequence"}) == Tap("enc", layout="sequence")
+    with pytest.raises(ValueError, match="Tap.layout must be one of 'map', 'vector', 'sequence', 'tokens', 'raw' or None, got 'grid'"):
+        Tap("x", layout="grid")
+    with pytest.raises(ValueError, match="are for layout='tokens', not layout='sequence'"):
+        Tap("x", layout="sequence", prefix_tokens=1)
+    with pytest.raises(ValueError, match="are for layout='tokens', not layout='raw'"):
+        Tap("x", layout="raw", tokens_to_map=False)
+    with pytest.raises(ValueError, match="channels_last is for .* not layout='sequence'"):
+        Tap("x", layout="sequence", channels_last=True)
+    with pytest.raises(TypeError, match="tokens_to_map must be a bool"):
+        Tap("x", tokens_to_map="no")
+
+
+def test_rule_holds_for_a_selected_element() -> None:
+    """MaxPool1d(return_indices=True) gives (values, indices), both (B, C, L): select keeps the rule."""
+    pool = nn.MaxPool1d(2, return_indices=True)
+    x = torch.randn(2, 3, 8)
+    with FeatureTaps(pool, {"values": "[0]", "indices": "[1]"}) as taps:
+        values, indices = pool(x)
+        assert torch.equal(taps["values"], values) and torch.equal(taps["indices"], indices)
+        assert taps.layouts() == {"values": "sequence", "indices": "sequence"}

@@ -41,8 +41,8 @@ each on (B, C, L) with C at dim 1; its width, where it has one, must match dim 1
 rule of its last child that changes anything, walking back over element-wise children (activations,
 Dropout, Identity). For ``capture="input"`` the same modules read their input as (B, C, L), and an
 ``nn.Sequential`` takes the rule of its first child that changes anything. A rule applies only to a
-module running PyTorch's own ``forward`` (a subclass that overrides it may transpose) and only
-without ``select``. ``nn.Linear`` and ``nn.LayerNorm`` give no rule: they fix the channel axis (the
+module running PyTorch's own ``forward`` (a subclass that overrides it may transpose); every
+element such a module returns (``MaxPool1d(return_indices=True)``) is (B, C, L) too. ``nn.Linear`` and ``nn.LayerNorm`` give no rule: they fix the channel axis (the
 last) but not the batch axis, and PyTorch's own transformer layers default to (N, B, C). Any other
 rank-3 capture raises, at access time, a one-line error that names the tap and the shape and asks for
 ``layout="tokens"`` (B, N, C) or ``layout="sequence"`` (B, C, L). A capture whose rank does not fit
@@ -445,9 +445,8 @@ class FeatureTaps:
             except AttributeError:
                 raise ValueError(_unknown_path_message(model, name, tap.path)) from None
         self._taps = parsed
-        # What decides a rank-3 capture without a layout: a module-type rule (output/input, no select).
-        self._rules = {name: None if tap.select is not None else _sequence_rule(modules[name], tap.path, tap.capture)
-                       for name, tap in parsed.items()}
+        # What decides a rank-3 capture without a layout: a module-type rule for its output or input.
+        self._rules = {name: _sequence_rule(modules[name], tap.path, tap.capture) for name, tap in parsed.items()}
         self._producers = {name: f"{type(modules[name]).__name__} {tap.path!r}" for name, tap in parsed.items()}
         self._captures: dict[str, torch.Tensor | _Failure] = {}
         self._layouts: dict[str, str] = {}
