@@ -133,7 +133,7 @@ def test_unknown_layer_lists_close_names():
         ([Level("fc", "fc", "kdd")], "unknown method 'kdd' (did you mean 'kd'?)"),
         ([Level("fc", "fc", "kd", temperature=2)], "method 'kd' got an unknown option"),
         ([Level("fc", "layer4", "kd")], "kd compares student and teacher outputs of the same shape"),
-        ([Level("fc", "layer4", "diffkd")], "diffkd needs two maps (B,C,H,W) or two vectors (B,K)"),
+        ([Level("fc", "layer4", "diffkd")], "diffkd needs two maps (B,C,H,W), two sequences (B,C,L) or two vectors (B,K)"),
         ([Level("fc", "fc", "kd"), Level("fc", "fc", "kd")], "level names must be unique"),
         ([], "needs at least one Level"),
     ],
