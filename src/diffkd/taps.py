@@ -37,18 +37,19 @@ Layouts. Every capture is handed out channel-first, so a method never has to gue
 capture is otherwise never guessed; it is a sequence only when the module that produced it says so
 by its type: for ``capture="output"``, an ``nn.Conv1d``, ``nn.ConvTranspose1d``, ``nn.BatchNorm1d``,
 ``nn.SyncBatchNorm``, ``nn.InstanceNorm1d``, ``nn.GroupNorm`` or 1-D pooling module (PyTorch defines
-each on (B, C, L) with C at dim 1; its width, where it has one, must match dim 1); an ``nn.Sequential`` takes the
-rule of its last child that changes anything, walking back over element-wise children (activations,
-Dropout, Identity). For ``capture="input"`` the same modules read their input as (B, C, L), and an
-``nn.Sequential`` takes the rule of its first child that changes anything. A rule applies only to a
-module running PyTorch's own ``forward`` (a subclass that overrides it may transpose); every
-element such a module returns (``MaxPool1d(return_indices=True)``) is (B, C, L) too. ``nn.Linear`` and ``nn.LayerNorm`` give no rule: they fix the channel axis (the
-last) but not the batch axis, and PyTorch's own transformer layers default to (N, B, C). Any other
-rank-3 capture raises, at access time, a one-line error that names the tap and the shape and asks for
-``layout="tokens"`` (B, N, C) or ``layout="sequence"`` (B, C, L). A capture whose rank does not fit
-an explicit layout is an error naming the layout and the shape. :meth:`FeatureTaps.layouts` tells
-what each capture was handed out as: "map", "vector", "sequence" or "raw" (tokens come out as a map
-or a sequence).
+each on a batch-first (B, C, L) at rank 3, with C at dim 1; its width, where it has one, must match
+dim 1); an ``nn.Sequential`` takes the rule of its last child that changes anything, walking back
+over element-wise children (activations, Dropout, Identity). For ``capture="input"`` the same
+modules read their input as (B, C, L), and an ``nn.Sequential`` takes the rule of its first child
+that changes anything. A rule applies only to a module running PyTorch's own ``forward`` (a subclass
+that overrides it may transpose); every element such a module returns
+(``MaxPool1d(return_indices=True)``) is (B, C, L) too. ``nn.Linear`` and ``nn.LayerNorm`` give no
+rule: they fix the channel axis (the last) but not the batch axis, and PyTorch's own transformer
+layers default to (N, B, C). Any other rank-3 capture raises, at access (and probe) time, a one-line
+error that names the tap and the shape and asks for ``layout="tokens"`` (B, N, C) or
+``layout="sequence"`` (B, C, L). A capture whose rank does not fit an explicit layout is an error
+naming the layout and the shape. :meth:`FeatureTaps.layouts` tells what each capture was handed out
+as: "map", "vector", "sequence" or "raw" (tokens come out as a map or a sequence).
 
 Semantics worth knowing:
 
@@ -257,9 +258,8 @@ _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
 
 @dataclass(frozen=True)
 class _SequenceRule:
-    """A module type that makes a rank-3 capture certainly (B, C, L): which module, and its width."""
+    """A module type makes a rank-3 capture certainly (B, C, L), with this many channels (None: any)."""
 
-    module: str  # e.g. "Conv1d 'encoder.0'", for messages
     channels: int | None
 
 
@@ -268,37 +268,37 @@ def _runs_own_forward(module: nn.Module, cls: type[nn.Module]) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward
 
 
-def _sequence_rule(module: nn.Module, path: str, capture: str) -> _SequenceRule | None:
+def _sequence_rule(module: nn.Module, capture: str) -> _SequenceRule | None:
     """The certain rule for a rank-3 capture of this module (see the module docstring), or None."""
     if _runs_own_forward(module, nn.Sequential):
         children = list(module.named_children())
         if capture == "output":
             children.reverse()  # the output is the last child's output; the input is the first child's input
-        for child_name, child in children:
+        for _, child in children:
             if any(_runs_own_forward(child, cls) for cls in _ELEMENTWISE_MODULES):
                 continue
-            return _sequence_rule(child, f"{path}.{child_name}" if path else child_name, capture)
+            return _sequence_rule(child, capture)
         return None
     for cls, in_width, out_width in _SEQUENCE_MODULES:
         if _runs_own_forward(module, cls):
             width = in_width if capture == "input" else out_width
             channels = getattr(module, width) if width else None
-            return _SequenceRule(f"{type(module).__name__} {path!r}", channels if _is_int(channels) else None)
+            return _SequenceRule(channels if _is_int(channels) else None)
     return None
 
 
-def _resolve(where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, producer: str) -> tuple[str, bool]:
-    """The capture's layout and whether tokens may fold into a map: the tap's word, the rank, or a rule."""
+def _resolve(where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, producer: str) -> str:
+    """The capture's layout: the tap's word, else the rank where it is certain, else a module-type rule."""
     if tap.layout is not None:
-        return tap.layout, tap.layout == "tokens"
+        return tap.layout
     if tap.channels_last:
-        return "map", False
+        return "map"
     if tap.names_tokens:
-        return "tokens", True
+        return "tokens"
     if t.dim() == 2:
-        return "vector", False
+        return "vector"
     if t.dim() == 4:
-        return "map", False
+        return "map"
     shape = tuple(t.shape)
     if t.dim() != 3:
         raise ValueError(
@@ -306,7 +306,7 @@ def _resolve(where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, 
             f"got shape {shape}; set layout='raw' to take it as is"
         )
     if rule is not None and rule.channels in (None, shape[1]):
-        return "sequence", False
+        return "sequence"
     raise ValueError(
         f"{where}: a rank-3 capture of shape {shape} may be (B, N, C) tokens or a (B, C, L) sequence and "
         f"{producer} does not say which; set layout='tokens' for (B, N, C) or layout='sequence' for (B, C, L)"
@@ -317,26 +317,26 @@ def _arrange(
     where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, producer: str
 ) -> tuple[torch.Tensor, str]:
     """The capture channel-first, with what it was handed out as: "map", "vector", "sequence" or "raw"."""
-    layout, may_fold = _resolve(where, tap, t, rule, producer)
+    layout = _resolve(where, tap, t, rule, producer)
     shape = tuple(t.shape)
     if layout == "raw":
         return t, "raw"
     if layout == "map":
         if t.dim() != 4:
-            expected = "channels_last expects a (B, H, W, C) map" if tap.channels_last else "layout='map' expects a (B, C, H, W) map"
-            raise ValueError(f"{where}: {expected}, got shape {shape}")
+            said = "channels_last expects a (B, H, W, C)" if tap.channels_last else "layout='map' expects a (B, C, H, W)"
+            raise ValueError(f"{where}: {said} map, got shape {shape}")
         return (t.permute(0, 3, 1, 2) if tap.channels_last else t), "map"
     expected_rank = {"vector": 2, "sequence": 3, "tokens": 3}[layout]
     if t.dim() != expected_rank:
-        what = {"vector": "(B, K) vector", "sequence": "(B, C, L) sequence", "tokens": "(B, N, C) token sequence"}[layout]
-        fields = "prefix_tokens/token_hw/tokens_to_map say" if layout == "tokens" and tap.layout is None else f"layout={layout!r} expects"
-        raise ValueError(f"{where}: {fields} a {what}, got shape {shape}")
+        what = {"vector": "(B, K) vector", "sequence": "(B, C, L) sequence", "tokens": "(B, N, C) token sequence"}
+        said = "prefix_tokens/token_hw/tokens_to_map say" if tap.layout is None else f"layout={layout!r} expects"
+        raise ValueError(f"{where}: {said} a {what[layout]}, got shape {shape}")
     if layout != "tokens":
         return t, layout
     if tap.prefix_tokens >= t.shape[1]:
         raise ValueError(f"{where}: prefix_tokens={tap.prefix_tokens} leaves no tokens of {t.shape[1]}")
     tokens = t[:, tap.prefix_tokens :]
-    if not (may_fold and tap.tokens_to_map):
+    if not tap.tokens_to_map:
         return tokens.permute(0, 2, 1).contiguous(), "sequence"
     return _fold(where, tap, tokens), "map"
 
@@ -446,7 +446,7 @@ class FeatureTaps:
                 raise ValueError(_unknown_path_message(model, name, tap.path)) from None
         self._taps = parsed
         # What decides a rank-3 capture without a layout: a module-type rule for its output or input.
-        self._rules = {name: _sequence_rule(modules[name], tap.path, tap.capture) for name, tap in parsed.items()}
+        self._rules = {name: _sequence_rule(modules[name], tap.capture) for name, tap in parsed.items()}
         self._producers = {name: f"{type(modules[name]).__name__} {tap.path!r}" for name, tap in parsed.items()}
         self._captures: dict[str, torch.Tensor | _Failure] = {}
         self._layouts: dict[str, str] = {}
