@@ -20,8 +20,6 @@ class MSE(Method):
 
     def __init__(self, student_channels: int, teacher_channels: int, dims: int = 2):
         super().__init__()
-        if dims not in (0, 1, 2):
-            raise ValueError(f"dims must be 2 (maps), 1 (sequences) or 0 (vectors), got {dims!r}")
         self.connector = (_CONNECTORS[dims](student_channels, teacher_channels, 1) if dims
                           else nn.Linear(student_channels, teacher_channels))
 
