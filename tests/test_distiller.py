@@ -182,3 +182,57 @@ def test_ddp_two_processes_stay_in_sync():
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
     assert dict(results) == {0: True, 1: True}
+
+
+# ------------------------------------------------------------------ API misuse caught when built (issue 15)
+@pytest.mark.parametrize("weight", ["one", -1.0, float("nan"), float("inf"), True, None])
+def test_level_weight_must_be_a_finite_number_at_least_zero(weight):
+    with pytest.raises(ValueError) as info:
+        Level("fc", "fc", "kd", weight=weight)
+    assert str(info.value) == f"Level weight must be a finite number >= 0, got {weight!r}"
+
+
+def test_level_weights_that_are_numbers_are_kept():
+    assert [Level("fc", "fc", "kd", weight=w).weight for w in (0, 2, 0.5)] == [0, 2, 0.5]
+
+
+def test_diffkd_logits_of_different_class_counts_are_refused_like_kd():
+    from diffkd.methods import build_method
+
+    s, t = torch.Size([2, 10]), torch.Size([2, 5])
+    with pytest.raises(ValueError) as kd:
+        build_method("kd", s, t)
+    with pytest.raises(ValueError) as diffkd:
+        build_method("diffkd", s, t)  # vectors default to distance kl: logits
+    assert str(diffkd.value) == str(kd.value).replace("kd", "diffkd", 1).replace(
+        "num_classes)", "num_classes, or pass allow_class_mismatch=True if mapping one class set onto the other is meant)"
+    )
+    with pytest.raises(ValueError, match=r"diffkd compares class scores \(distance 'dist'\): student 19, teacher 21"):
+        build_method("diffkd", torch.Size([2, 19, 8, 8]), torch.Size([2, 21, 8, 8]), distance="dist")
+    meant = build_method("diffkd", s, t, allow_class_mismatch=True)
+    assert meant.diffkd.projector.weight.shape[:2] == (5, 10)
+    # features, not logits: a projector between widths is the point
+    assert build_method("diffkd", torch.Size([2, 64]), torch.Size([2, 128]), distance="mse").diffkd.kind == "mlp"
+    assert build_method("diffkd", torch.Size([2, 8, 4, 4]), torch.Size([2, 16, 4, 4])).diffkd.kind == "conv"
+
+
+@pytest.mark.parametrize(
+    "method,options,message",
+    [
+        ("diffkd", {"distanse": "mse"}, "method 'diffkd' got an unknown option 'distanse' (did you mean 'distance'?); "
+                                        "valid options: "),
+        ("kd", {"tua": 2.0}, "method 'kd' got an unknown option 'tua' (did you mean 'tau'?); valid options: tau"),
+        ("mse", {"tau": 2.0}, "method 'mse' got an unknown option 'tau'; it takes no options"),
+    ],
+)
+def test_unknown_method_option_names_the_closest_and_the_valid_ones(method, options, message):
+    from diffkd.methods import build_method
+
+    shape = torch.Size([2, 8, 4, 4]) if method != "kd" else torch.Size([2, 10])
+    with pytest.raises(ValueError) as info:
+        build_method(method, shape, shape, **options)
+    assert str(info.value).startswith(message)
+    if method == "diffkd":
+        valid = str(info.value).split("valid options: ")[1].split(", ")
+        assert {"distance", "tau", "inference_steps", "latent_channels", "allow_class_mismatch"} <= set(valid)
+        assert not {"student_channels", "teacher_channels", "module"} & set(valid)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -283,11 +285,6 @@ def test_existing_run_dir_is_refused_and_force_moves_it_aside(tmp_path: Path) ->
         run(cfg, mode="train", force=True, resume=True)
 
 
-def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(RunDirError, match=r"cannot resume: .*run/last.pt not found"):
-        run(tiny(tmp_path), mode="train", resume=True)
-
-
 @needs_fmnist
 def test_corrupt_checkpoint_is_reported_with_its_name(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "train.epochs=1")
@@ -363,6 +360,7 @@ def test_nan_loss_names_term_step_and_epoch_and_keeps_last_checkpoint(tmp_path: 
     message = str(err.value)
     assert message.startswith("non-finite loss at epoch 2, global step 5: task = nan, total = nan; training stopped")
     assert "last.pt (epoch 1) is left untouched" in message
+    assert message.endswith("check the inputs, then rerun with --force to start afresh (it moves this run aside)")
     for name, digest in digests.items():
         assert hashlib.sha256((Path(cfg.output.dir) / name).read_bytes()).hexdigest() == digest
     assert load_checkpoint(Path(cfg.output.dir) / "last.pt")["epoch"] == 1
@@ -422,10 +420,226 @@ def test_compiled_run_matches_the_checkpoint_layout(tmp_path: Path) -> None:
 def test_resume_or_restart_picks_the_flags_a_batch_job_needs(tmp_path):
     from diffkd.engine import resume_or_restart
 
-    assert resume_or_restart(tmp_path / "never-run") == {"force": True}
+    assert resume_or_restart(tmp_path / "never-run") == {}
     (tmp_path / "died-early").mkdir()
     (tmp_path / "died-early" / "config.yaml").write_text("task: classification\n")
-    assert resume_or_restart(tmp_path / "died-early") == {"force": True}  # moved aside by force, not deleted
+    assert resume_or_restart(tmp_path / "died-early") == {}  # the plain command restarts it (no checkpoint to lose)
     (tmp_path / "has-checkpoint").mkdir()
     (tmp_path / "has-checkpoint" / "last.pt").write_bytes(b"")
     assert resume_or_restart(tmp_path / "has-checkpoint") == {"resume": True}
+
+
+# ------------------------------------------------------------------------- faults and bad input (issue 15)
+
+
+def poison_first_step(monkeypatch) -> None:
+    """Make the first training step's loss NaN, as a diverging run would, before any checkpoint exists."""
+    original = ClassificationTask.loss
+    calls = {"train": 0}
+
+    def poisoned(self, outputs, targets):
+        loss = original(self, outputs, targets)
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] == 1:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(ClassificationTask, "loss", poisoned)
+
+
+@needs_fmnist
+def test_a_run_stopped_before_its_first_checkpoint_is_restarted_by_the_same_command(tmp_path: Path, monkeypatch) -> None:
+    cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64")
+    poison_first_step(monkeypatch)
+    with pytest.raises(NonFiniteLossError) as err:
+        run(cfg, mode="train")
+    assert "no checkpoint was written, so rerunning the same command starts the run afresh" in str(err.value)
+    assert sorted(p.name for p in Path(cfg.output.dir).iterdir()) == ["config.yaml"]
+    result = run(cfg, mode="train")  # the same command again: no --resume, no --force
+    assert [r["epoch"] for r in result.history] == [1] and (result.run_dir / "last.pt").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # a lone config.yaml is rewritten in place
+
+
+@needs_fmnist
+def test_a_failed_attempts_other_outputs_are_moved_aside_not_mixed_in(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64")
+    run_dir = Path(cfg.output.dir)
+    (run_dir / "tensorboard").mkdir(parents=True)
+    (run_dir / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"old attempt")
+    (run_dir / "config.yaml").write_text("old attempt")
+    run(cfg, mode="train")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "tensorboard" / "events.out.tfevents.1.host").read_bytes() == b"old attempt"
+    assert (aside[0] / "config.yaml").read_text() == "old attempt" and not (run_dir / "tensorboard").exists()
+
+
+@needs_fmnist
+def test_resume_where_there_is_nothing_to_resume_starts_the_run(tmp_path: Path, caplog) -> None:
+    cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64")
+    Path(cfg.output.dir).mkdir()
+    (Path(cfg.output.dir) / "config.yaml").write_text("task: classification\n")  # an attempt that died early
+    with caplog.at_level("INFO", logger="diffkd"):
+        result = run(cfg, mode="train", resume=True)
+    assert [r["epoch"] for r in result.history] == [1]
+    assert f"--resume: nothing to resume in {cfg.output.dir} (no last.pt); starting the run afresh" in caplog.text
+    fresh = tiny(tmp_path, "train.epochs=1", "data.limit_train=64", name="never-run")
+    assert [r["epoch"] for r in run(fresh, mode="train", resume=True).history] == [1]
+
+
+def test_resume_refuses_a_best_checkpoint_without_last(tmp_path: Path) -> None:
+    from diffkd.engine.rundir import check_run_dir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"")
+    for resume in (True, False):
+        with pytest.raises(RunDirError, match=r"holds a run \(best.pt\)"):
+            check_run_dir(tmp_path / "run", resume=resume, force=False)
+
+
+@needs_fmnist
+def test_a_folder_with_files_the_run_did_not_write_is_refused(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64", name="mine")
+    mine = Path(cfg.output.dir)
+    mine.mkdir()
+    (mine / "curves.png").write_bytes(b"my own plot")
+    (mine / "tensorboard").mkdir()
+    with pytest.raises(RunDirError) as err:
+        run(cfg, mode="train")
+    assert str(err.value) == (
+        f"output.dir {mine} holds files this run did not write (curves.png, tensorboard); choose an empty or new "
+        "folder, or pass --force to move it aside to mine.old-<time> and start afresh"
+    )
+    assert (mine / "curves.png").read_bytes() == b"my own plot" and sorted(p.name for p in mine.iterdir()) == [
+        "curves.png", "tensorboard"]  # fmt: skip
+    (mine / "tensorboard").rmdir()
+    (mine / "config.yaml").write_text("task: classification\n")  # looks like a run's, yet holds a user file
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"holds files this run did not write \(notes.txt\)"):
+        run(cfg, mode="train")
+    run(cfg, mode="train", force=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("mine.old-")]
+    assert len(aside) == 1 and (aside[0] / "curves.png").read_bytes() == b"my own plot"
+    empty = tiny(tmp_path, "train.epochs=1", "data.limit_train=64", name="empty")
+    Path(empty.output.dir).mkdir()
+    run(empty, mode="train")  # an empty existing folder is fine
+
+
+@needs_fmnist
+def test_stale_temporaries_are_removed_on_resume_and_restart(tmp_path: Path) -> None:
+    from diffkd.atomic import open_temporary
+
+    def debris(folder: Path, name: str) -> Path:
+        """The temporary a write killed mid-way leaves (made by the same code as the real writes)."""
+        fd, tmp = open_temporary(folder / name)
+        os.write(fd, b"x" * 1000)
+        os.close(fd)
+        return Path(tmp)
+
+    cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64")
+    run_dir = Path(cfg.output.dir)
+    run(cfg, mode="train")
+    stale = [debris(run_dir, name) for name in ("last.pt", "best.pt", "metrics.csv", "last.pt")]
+    kept = [run_dir / n for n in (".last.pt.mine.tmp", ".last.pt.abcdefghi.tmp", ".notes.txt.abcdefgh.tmp")]
+    for path in kept:
+        path.write_text("not ours")
+    run(tiny(tmp_path, "train.epochs=2", "data.limit_train=64"), mode="train", resume=True)
+    assert not any(p.exists() for p in stale) and all(p.read_text() == "not ours" for p in kept)
+
+    other = tiny(tmp_path, "train.epochs=1", "data.limit_train=64", name="died")
+    died = Path(other.output.dir)
+    died.mkdir()
+    (died / "config.yaml").write_text("task: classification\n")
+    leftover = debris(died, "last.pt")  # killed while writing its first checkpoint
+    run(other, mode="train")
+    assert not leftover.exists() and (died / "last.pt").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("died.old-")]
+
+
+def _unsafe_object() -> Any:
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo this would run",))
+
+    return {"weights": torch.zeros(2), "payload": RunsCode()}
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {name: tmp_path / f"{name}.pt" for name in ("unsafe", "empty", "random", "text", "truncated")}
+    torch.save(_unsafe_object(), files["unsafe"])
+    files["empty"].write_bytes(b"")
+    files["random"].write_bytes(random.Random(3).randbytes(1000))
+    files["text"].write_text("epochs: 3\nthis is a config, not weights\n")
+    torch.save({"weight": torch.zeros(100)}, files["truncated"])
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:300])
+    return files
+
+
+FITTING = {
+    "unsafe": f"holds objects other than tensors and plain containers ({os.system.__module__}.system); it was refused for safety",
+    "empty": "empty file",
+    "random": "not a torch checkpoint",
+    "text": "not a torch checkpoint",
+    "truncated": "the file is truncated, corrupt",
+}
+
+
+@pytest.mark.parametrize("kind", list(FITTING))
+def test_unreadable_checkpoints_get_a_fitting_message_from_every_loader(tmp_path: Path, kind: str) -> None:
+    from diffkd.engine.checkpoint import load_file
+
+    path = _bad_files(tmp_path)[kind]
+    loaders = {
+        "engine": (lambda: load_file(path), CheckpointError),
+        "models": (lambda: models.load_weights(models.create("fmnist_student", num_classes=10), path), ValueError),
+    }
+    for load, error in loaders.values():
+        with pytest.raises(error) as err:
+            load()
+        message = str(err.value)
+        assert message.startswith(f"cannot read checkpoint {path}: ") and FITTING[kind] in message
+        assert "\n" not in message and "weights_only=False" not in message and "weights_only` set to `False" not in message
+        assert not any(raw in message for raw in ("EOFError", "KeyError", "IndexError", "UnpicklingError"))
+
+
+@needs_fmnist
+def test_a_checkpoint_of_another_architecture_names_both_models_and_a_few_keys(tmp_path: Path) -> None:
+    student_run = run(tiny(tmp_path, "train.epochs=1", "data.limit_train=64", name="student"), mode="train")
+    cfg = tiny(tmp_path, *distill_overrides(student_run.run_dir), "data.limit_train=64", mode="distill")
+    with pytest.raises(CheckpointError) as err:
+        run(cfg, mode="distill")
+    message = str(err.value)
+    assert message.startswith(
+        f"teacher checkpoint {student_run.run_dir / 'best.pt'} was saved for model 'fmnist_student' and does not "
+        "fit model 'fmnist_teacher': missing features.3.0.weight, "
+    )
+    assert "wrong shape (file vs model): features.0.0.weight (8, 1, 3, 3) vs (32, 1, 3, 3), " in message
+    assert "Error(s) in loading" not in message and "\n" not in message and len(message) < 800
+
+    last = student_run.run_dir / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["model"]["extra.weight"] = ckpt["model"].pop("fc.bias")
+    torch.save(ckpt, last)
+    with pytest.raises(CheckpointError) as err:
+        evaluate_checkpoint(student_run.run_dir, which="last", device="cpu", limit=8)
+    assert str(err.value) == (
+        f"{last} was saved for model 'fmnist_student' and does not fit model 'fmnist_student': "
+        "missing fc.bias; unexpected extra.weight"
+    )
+    with pytest.raises(CheckpointError, match=r"does not fit this run's modules: missing fc.bias; unexpected extra"):
+        run(tiny(tmp_path, "train.epochs=2", "data.limit_train=64", name="student"), mode="train", resume=True)
+
+
+def test_evaluate_checkpoint_refuses_non_positive_sizes(tmp_path: Path) -> None:
+    for key, value in (("batch_size", 0), ("batch_size", -3), ("limit", 0), ("limit", -2)):
+        with pytest.raises(ValueError, match=rf"^{key} must be a positive integer, got {value}$"):
+            evaluate_checkpoint(tmp_path, **{key: value})
+
+
+def test_save_atomic_onto_a_directory_refuses_cleanly(tmp_path: Path) -> None:
+    from diffkd.atomic import save_atomic
+
+    for overwrite in (True, False):
+        with pytest.raises(IsADirectoryError, match=rf"^{re.escape(str(tmp_path))} is a directory; give the path of a file"):
+            save_atomic({"w": torch.zeros(1)}, tmp_path, overwrite=overwrite)
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind

@@ -108,3 +108,14 @@ def test_shape_mismatch_is_a_clear_error():
         kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"targets of shape \(2,\)"):
         dkd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bool])
+def test_dkd_refuses_targets_that_are_not_class_indices(dtype):
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    targets = torch.tensor([0, 1.7, 2, 3]).to(dtype)
+    with pytest.raises(ValueError) as info:
+        dkd_loss(s, t, targets)
+    assert str(info.value) == (
+        f"dkd_loss: targets must be integer class indices, got dtype {dtype}; pass the labels (e.g. targets.long())"
+    )

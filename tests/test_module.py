@@ -447,3 +447,45 @@ def test_recompute_under_torch_compile_matches_eager():
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
     for (name, a), b in zip(plain.named_parameters(), recomputing.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+# ------------------------------------------------------------------ API misuse caught when built or called (issue 15)
+@pytest.mark.parametrize(
+    "args,kwargs,name",
+    [((0, 8), {}, "student_channels"), ((4, -1), {}, "teacher_channels"), ((4, 8, 0), {}, "latent_channels"),
+     ((4.0, 8), {}, "student_channels"), ((True, 8), {}, "student_channels")],
+)
+def test_non_positive_channel_counts_are_refused_when_built(args, kwargs, name):
+    with pytest.raises(ValueError) as info:
+        DiffKD(*args, **kwargs)
+    value = dict(zip(("student_channels", "teacher_channels", "latent_channels"), args))[name]
+    assert str(info.value) == f"DiffKD {name} must be a positive integer, got {value!r}"
+
+
+@pytest.mark.parametrize("kind,shape", [("conv", (2, 4, 3, 3)), ("mlp", (2, 4))])
+def test_features_of_another_dtype_than_the_module_get_a_clear_error(kind, shape):
+    level = DiffKD(4, 4, kind=kind)
+    s, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    with pytest.raises(TypeError) as info:
+        level(s, t)
+    assert str(info.value) == (
+        "DiffKD: student features are torch.float64 but its parameters are torch.float32; convert one to the "
+        "other (module.to(torch.float64) or features.to(torch.float32)) or run under torch.autocast"
+    )
+    with pytest.raises(TypeError, match="teacher features are torch.float64 but its parameters are torch.float32"):
+        level(s.float(), t)
+    assert torch.isfinite(level.double()(s, t).loss)  # converted: fine
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes are autocast's job
+        assert torch.isfinite(DiffKD(4, 4, kind=kind)(s.float().bfloat16(), t.float()).loss)
+
+
+def test_conv_kind_needs_two_values_per_channel_in_training():
+    level = DiffKD(4, 6)
+    with pytest.raises(ValueError) as info:
+        level(torch.randn(1, 4, 1, 1), torch.randn(1, 6, 1, 1))
+    assert str(info.value) == (
+        "DiffKD(kind='conv') needs at least 2 values per channel in training mode (batch x height x width of the "
+        "teacher map; its BatchNorm cannot train on one), got teacher (1, 6, 1, 1)"
+    )
+    assert torch.isfinite(level(torch.randn(1, 4, 2, 1), torch.randn(1, 6, 2, 1)).loss)  # two pixels suffice
+    assert level.eval()(torch.randn(1, 4, 1, 1), torch.randn(1, 6, 1, 1)).denoised.shape == (1, 6, 1, 1)
