@@ -117,5 +117,5 @@ def test_dkd_refuses_targets_that_are_not_class_indices(dtype):
     with pytest.raises(ValueError) as info:
         dkd_loss(s, t, targets)
     assert str(info.value) == (
-        f"dkd_loss: targets must be integer class indices, got dtype {dtype}; pass the labels (e.g. targets.long())"
+        f"dkd_loss: targets must be integer class indices, got dtype {dtype}; pass the class labels as a torch.long tensor"
     )

@@ -469,12 +469,14 @@ def test_features_of_another_dtype_than_the_module_get_a_clear_error(kind, shape
     with pytest.raises(TypeError) as info:
         level(s, t)
     assert str(info.value) == (
-        "DiffKD: student features are torch.float64 but its parameters are torch.float32; convert one to the "
-        "other (module.to(torch.float64) or features.to(torch.float32)) or run under torch.autocast"
+        "DiffKD: student features are torch.float64 but its parameters are torch.float32; pass the features "
+        ".to(torch.float32) (for bf16/fp16 features, run under torch.autocast)"
     )
     with pytest.raises(TypeError, match="teacher features are torch.float64 but its parameters are torch.float32"):
         level(s.float(), t)
-    assert torch.isfinite(level.double()(s, t).loss)  # converted: fine
+    with pytest.raises(TypeError, match=r"^DiffKD runs with float32 parameters, got torch.float64; call \.float\(\)"):
+        level.double()(s, t)
+    assert torch.isfinite(level.float()(s.float(), t.float()).loss)  # converted: fine
     with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes are autocast's job
         assert torch.isfinite(DiffKD(4, 4, kind=kind)(s.float().bfloat16(), t.float()).loss)
 
@@ -484,7 +486,7 @@ def test_conv_kind_needs_two_values_per_channel_in_training():
     with pytest.raises(ValueError) as info:
         level(torch.randn(1, 4, 1, 1), torch.randn(1, 6, 1, 1))
     assert str(info.value) == (
-        "DiffKD(kind='conv') needs at least 2 values per channel in training mode (batch x height x width of the "
+        "DiffKD(kind='conv') needs at least 2 values per channel in training mode (batch x positions of the "
         "teacher map; its BatchNorm cannot train on one), got teacher (1, 6, 1, 1)"
     )
     assert torch.isfinite(level(torch.randn(1, 4, 2, 1), torch.randn(1, 6, 2, 1)).loss)  # two pixels suffice

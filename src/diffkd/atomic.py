@@ -3,18 +3,34 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+# tempfile.mkstemp names a file prefix + 8 characters of [a-z0-9_] + suffix; ours are `.<name>.XXXXXXXX.tmp`.
+_TEMP_PART = r"[a-z0-9_]{8}"
+
+
+def open_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file next to path, `.<name>.XXXXXXXX.tmp` (a write killed mid-way leaves it behind)."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def is_temporary_of(filename: str, name: str) -> bool:
+    """Whether filename is a temporary that write_atomic made for a file called name (and nothing else)."""
+    return re.fullmatch(re.escape(f".{name}.") + _TEMP_PART + re.escape(".tmp"), filename) is not None
+
 
 def write_atomic(data: bytes, path: str | os.PathLike) -> None:
     """Write bytes through a temporary file in the same folder, fsync'ed, then os.replace'd."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = open_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -42,7 +58,7 @@ def serialize(obj: Any) -> bytes:
 def save_atomic(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """torch.save obj to path atomically; with overwrite=False an existing file is refused, not replaced."""
     path = Path(path)
-    if not overwrite and path.exists():
+    if not overwrite and path.exists() and not path.is_dir():  # a directory: write_atomic says so
         raise FileExistsError(f"{path} exists; refusing to overwrite it (choose another path, or --force)")
     write_atomic(serialize(obj), path)
     return path

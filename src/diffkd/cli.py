@@ -3,6 +3,11 @@
 To add a subcommand (demo, bench, visualize), define `COMMAND = Command(...)` in its own module and
 add `"name": lazy("diffkd.module")` to COMMANDS; the module is imported only when that subcommand
 or `diffkd --help` needs it.
+
+Exit status: 0 done, 1 an error the user can fix (one line on stderr), 2 a malformed command line
+(argparse), 130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM. An interrupt prints no
+traceback, only what was saved last; SIGTERM (what schedulers send) is handled as Ctrl-C is, and its
+status is the shell's 128 + 15 so a job script can tell which signal stopped the run.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -78,14 +85,25 @@ def _run_mode(mode: str) -> Callable[[argparse.Namespace], int]:
     return action
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a run directory or a last.pt/best.pt file")
     parser.add_argument(
         "--which", choices=("best", "last"), default="best", help="checkpoint of a run directory (default best)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--limit", type=int, help="evaluate only this many test items (evenly spaced)")
-    parser.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
+    parser.add_argument("--limit", type=_positive_int, help="evaluate only this many test items (evenly spaced)")
+    parser.add_argument("--batch-size", type=_positive_int, help="evaluation batch size (default: the run's)")
     parser.add_argument("--data-root", help="dataset folder, if not where the run found it")
 
 
@@ -203,19 +221,46 @@ def _progress_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
+    """While a command runs, SIGTERM raises KeyboardInterrupt as Ctrl-C does (noted in `received`), so the
+    run stops the same clean way; a second SIGTERM gets the previous handler (by default: terminate at once)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGTERM, previous)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `diffkd` command line; returns the exit status (errors a user can fix print one line, status 1)."""
+    """Run the `diffkd` command line; returns the exit status (see the module docstring)."""
     from .engine import EngineError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra  # key=value given after the flags
+    flags = [e for e in extra if e.startswith("-")]
+    if extra and hasattr(args, "overrides") and not flags:
+        args.overrides += extra  # overrides given after the flags; loading names any that is not key=value
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    received: list[int] = []
     try:
-        with _progress_logs():
+        with _progress_logs(), _sigterm_as_interrupt(received):
             return args.action(args)
     except (*USER_ERRORS, EngineError) as err:
         print(f"diffkd {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was saved last, no traceback
+        how = "interrupted by SIGTERM" if received else "interrupted"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"diffkd {args.command}: {how}" + (f": {err}" if str(err) else ""), file=sys.stderr)
+        return 128 + (signal.SIGTERM if received else signal.SIGINT)

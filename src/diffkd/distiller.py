@@ -6,6 +6,8 @@ follows `.to()` with the rest. Features come from forward hooks, so neither mode
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,13 +28,20 @@ class Level:
     def __init__(self, student: str | Tap | Mapping[str, Any], teacher: str | Tap | Mapping[str, Any], method: str, weight: float = 1.0,
                  name: str | None = None, **options: Any):
         self.student, self.teacher, self.method = student, teacher, method
-        self.weight, self.options = weight, options
+        self.weight, self.options = check_weight(weight), options
         path = Tap.parse(student).path
         self.name = name or f"{method}_{re.sub(r'[^0-9A-Za-z_]', '_', path) or 'output'}"
 
     def __repr__(self) -> str:
         return (f"Level({self.student!r}, {self.teacher!r}, {self.method!r}, weight={self.weight}, "
                 f"name={self.name!r}, options={self.options})")
+
+
+def check_weight(weight: Any) -> float:
+    """A level's loss weight: a finite real number >= 0 (a bool or a string is a mistake, not a weight)."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"Level weight must be a finite number >= 0, got {weight!r}")
+    return weight
 
 
 @dataclass

@@ -69,6 +69,11 @@ def dkd_loss(
         raise ValueError(f"dkd_loss expects logits (B,K), got {tuple(student.shape)}")
     if target.shape != student.shape[:1]:
         raise ValueError(f"dkd_loss expects targets of shape ({student.shape[0]},), got {tuple(target.shape)}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(
+            f"dkd_loss: targets must be integer class indices, got dtype {target.dtype}; pass the class labels "
+            "as a torch.long tensor"
+        )
     s, t = student.float() / tau, teacher.float() / tau
     is_target = F.one_hot(target.long(), s.shape[1]).bool()
 

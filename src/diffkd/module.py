@@ -5,6 +5,8 @@ trained on teacher latents -> output projection -> distance to the (auto-encoded
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -103,6 +105,10 @@ class DiffKD(nn.Module):
         check_dims(dims)
         if dims != 2 and kind != "conv":
             raise ValueError(f"dims is the conv kind's spatial rank; kind={kind!r} takes vectors, drop dims={dims}")
+        for name, count in (("student_channels", student_channels), ("teacher_channels", teacher_channels),
+                            ("latent_channels", latent_channels)):  # fmt: skip
+            if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1):
+                raise ValueError(f"DiffKD {name} must be a positive integer, got {count!r}")
         self.kind = kind
         self.dims = dims
         self.student_channels = student_channels
@@ -150,9 +156,32 @@ class DiffKD(nn.Module):
                 "DiffKD(kind='mlp') needs a batch of at least 2 in training mode "
                 f"(its BatchNorm cannot train on one value per channel), got batch {student.shape[0]}"
             )
+        if self.training and self.kind == "conv" and math.prod(teacher.shape[:1] + teacher.shape[2:]) < 2:
+            raise ValueError(
+                "DiffKD(kind='conv') needs at least 2 values per channel in training mode (batch x positions "
+                f"of the teacher map; its BatchNorm cannot train on one), got teacher {tuple(teacher.shape)}"
+            )
+        self.check_dtypes(student, teacher)
         if self.kind == "mlp":
             return student.flatten(1), teacher.flatten(1)
         return self.in_layout(student), teacher
+
+    def check_dtypes(self, student: Tensor, teacher: Tensor) -> None:
+        """DiffKD runs with float32 parameters on float32 features, or lower-precision ones under autocast
+        (a free check: no data is read)."""
+        dtype = self.projector.weight.dtype
+        if dtype != torch.float32:
+            raise TypeError(
+                f"DiffKD runs with float32 parameters, got {dtype}; call .float() on it and use torch.autocast "
+                "for bf16/fp16"
+            )
+        low = (torch.bfloat16, torch.float16) if torch.is_autocast_enabled(student.device.type) else ()
+        for role, x in (("student", student), ("teacher", teacher)):
+            if x.dtype != dtype and x.dtype not in low:
+                raise TypeError(
+                    f"DiffKD: {role} features are {x.dtype} but its parameters are {dtype}; pass the features "
+                    f".to({dtype}) (for bf16/fp16 features, run under torch.autocast)"
+                )
 
     def in_layout(self, x: Tensor) -> Tensor:
         """x in the module's memory format (a no-op for vectors and for maps already in it)."""

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-
+from ..models.weights import UnreadableCheckpoint, describe_mismatch, read_checkpoint
 from .errors import CheckpointError
 
 FORMAT = "diffkd-run"
@@ -20,17 +21,14 @@ STUDENT_PREFIX = "student."  # the Distiller's state dict keys of the student
 
 
 def load_file(path: str | Path) -> Any:
-    """torch.load(weights_only=True) on CPU; a missing, truncated or corrupt file raises CheckpointError naming it."""
+    """The file read safely (models.weights.read_checkpoint); a missing or unreadable one raises CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types (RuntimeError, EOFError, UnpicklingError, ...)
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a torch checkpoint "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
-        ) from err
+        return read_checkpoint(path)
+    except UnreadableCheckpoint as err:
+        raise CheckpointError(str(err)) from None
 
 
 def is_run_checkpoint(obj: Any) -> bool:
@@ -69,3 +67,21 @@ def evaluated_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     if ckpt["mode"] == "train":
         return model
     return {k[len(STUDENT_PREFIX) :]: v for k, v in model.items() if k.startswith(STUDENT_PREFIX)}
+
+
+def saved_model_name(ckpt: dict[str, Any]) -> str | None:
+    """The model a run checkpoint's evaluated weights belong to: the config's model (train) or student (distill)."""
+    section = ckpt.get("config", {}).get("model" if ckpt.get("mode") == "train" else "student")
+    return section.get("name") if isinstance(section, dict) else None
+
+
+def load_into(
+    module: nn.Module, weights: dict[str, torch.Tensor], source: str | Path, saved_for: str | None, target: str
+) -> None:
+    """module.load_state_dict(weights) strictly; a mismatch names the source, the model it was saved for, the
+    target it was asked to fit, and the first few missing, unexpected and wrong-shape keys (not torch's dump)."""
+    problem = describe_mismatch(module, weights)
+    if problem:
+        saved = f" was saved for model {saved_for!r} and" if saved_for else ""
+        raise CheckpointError(f"{source}{saved} does not fit {target}: {problem}")
+    module.load_state_dict(weights, strict=True)

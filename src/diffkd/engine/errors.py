@@ -15,3 +15,8 @@ class CheckpointError(EngineError):
 
 class NonFiniteLossError(EngineError):
     """A NaN or inf loss; names the terms, the global step and the epoch."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, turned into an interrupt by the CLI) stopped a run; the message says what was saved
+    last and how to go on. Still a KeyboardInterrupt, so Python callers (notebooks) see an interrupt as usual."""

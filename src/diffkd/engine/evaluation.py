@@ -12,9 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import config_from_dict
 from ..data import build_loader
 from ..tasks import Task, build_task
-from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint
+from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint, load_into, saved_model_name
 from .distributed import Context, ShardSampler, resolve_device
-from .errors import CheckpointError
 from .learner import forward
 from .precision import MixedPrecision
 
@@ -64,6 +63,9 @@ def evaluate_checkpoint(
     Uses the full test split (or `limit` evenly spaced items); returns {"metrics", "main_metric",
     "checkpoint", "epoch", "images"}.
     """
+    for name, value in (("batch_size", batch_size), ("limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     file = find_checkpoint(path, which)
     ckpt = load_checkpoint(file)
     cfg = config_from_dict(ckpt["config"])
@@ -72,10 +74,7 @@ def evaluate_checkpoint(
     task = build_task(cfg)
     spec = cfg.model if ckpt["mode"] == "train" else cfg.student
     model = task.build_model(spec)
-    try:
-        model.load_state_dict(evaluated_weights(ckpt), strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{file}: weights do not fit model {spec.name!r}: {err}") from err
+    load_into(model, evaluated_weights(ckpt), file, saved_model_name(ckpt), f"model {spec.name!r}")
     ctx = Context(device=resolve_device(device))
     model.to(ctx.device)
     size = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import models
 from ..config import ConfigError, TeacherConfig
-from ..models.weights import file_sha256
-from .checkpoint import evaluated_weights, find_checkpoint, is_run_checkpoint, load_file
+from ..models.weights import extract_state_dict, file_sha256
+from .checkpoint import evaluated_weights, find_checkpoint, is_run_checkpoint, load_file, load_into, saved_model_name
 from .errors import CheckpointError
 
 
@@ -29,10 +28,8 @@ def load_teacher_weights(model: nn.Module, spec: TeacherConfig) -> None:
             f"teacher checkpoint {path}: sha256 mismatch, expected {spec.sha256}, got {file_sha256(path)}"
         )
     content = load_file(path)
-    if not is_run_checkpoint(content):
-        models.load_weights(model, path, strict=True)
-        return
-    try:
-        model.load_state_dict(evaluated_weights(content), strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"teacher checkpoint {path} does not fit model {spec.name!r}: {err}") from err
+    if is_run_checkpoint(content):
+        weights, saved_for = evaluated_weights(content), saved_model_name(content)
+    else:
+        weights, saved_for = extract_state_dict(content), None
+    load_into(model, weights, f"teacher checkpoint {path}", saved_for, f"model {spec.name!r}")

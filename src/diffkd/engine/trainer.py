@@ -25,9 +25,9 @@ from ..config import Config, ConfigError, config_from_dict, config_to_dict, save
 from ..tasks import Metrics, Task, build_task
 from . import distributed, rng
 from ..atomic import serialize, write_atomic
-from .checkpoint import FORMAT, VERSION, load_checkpoint
+from .checkpoint import FORMAT, VERSION, load_checkpoint, load_into, saved_model_name
 from .ema import EMA
-from .errors import CheckpointError, NonFiniteLossError
+from .errors import CheckpointError, NonFiniteLossError, RunInterrupted
 from .evaluation import evaluate, task_loader, test_loader
 from .learner import LEARNERS, Learner, StepOutput
 from .meters import LossMeter
@@ -86,6 +86,7 @@ class Session:
     step: int = 0
     best: float = -math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
+    saved_epoch: int | None = None  # the epoch last.pt holds, once this run wrote or resumed one
 
     @property
     def main_key(self) -> str:
@@ -102,17 +103,32 @@ def run(
 ) -> RunResult:
     """Train (mode "train": task loss only) or distil (mode "distill") as cfg says; returns the run's summary.
 
-    resume continues output.dir from its last.pt; force moves an existing run directory aside first.
-    on_epoch_end receives each epoch's metrics row after its checkpoint is written.
+    resume continues output.dir from its last.pt (or starts afresh, saying so, where there is none);
+    force moves an existing run directory aside first. on_epoch_end receives each epoch's metrics row
+    after its checkpoint is written. An interrupt (Ctrl-C) leaves as RunInterrupted, a KeyboardInterrupt
+    whose message says what was saved last.
     """
     if mode not in LEARNERS:
         raise ValueError(f"mode must be one of {', '.join(LEARNERS)}, got {mode!r}")
     ctx = distributed.setup(cfg.train.device)
+    session = None
     try:
         session = _setup(cfg, mode, ctx, resume=resume, force=force)
         return _train(session, on_epoch_end)
+    except KeyboardInterrupt:
+        raise RunInterrupted(_what_was_saved(session, Path(cfg.output.dir).expanduser())) from None
     finally:
         distributed.teardown(ctx)
+
+
+def _what_was_saved(s: Session | None, run_dir: Path) -> str:
+    """For an interrupted run: the checkpoint it can go on from, and how; or that there is none."""
+    last = run_dir / "last.pt"
+    if s is not None and s.saved_epoch is not None:
+        return f"last saved epoch {s.saved_epoch} in {last}; rerun the same command with --resume to continue from there"
+    if last.is_file():
+        return f"stopped before training started; {last} is unchanged and --resume continues from it"
+    return f"nothing was saved yet (no checkpoint in {run_dir}); rerunning the same command starts the run afresh"
 
 
 def _per_rank_batch(batch_size: int, world_size: int) -> int:
@@ -134,14 +150,14 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, *, resume: bool, fo
     """Build everything (so config mistakes fail before any file is touched), then open the run dir and resume."""
     session = _build(cfg, mode, ctx)
     run_dir = session.run_dir
-    check_run_dir(run_dir, resume=resume, force=force)
+    resuming = check_run_dir(run_dir, resume=resume, force=force)
     ctx.barrier()
     if ctx.is_main:
-        moved = prepare_run_dir(run_dir, resume=resume, force=force)
-        if moved is not None:
-            log.warning("--force: moved the previous run %s aside to %s", run_dir, moved)
+        if resume and not resuming:
+            log.info("--resume: nothing to resume in %s (no last.pt); starting the run afresh", run_dir)
+        prepare_run_dir(run_dir, resume=resuming, force=force)  # logs what it moved aside or removed
     ctx.barrier()
-    if resume:
+    if resuming:
         _restore(session, run_dir / "last.pt")
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
@@ -219,12 +235,13 @@ def _restore(s: Session, path: Path) -> None:
             f"cannot resume {path.parent}: the config differs from the run's in {', '.join(changed)}; resume with "
             f"the same config (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or start afresh with --force"
         )
-    s.learner.module.load_state_dict(ckpt["model"])
+    load_into(s.learner.module, ckpt["model"], path, saved_model_name(ckpt), "this run's modules")
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.precision.load_state_dict(ckpt["scaler"])
     if s.ema is not None:
         s.ema.load_state_dict(ckpt["ema"])
     s.epoch, s.step, s.best, s.history = ckpt["epoch"], ckpt["step"], ckpt["best"], list(ckpt["history"])
+    s.saved_epoch = s.epoch
     states = ckpt["rng"]
     if len(states) == s.ctx.world_size:
         rng.restore(states[s.ctx.rank])
@@ -298,10 +315,17 @@ def _check_finite(out: StepOutput, epoch: int, step: int, s: Session) -> None:
     if s.ctx.all_true(bool(finite.all())):
         return
     bad = [f"{n} = {v}" for n, v, ok in zip(names, values.tolist(), finite.tolist()) if not ok]
-    kept = f"{s.run_dir / 'last.pt'} (epoch {s.epoch}) is left untouched" if s.epoch else "no checkpoint was written"
+    fix = "Lower optim.lr, set train.clip_grad_norm, or check the inputs"
+    if not s.epoch:  # every finished epoch wrote last.pt
+        kept = f"no checkpoint was written, so rerunning the same command starts the run afresh. {fix}"
+    else:
+        kept = (
+            f"{s.run_dir / 'last.pt'} (epoch {s.epoch}) is left untouched. {fix}, then rerun with --force "
+            "to start afresh (it moves this run aside)"
+        )
     raise NonFiniteLossError(
         f"non-finite loss at epoch {epoch + 1}, global step {step}: {', '.join(bad) or 'in another process'}; "
-        f"training stopped and {kept}. Lower optim.lr, set train.clip_grad_norm, or check the inputs"
+        f"training stopped and {kept}"
     )
 
 
@@ -379,5 +403,6 @@ def _save(s: Session, improved: bool) -> None:
     }
     data = serialize(ckpt)
     write_atomic(data, s.run_dir / "last.pt")
+    s.saved_epoch = s.epoch
     if improved:
         write_atomic(data, s.run_dir / "best.pt")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 
 import torch
 
@@ -33,9 +34,20 @@ def build_method(name: str, student_shape: torch.Size, teacher_shape: torch.Size
     try:
         return METHODS[name].build(student_shape, teacher_shape, **options)
     except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if found is None:
             raise
-        raise ValueError(f"method {name!r} got an unknown option: {exc}") from None
+        raise ValueError(unknown_option(name, found.group(1))) from None
+
+
+def unknown_option(method: str, option: str) -> str:
+    """The error for an option `method` does not take: the closest valid one, and all of them."""
+    valid = METHODS[method].option_names()
+    if not valid:
+        return f"method {method!r} got an unknown option {option!r}; it takes no options"
+    close = difflib.get_close_matches(option, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"method {method!r} got an unknown option {option!r}{hint}; valid options: {', '.join(valid)}"
 
 
 __all__ = ["METHODS", "Method", "MethodOutput", "build_method"]

@@ -1,6 +1,7 @@
 """What every distillation method is: a small module from (student, teacher) features to losses."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,13 @@ class Method(nn.Module):
         """Construct from probed shapes (batch first) and the level's options."""
         return cls(**options)
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options a level may give (named in errors); by default the keyword parameters of __init__.
+        A method whose build fills some of those from the shapes, or takes others, says so by overriding."""
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind in kinds][1:]
+
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         raise NotImplementedError
 
@@ -38,10 +46,12 @@ class Method(nn.Module):
         """Hook for methods whose weight depends on training progress (DKD's warm-up)."""
 
 
-def require_same_shape(method: str, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+def require_same_shape(
+    method: str, student_shape: torch.Size, teacher_shape: torch.Size, remedy: str = "check the taps and num_classes"
+) -> None:
     """Logit-matching methods need identical shapes apart from the batch."""
     if tuple(student_shape[1:]) != tuple(teacher_shape[1:]):
         raise ValueError(
             f"{method} compares student and teacher outputs of the same shape, got student "
-            f"{tuple(student_shape)} and teacher {tuple(teacher_shape)} (check the taps and num_classes)"
+            f"{tuple(student_shape)} and teacher {tuple(teacher_shape)} ({remedy})"
         )

@@ -1,16 +1,29 @@
 """DiffKD as a distillation method: one DiffKD module per level, sized from the taps."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
 from ..module import DiffKD as DiffKDModule
-from .base import Method, MethodOutput
+from .base import Method, MethodOutput, require_same_shape
+
+# Distances between softmaxes: a level using one compares class scores (logits), not features.
+CLASS_SCORE_DISTANCES = ("kl", "dist")
+_MEANT = "check the taps and num_classes, or pass allow_class_mismatch=True if mapping one class set onto the other is meant"
 
 
 class DiffKD(Method):
     """Maps (B,C,H,W) get the conv kind with MSE, sequences (B,C,L) its 1-D form; vectors (B,K) the
-    mlp kind with KL (tau 1)."""
+    mlp kind with KL (tau 1).
+
+    A level whose distance compares softmaxes (kl, dist; the default for vectors) holds logits, so
+    student and teacher must have the same class count, as for kd: a projector from 10 classes to 5
+    is almost always a wrong tap or num_classes, and is refused unless allow_class_mismatch=True.
+    A level with a feature distance (mse, attention_mse, a callable) holds features, whose widths
+    may differ: the projector maps one onto the other.
+    """
 
     def __init__(self, module: DiffKDModule):
         super().__init__()
@@ -29,7 +42,23 @@ class DiffKD(Method):
         options.setdefault("distance", "mse" if spatial else "kl")
         if spatial and options["kind"] == "conv":
             options.setdefault("dims", spatial)
+        allowed = options.pop("allow_class_mismatch", False)
+        distance = options["distance"]
+        if distance in CLASS_SCORE_DISTANCES and student_shape[1] != teacher_shape[1] and not allowed:
+            if not spatial:
+                require_same_shape("diffkd", student_shape, teacher_shape, _MEANT)
+            raise ValueError(
+                f"diffkd compares class scores (distance {distance!r}): student {student_shape[1]}, teacher "
+                f"{teacher_shape[1]} classes, shapes {tuple(student_shape)} and {tuple(teacher_shape)} ({_MEANT})"
+            )
         return cls(DiffKDModule(student_shape[1], teacher_shape[1], **options))
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        sized = ("self", "student_channels", "teacher_channels")  # from the taps
+        return [p for p in inspect.signature(DiffKDModule.__init__).parameters if p not in sized] + [
+            "allow_class_mismatch"
+        ]
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         out = self.diffkd(student, teacher)

@@ -32,6 +32,10 @@ class MSE(Method):
             )
         return cls(student_shape[1], teacher_shape[1], dims=len(student_shape) - 2, **options)
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return []  # the connector is sized from the taps
+
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         projected = self.connector(student)
         if projected.dim() > 2 and projected.shape[2:] != teacher.shape[2:]:

@@ -4,13 +4,76 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 _SHOWN = 5  # how many offending keys an error message lists
+
+# How a file torch.save wrote begins: a zip archive (torch >= 1.6), or the legacy format's pickled magic number.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be read safely; the message names the file and says why in its terms."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) on CPU, one shared reader for every loading path.
+
+    Each way a file can fail gets its own message: an empty file, a file torch.save did not write,
+    a truncated or corrupt one, and one holding objects other than tensors and plain containers,
+    which is refused for safety (unpickling those could run code); torch's own advice is not passed on.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(len(_LEGACY_MAGIC))
+    if not head:
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path}: empty file (0 bytes)")
+    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
+        raise UnreadableCheckpoint(
+            f"cannot read checkpoint {path}: not a torch checkpoint (it does not begin as files written by "
+            "torch.save do); check the path"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:  # the unpickler stumbled on bytes it cannot parse: damage, not danger
+            raise UnreadableCheckpoint(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
+                                       "incomplete (its pickle cannot be parsed)") from None
+        raise UnreadableCheckpoint(
+            f"cannot read checkpoint {path}: it holds objects other than tensors and plain containers "
+            f"({found.group(1)}); it was refused for safety, since loading such objects can run code "
+            "(diffkd reads tensors, numbers, strings and their lists and dicts, e.g. a model.state_dict())"
+        ) from None
+    except Exception as err:  # the zip reader and the unpickler raise RuntimeError, EOFError, ... for damage
+        detail = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
+        raise UnreadableCheckpoint(
+            f"cannot read checkpoint {path}: the file is truncated, corrupt or incomplete ({detail})"
+        ) from None
+
+
+def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> str | None:
+    """Why `state` does not load into model: the first few missing, unexpected (if strict) and
+    wrong-shape keys; None when it loads."""
+    expected = model.state_dict()
+    problems = []
+    if strict:
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        problems += [f"missing {_listed(missing)}"] if missing else []
+        problems += [f"unexpected {_listed(unexpected)}"] if unexpected else []
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    problems += [f"wrong shape (file vs model): {_listed(wrong)}"] if wrong else []
+    return "; ".join(problems) or None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -59,22 +122,8 @@ def load_weights(
         actual = file_sha256(path)
         if actual.lower() != sha256.strip().lower():
             raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, got {actual}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler and the zip reader raise many types for one cause
-        raise ValueError(f"{path} is not a readable checkpoint (weights_only load failed: {err})") from err
-    state = extract_state_dict(checkpoint)
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"{path} does not match the model's keys: missing {_listed(missing) or 'none'}; "
-            f"unexpected {_listed(unexpected) or 'none'}"
-        )
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{path} has tensors of the wrong shape (file vs model): {_listed(wrong)}")
+    state = extract_state_dict(read_checkpoint(path))
+    problem = describe_mismatch(model, state, strict)
+    if problem:
+        raise ValueError(f"{path} does not fit the model ({type(model).__name__}): {problem}")
     model.load_state_dict(state, strict=strict)
