@@ -643,3 +643,10 @@ def test_save_atomic_onto_a_directory_refuses_cleanly(tmp_path: Path) -> None:
         with pytest.raises(IsADirectoryError, match=rf"^{re.escape(str(tmp_path))} is a directory; give the path of a file"):
             save_atomic({"w": torch.zeros(1)}, tmp_path, overwrite=overwrite)
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+@needs_fmnist
+def test_a_negative_level_weight_in_the_config_names_the_level(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, *distill_overrides(random_teacher(tmp_path)), "levels.0.weight=-1", mode="distill")
+    with pytest.raises(ConfigError, match=r"^levels.0: Level weight must be a finite number >= 0, got -1.0$"):
+        run(cfg, mode="distill")

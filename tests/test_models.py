@@ -417,7 +417,7 @@ def test_load_weights_errors(tmp_path: Path) -> None:
         load_weights(create("resnet8"), tmp_path / "missing.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x80\x02not a checkpoint at all" * 10)
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="cannot read checkpoint .*: not a torch checkpoint"):
         load_weights(create("resnet8"), corrupt)
     with pytest.raises(ValueError, match=r"missing layer1\.1\.conv1\.weight"):
         load_weights(create("resnet14"), path)

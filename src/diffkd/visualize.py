@@ -97,16 +97,18 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu"):
     """The Distiller of a distillation run with its trained student and method modules, and its task."""
     from .config import load_config
     from .engine import find_checkpoint, load_checkpoint
+    from .engine.checkpoint import load_into, saved_model_name
     from .engine.learner import DistillLearner
     from .tasks import build_task
 
     cfg = load_config(run_dir / "config.yaml")
-    ckpt = load_checkpoint(find_checkpoint(run_dir, which))
+    file = find_checkpoint(run_dir, which)
+    ckpt = load_checkpoint(file)
     if ckpt["mode"] != "distill":
         raise ValueError(f"{run_dir} is a `{ckpt['mode']}` run; visualize needs a `diffkd distill` run")
     task = build_task(cfg)
     distiller = DistillLearner(cfg, task).module
-    distiller.load_state_dict(ckpt["model"], strict=True)
+    load_into(distiller, ckpt["model"], file, saved_model_name(ckpt), "this run's modules")
     return distiller.to(device), task
 
 

@@ -101,17 +101,14 @@ class DistillLearner(Learner):
         teacher = task.build_model(cfg.teacher)
         load_teacher_weights(teacher, cfg.teacher)
         student = task.build_model(cfg.student)
-        levels = [
-            Level(
-                student=resolve_tap(lv.student, cfg.student.name, f"levels.{i}.student", task.default_taps),
-                teacher=resolve_tap(lv.teacher, cfg.teacher.name, f"levels.{i}.teacher", task.default_taps),
-                method=lv.method,
-                weight=lv.weight,
-                name=lv.name,
-                **lv.options,
-            )
-            for i, lv in enumerate(cfg.levels)
-        ]
+        levels = []
+        for i, lv in enumerate(cfg.levels):
+            student_tap = resolve_tap(lv.student, cfg.student.name, f"levels.{i}.student", task.default_taps)
+            teacher_tap = resolve_tap(lv.teacher, cfg.teacher.name, f"levels.{i}.teacher", task.default_taps)
+            try:
+                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, **lv.options))
+            except ValueError as err:  # a bad weight: name the config entry
+                raise ConfigError(f"levels.{i}: {err}") from None
         self.module = Distiller(teacher, student, levels, input_shape=task.input_shape)
         self.student = self.module.student
 

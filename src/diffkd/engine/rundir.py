@@ -91,7 +91,8 @@ def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> Path | None:
         size = sum(p.stat().st_size for p in stale)
         for tmp in stale:
             tmp.unlink()
-        log.info("removed %d stale temporary file(s) (%.1f MB) of interrupted writes from %s", len(stale), size / 1e6, path)
+        log.info("removed %d stale temporary file(s) (%.1f MB) of interrupted writes from %s",
+                 len(stale), size / 1e6, path)
     moved = None
     if not resume and path.is_dir() and any(p.name != "config.yaml" for p in path.iterdir()):
         moved = aside_name(path)

@@ -125,7 +125,9 @@ def _what_was_saved(s: Session | None, run_dir: Path) -> str:
     """For an interrupted run: the checkpoint it can go on from, and how; or that there is none."""
     last = run_dir / "last.pt"
     if s is not None and s.saved_epoch is not None:
-        return f"last saved epoch {s.saved_epoch} in {last}; rerun the same command with --resume to continue from there"
+        return (
+            f"last saved epoch {s.saved_epoch} in {last}; rerun the same command with --resume to continue from there"
+        )
     if last.is_file():
         return f"stopped before training started; {last} is unchanged and --resume continues from it"
     return f"nothing was saved yet (no checkpoint in {run_dir}); rerunning the same command starts the run afresh"

@@ -11,7 +11,9 @@ from .base import Method, MethodOutput, require_same_shape
 
 # Distances between softmaxes: a level using one compares class scores (logits), not features.
 CLASS_SCORE_DISTANCES = ("kl", "dist")
-_MEANT = "check the taps and num_classes, or pass allow_class_mismatch=True if mapping one class set onto the other is meant"
+_MEANT = (
+    "check the taps and num_classes, or pass allow_class_mismatch=True if mapping one class set onto the other is meant"
+)
 
 
 class DiffKD(Method):

@@ -45,9 +45,13 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if found is None:  # the unpickler stumbled on bytes it cannot parse: damage, not danger
-            raise UnreadableCheckpoint(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
-                                       "incomplete (its pickle cannot be parsed)") from None
+        if found is None:  # an instruction the safe unpickler does not know: damage, or an unusual protocol
+            reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
+            raise UnreadableCheckpoint(
+                f"cannot read checkpoint {path}: the safe reader cannot parse its pickle "
+                f"({reason.group(1).strip() if reason else 'unknown instruction'}); the file is corrupt, or was "
+                "saved with a pickle protocol other than torch.save's default"
+            ) from None
         raise UnreadableCheckpoint(
             f"cannot read checkpoint {path}: it holds objects other than tensors and plain containers "
             f"({found.group(1)}); it was refused for safety, since loading such objects can run code "
