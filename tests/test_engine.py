@@ -650,3 +650,43 @@ def test_a_negative_level_weight_in_the_config_names_the_level(tmp_path: Path) -
     cfg = tiny(tmp_path, *distill_overrides(random_teacher(tmp_path)), "levels.0.weight=-1", mode="distill")
     with pytest.raises(ConfigError, match=r"^levels.0: Level weight must be a finite number >= 0, got -1.0$"):
         run(cfg, mode="distill")
+def _spatial_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The 4-D weights whose layout differs between the two formats (more than one input channel, k > 1)."""
+    return {k: v for k, v in state.items() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1}
+
+
+@needs_fmnist
+def test_channels_last_lays_out_weights_and_batches(tmp_path: Path, monkeypatch) -> None:
+    """train.channels_last: the student's and the teacher's conv weights and every training and test batch
+    are channels-last, and the run computes what the default layout does (up to float summation order)."""
+    from diffkd.engine import evaluation, learner
+
+    seen: dict[str, list[bool]] = {"train": [], "test": [], "teacher": []}
+    compute, forward = learner.DistillLearner.compute, evaluation.forward
+
+    def recording_compute(self, call, inputs, targets):
+        seen["train"].append(inputs.is_contiguous(memory_format=torch.channels_last))
+        seen["teacher"] += [w.is_contiguous(memory_format=torch.channels_last)
+                            for w in _spatial_weights(self.module.teacher.state_dict()).values()]  # fmt: skip
+        return compute(self, call, inputs, targets)
+
+    def recording_forward(model, inputs):
+        seen["test"].append(inputs.is_contiguous(memory_format=torch.channels_last))
+        return forward(model, inputs)
+
+    extra = [*distill_overrides(random_teacher(tmp_path)), "train.epochs=1", "data.limit_train=64", "data.limit_test=32"]
+    plain = run(tiny(tmp_path, *extra, name="plain", mode="distill"), mode="distill")
+    monkeypatch.setattr(learner.DistillLearner, "compute", recording_compute)
+    monkeypatch.setattr(evaluation, "forward", recording_forward)
+    result = run(tiny(tmp_path, *extra, "train.channels_last=true", name="nhwc", mode="distill"), mode="distill")
+
+    assert seen["train"] == [True, True] and seen["test"] == [True] and seen["teacher"] and all(seen["teacher"])
+    weights = _spatial_weights(load_checkpoint(result.run_dir / "last.pt")["model"])
+    student = {k: v for k, v in weights.items() if k.startswith("student.")}
+    assert student and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                           for w in student.values())  # fmt: skip
+    plain_weights = _spatial_weights(load_checkpoint(plain.run_dir / "last.pt")["model"])
+    assert all(plain_weights[k].is_contiguous() for k in student)  # the default layout, for contrast
+    a, b = plain.history[-1], result.history[-1]
+    assert math.isfinite(b["train_loss"]) and b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert b["test_top1"] == pytest.approx(a["test_top1"], abs=100 / 32 + 1e-9)  # at most one test image flips

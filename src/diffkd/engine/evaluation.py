@@ -14,20 +14,32 @@ from ..data import build_loader
 from ..tasks import Task, build_task
 from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint, load_into, saved_model_name
 from .distributed import Context, ShardSampler, resolve_device
+from .layout import inputs_to_channels_last
 from .learner import forward
 from .precision import MixedPrecision
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, task: Task, ctx: Context, precision: MixedPrecision
+    model: nn.Module,
+    loader: DataLoader,
+    task: Task,
+    ctx: Context,
+    precision: MixedPrecision,
+    *,
+    channels_last: bool = False,
 ) -> dict[str, float]:
-    """The task's metrics over every process's shard of the loader; restores the model's mode."""
+    """The task's metrics over every process's shard of the loader; restores the model's mode.
+
+    channels_last lays 4-D input batches out channels-last (as train.channels_last does in training).
+    """
     was_training = model.training
     model.eval()
     metrics = task.metrics()
     for batch in loader:
         inputs, targets = task.to_device(batch, ctx.device)
+        if channels_last:
+            inputs = inputs_to_channels_last(inputs)
         with precision.autocast():
             outputs = forward(model, inputs)
         metrics.update(outputs, targets)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from ..tasks import Metrics, Task, build_task
-from . import distributed, rng
+from . import distributed, layout, rng
 from ..atomic import serialize, write_atomic
 from .checkpoint import FORMAT, VERSION, load_checkpoint, load_into, saved_model_name
 from .ema import EMA
@@ -182,6 +182,8 @@ def _build(cfg: Config, mode: str, ctx: distributed.Context) -> Session:
     rng.seed_everything(cfg.train.seed)  # identical initial weights in every process
     learner = LEARNERS[mode](cfg, task)
     learner.module.to(ctx.device)
+    if cfg.train.channels_last:
+        layout.module_to_channels_last(learner.module)
     rng.seed_everything(cfg.train.seed + ctx.rank)  # distinct noise and augmentation per process
     optimizer = build_optimizer(learner.trainable_parameters(), cfg.optim)
     train_set = task.build_dataset("train", limit=cfg.data.limit_train)
@@ -297,7 +299,7 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     train, stats, images, train_seconds = _train_epoch(s, loader, epoch)
     model = s.ema.module if s.ema is not None else s.learner.student
     s.ctx.broadcast_buffers(model)
-    test = evaluate(model, s.test_loader, s.task, s.ctx, s.precision)
+    test = evaluate(model, s.test_loader, s.task, s.ctx, s.precision, channels_last=s.cfg.train.channels_last)
     return {
         "epoch": epoch + 1,
         "lr": s.schedule.lr(s.step - 1),
@@ -355,6 +357,8 @@ def _train_epoch(s: Session, loader: Any, epoch: int) -> tuple[dict[str, float],
     start = time.perf_counter()
     for batch in bar:
         inputs, targets = s.task.augment_batch(*s.task.to_device(batch, s.ctx.device))
+        if s.cfg.train.channels_last:
+            inputs = layout.inputs_to_channels_last(inputs)
         out = _train_step(s, inputs, targets, epoch, params)
         meter.update(out, s.task.batch_size(inputs))
         metrics.update(out.outputs, targets)
