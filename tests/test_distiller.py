@@ -236,3 +236,30 @@ def test_unknown_method_option_names_the_closest_and_the_valid_ones(method, opti
         valid = str(info.value).split("valid options: ")[1].split(", ")
         assert {"distance", "tau", "inference_steps", "latent_channels", "allow_class_mismatch"} <= set(valid)
         assert not {"student_channels", "teacher_channels", "module"} & set(valid)
+
+
+def test_torch_compile_traces_the_distiller_like_eager():
+    """Dynamo traces the taps' hooks (backend "eager": no code generation, so it stays fast); a compiled
+    Distiller gives the eager one's loss and gradients, on its first call and on a reused graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    def net(width: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(width, 4))  # fmt: skip
+
+    torch.manual_seed(0)
+    eager = Distiller(net(8), net(4), [Level("3", "3", "mse")], input_shape=(1, 8, 8))
+    torch.manual_seed(0)
+    twin = Distiller(net(8), net(4), [Level("3", "3", "mse")], input_shape=(1, 8, 8))
+    compiled = torch.compile(twin, backend="eager")
+    for step in range(2):
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(step))
+        outs = [model(x) for model in (eager, compiled)]
+        losses = [out.loss + out.student.square().mean() for out in outs]  # the student's head gets a gradient too
+        for loss in losses:
+            loss.backward()
+        assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
+        for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name

@@ -458,6 +458,8 @@ class FeatureTaps:
             else:
                 handles.append(modules[name].register_forward_hook(_Hook(self, "_capture_output", name)))
         self._finalizer = weakref.finalize(self, _remove_handles, handles)
+        self._closed = False  # read in forwards instead of _finalizer.alive: torch.compile would guard the
+        # finalizer's class-wide registry, which any finalize object anywhere changes (a guard failure)
 
     def _begin_forward(self, _name: str, _args: tuple[Any, ...]) -> None:
         """Root pre-hook: a new forward starts, so every earlier capture is stale; drop them."""
@@ -505,7 +507,7 @@ class FeatureTaps:
         if name not in self._taps:
             raise KeyError(f"no tap named {name!r}; taps: {self.names()}")
         tap = self._taps[name]
-        if not self._finalizer.alive:
+        if self._closed:
             raise RuntimeError(f"{_where(name, tap)}: this FeatureTaps is closed")
         value = self._captures.get(name)
         if value is None:
@@ -537,6 +539,7 @@ class FeatureTaps:
     def close(self) -> None:
         """Remove all hooks and drop captures; safe to call more than once."""
         self._finalizer()
+        self._closed = True
         self._captures.clear()
         self._layouts.clear()
 
