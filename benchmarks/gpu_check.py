@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,28 +109,31 @@ class Check:
         (the mosaic generators read Fashion-MNIST from there when /usr/share/datasets lacks it)."""
         cache = self.workdir / "cache"
         link = cache / "diffkd" / "fashion-mnist"
-        if not link.exists():
+        if not (link.is_symlink() or link.exists()):
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(self.fmnist.resolve(), target_is_directory=True)
         path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
         return {**os.environ, "PYTHONPATH": path, "XDG_CACHE_HOME": str(cache), "MPLBACKEND": "Agg"}
 
     def command(self, log_name: str, argv: list[str], env: dict[str, str] | None = None) -> str:
-        """Run argv from the repository root, its output kept in WORKDIR/logs/<log_name>.log; returns it."""
+        """Run argv from the repository root, its output kept in WORKDIR/logs/<log_name>.log; returns it.
+
+        It runs in a process group of its own, so a timeout ends torchrun's workers with it."""
         log = self.workdir / "logs" / f"{log_name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            done = subprocess.run(argv, cwd=ROOT, env=env or self.env(), capture_output=True, text=True,
-                                  timeout=self.timeout)  # fmt: skip
-        except subprocess.TimeoutExpired as err:
-            output = _text(err.stdout) + _text(err.stderr)
-            log.write_text(f"$ {' '.join(argv)}\n{output}")
-            raise CommandFailed(f"timed out after {self.timeout:.0f} s: {' '.join(argv[1:6])} ...", output[-3000:]) from None
-        output = done.stdout + done.stderr
+        with subprocess.Popen(argv, cwd=ROOT, env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) as proc:  # fmt: skip
+            try:
+                output, _ = proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                output, _ = proc.communicate()
+                log.write_text(f"$ {' '.join(argv)}\n{output}")
+                raise CommandFailed(f"timed out after {self.timeout:.0f} s: {' '.join(argv[1:6])} ...", output[-3000:]) from None
         log.write_text(f"$ {' '.join(argv)}\n{output}")
-        if done.returncode != 0:
+        if proc.returncode != 0:
             last = next((line for line in reversed(output.splitlines()) if line.strip()), "(no output)")
-            raise CommandFailed(f"exit status {done.returncode}: {last}", output[-3000:])
+            raise CommandFailed(f"exit status {proc.returncode}: {last}", output[-3000:])
         return output
 
     def diffkd(self, log_name: str, *args: str) -> str:
@@ -151,10 +155,6 @@ class Check:
         """fp16 with GradScaler is CUDA-only by design (the engine refuses it on a CPU with a one-line error)."""
         if "train.amp=fp16" in overrides and self.device != "cuda":
             raise Skipped("needs CUDA: the engine refuses train.amp=fp16 on a CPU by design")
-
-
-def _text(out: str | bytes | None) -> str:
-    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
 
 
 def last_metrics(run_dir: Path) -> dict[str, Any]:

@@ -84,6 +84,17 @@ def test_a_failing_case_is_recorded_and_the_rest_still_run(tmp_path: Path, monke
     assert any(line.startswith("module_fast_fp32") and "failed" in line and "ValueError: boom" in line for line in printed)
 
 
+def test_a_command_that_fails_or_hangs_is_reported_with_its_output(tmp_path: Path) -> None:
+    check = gpu_check.Check("cpu", tmp_path, None, timeout=1.0, ddp_procs=1)
+    env = dict(os.environ)
+    with pytest.raises(gpu_check.CommandFailed, match="^exit status 3: last words$") as failed:
+        check.command("fails", [sys.executable, "-c", "print('first'); print('last words'); raise SystemExit(3)"], env)
+    assert failed.value.output_tail == "first\nlast words\n"
+    with pytest.raises(gpu_check.CommandFailed, match="^timed out after 1 s"):
+        check.command("hangs", [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"], env)
+    assert (tmp_path / "logs" / "hangs.log").read_text().endswith("started\n")
+
+
 def test_only_adds_what_a_case_needs_and_refuses_unknown_names() -> None:
     assert [c.name for c in gpu_check.selected(["eval", "module_compile"])] == [
         "module_compile", "train_fp32", "distill_fp32", "eval"
