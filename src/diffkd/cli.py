@@ -122,6 +122,8 @@ def _eval(args: argparse.Namespace) -> int:
     order = [result["main_metric"], *(k for k in metrics if k != result["main_metric"])]
     shown = "  ".join(f"{k} {metrics[k]:.2f}" for k in order)
     print(f"{shown}  on {result['images']} test images ({result['checkpoint']}, epoch {result['epoch']})")
+    if result["classes"] is not None:
+        print(f"{len(result['classes'])} classes (as in the run): {', '.join(result['classes'])}")
     return 0
 
 

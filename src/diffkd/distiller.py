@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .atomic import save_atomic
 from .methods import build_method
+from .models.probe import resolve_aliases
 from .taps import FeatureTaps, Tap, call_model, probe_features
 
 
@@ -58,7 +59,8 @@ class Distiller(nn.Module):
     """Distil `student` from a frozen `teacher` on the given levels.
 
     Give `example_input` (or `input_shape` without batch) so every tap's shape is probed once and
-    the method modules are sized automatically.
+    the method modules are sized automatically. A level's tap may be "@feature" / "@logits": the
+    model's pooled feature and logits, found by probing it (`diffkd.models.find_taps`).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, levels: Sequence[Level],
@@ -77,8 +79,10 @@ class Distiller(nn.Module):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         teacher.requires_grad_(False).eval()
 
-        student_specs = {lv.name: lv.student for lv in levels}
-        teacher_specs = {lv.name: lv.teacher for lv in levels}
+        student_specs = resolve_aliases({lv.name: lv.student for lv in levels}, student, example_input,
+                                        input_shape=input_shape, role="student")
+        teacher_specs = resolve_aliases({lv.name: lv.teacher for lv in levels}, teacher, example_input,
+                                        input_shape=input_shape, role="teacher")
         student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
         teacher_probe = probe_features(teacher, teacher_specs, example_input, input_shape=input_shape)
         self.methods = nn.ModuleDict()

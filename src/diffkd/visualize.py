@@ -43,8 +43,10 @@ def level_features(distiller, level: str, images: Tensor, seed: int = 0) -> dict
             "gamma": gamma if gamma is not None else torch.ones(len(images))}
 
 
-def render_grid(images: Tensor, features: dict[str, Tensor], path: Path, tau: float = 0.5) -> None:
-    """One row per image: the input, then the attention maps of student, denoised student, teacher."""
+def render_grid(images: Tensor, features: dict[str, Tensor], path: Path, tau: float = 0.5,
+                labels: list[str] | None = None) -> None:
+    """One row per image: the input (titled with its class name when given), then the attention maps of
+    student, denoised student, teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +60,8 @@ def render_grid(images: Tensor, features: dict[str, Tensor], path: Path, tau: fl
         picture = images[i].float()
         picture = (picture - picture.min()) / (picture.max() - picture.min() + 1e-8)
         axes[i, 0].imshow(picture.permute(1, 2, 0).squeeze(-1).cpu(), cmap="gray")
-        axes[i, 0].set_title(f"input (gamma {features['gamma'][i]:.2f})", fontsize=8)
+        what = labels[i] if labels is not None else "input"
+        axes[i, 0].set_title(f"{what} (gamma {features['gamma'][i]:.2f})", fontsize=8)
         for j, key in enumerate(columns, start=1):
             axes[i, j].imshow(maps[key][i].cpu(), cmap="viridis")
             axes[i, j].set_title(key, fontsize=8)
@@ -107,6 +110,7 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu"):
     if ckpt["mode"] != "distill":
         raise ValueError(f"{run_dir} is a `{ckpt['mode']}` run; visualize needs a `diffkd distill` run")
     task = build_task(cfg)
+    task.check_run(run_dir)
     distiller = DistillLearner(cfg, task).module
     load_into(distiller, ckpt["model"], file, saved_model_name(ckpt), "this run's modules")
     return distiller.to(device), task
@@ -136,14 +140,17 @@ def visualize(run_dir: Path, images: int = 4, level: str | None = None, out: Pat
     level = choose_level(distiller, level, str(run_dir))
     test = task.build_dataset("test", limit=images)
     batch = torch.stack([test[i][0] for i in range(len(test))])
+    names = task.class_names
+    labels = [names[test[i][1]] for i in range(len(test))] if names is not None else None
     features = level_features(distiller, level, batch)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "features.png"]
-    render_grid(batch, features, written[0])
+    render_grid(batch, features, written[0], labels=labels)
     if (run_dir / "metrics.csv").exists():
         written.append(out / "gamma.png")
         plot_gamma(run_dir / "metrics.csv", written[1])
-    print(f"level {level}: mean gamma {features['gamma'].mean():.3f} on {len(batch)} test images")
+    shown = f" ({', '.join(labels)})" if labels is not None else ""
+    print(f"level {level}: mean gamma {features['gamma'].mean():.3f} on {len(batch)} test images{shown}")
     return written
 
 

@@ -34,22 +34,26 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A model from the `diffkd.models` registry (num_classes defaults to the dataset's)."""
+    """A model by name (num_classes defaults to the dataset's): a `diffkd.models` registry name,
+    `timm:<name>`, `hf:<folder>` or an import path `package.module:callable`; options are keyword
+    arguments for its builder (e.g. {img_size: 64} for timm, {in_chans: 1})."""
 
     name: str
     num_classes: int | None = None
     pretrained: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TeacherConfig:
-    """The frozen teacher: a registry model plus its trained weights (a run checkpoint or a state dict)."""
+    """The frozen teacher: a model named as in ModelConfig plus its trained weights (a run checkpoint or a state dict)."""
 
     name: str
     checkpoint: str | None = None
     sha256: str | None = None
     pretrained: bool = False
     num_classes: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

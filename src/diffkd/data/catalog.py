@@ -9,27 +9,33 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from . import cifar100, fashion_mnist, imagenet
+from . import cifar100, fashion_mnist, image_folder, imagenet
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a dataset: class count and the (C,H,W) it is fed."""
+    """What a model needs to know about a dataset: class count, the (C,H,W) it is fed, and the class
+    names where they come from the data (an image folder's sub-folders)."""
 
     name: str
     num_classes: int
     input_size: tuple[int, int, int]
+    classes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
 class _Entry:
-    """One catalog row: shapes, accepted splits, builder, and whether image_size and Policies apply."""
+    """One catalog row: shapes, accepted splits, builder, and whether image_size and Policies apply.
+
+    read_info, where set, reads the shapes from data.root instead (the classes of an image folder).
+    """
 
     info: DatasetInfo
     splits: tuple[str, ...]
     build: Callable[..., Dataset]
     resizable: bool = False
     policies: bool = False
+    read_info: Callable[[str | Path | None], DatasetInfo] | None = None
 
 
 _CATALOG = {
@@ -42,7 +48,15 @@ _CATALOG = {
     "imagenet": _Entry(
         DatasetInfo("imagenet", 1000, (3, 224, 224)), ("train", "test", "val"), imagenet.build, True, True
     ),
+    "image_folder": _Entry(
+        DatasetInfo("image_folder", 0, (3, 224, 224)), ("train", "test", "val"), image_folder.build, True, True,
+        read_info=lambda root: _folder_info(image_folder.read_classes(root)),
+    ),
 }
+
+
+def _folder_info(classes: list[str]) -> DatasetInfo:
+    return DatasetInfo("image_folder", len(classes), (3, 224, 224), tuple(classes))
 
 
 def _choose(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> str:
@@ -59,9 +73,10 @@ def available() -> list[str]:
     return list(_CATALOG)
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Class count and model input size (C,H,W) of a dataset, without touching its files."""
-    return _CATALOG[_choose("dataset", name, available())].info
+def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
+    """Class count and model input size (C,H,W) of a dataset; only an image folder's are read from `root`."""
+    entry = _CATALOG[_choose("dataset", name, available())]
+    return entry.info if entry.read_info is None else entry.read_info(root)
 
 
 def build_dataset(
@@ -79,8 +94,8 @@ def build_dataset(
 
     augment defaults to split == "train". limit=n keeps n items evenly spaced over the split
     (indices i * N // n), so class-sorted splits keep every class; None keeps all. image_size
-    (imagenet only) sets the crop size, default 224; policies (imagenet only) add RandAugment,
-    colour jitter and random erasing to the training transform.
+    (imagenet and image_folder) sets the crop size, default 224; policies (the same two) add
+    RandAugment, colour jitter and random erasing to the training transform.
     """
     entry = _CATALOG[_choose("dataset", name, available())]
     split = _choose(f"{name} split", split, entry.splits)
@@ -94,5 +109,5 @@ def build_dataset(
     if entry.policies:
         options["policies"] = policies or imagenet.Policies()
     elif policies not in (None, imagenet.Policies()):
-        raise ValueError(f"{name} has no randaugment / color_jitter / random_erasing; they apply to imagenet")
+        raise ValueError(f"{name} has no randaugment / color_jitter / random_erasing; they apply to imagenet and image_folder")
     return entry.build(split, root, limit=limit, **options)

@@ -73,7 +73,8 @@ def evaluate_checkpoint(
     """The task's test metrics (top-1/top-5 for classification) of a run's evaluated weights.
 
     Uses the full test split (or `limit` evenly spaced items); returns {"metrics", "main_metric",
-    "checkpoint", "epoch", "images"}.
+    "checkpoint", "epoch", "images", "classes"} (classes: the class names where the data names them,
+    checked against the run's, else None).
     """
     for name, value in (("batch_size", batch_size), ("limit", limit)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -84,6 +85,7 @@ def evaluate_checkpoint(
     if data_root is not None:
         cfg.data.root = data_root
     task = build_task(cfg)
+    task.check_run(file.parent)
     spec = cfg.model if ckpt["mode"] == "train" else cfg.student
     model = task.build_model(spec)
     load_into(model, evaluated_weights(ckpt), file, saved_model_name(ckpt), f"model {spec.name!r}")
@@ -98,4 +100,5 @@ def evaluate_checkpoint(
         "checkpoint": str(file),
         "epoch": ckpt["epoch"],
         "images": len(loader.dataset),
+        "classes": task.class_names,
     }

@@ -6,6 +6,7 @@ checkpoint, and the student to evaluate, average (EMA) and export.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -15,12 +16,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import models
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, ModelConfig, TeacherConfig
 from ..distiller import Distiller, Level
+from ..models.probe import TAP_ALIASES
 from ..tasks import Task
 from .teacher import load_teacher_weights
 
-TAP_ALIASES = ("feature", "logits")  # "@feature" / "@logits" in a config: the model's default taps
 
 
 @dataclass
@@ -61,6 +62,14 @@ class Learner(ABC):
         return 0
 
 
+def build_model(task: Task, spec: ModelConfig | TeacherConfig, key: str) -> nn.Module:
+    """The task's model for a config section; a name that cannot build one is a ConfigError naming the key."""
+    try:
+        return task.build_model(spec)
+    except models.ModelNameError as err:
+        raise ConfigError(f"{key}.name: {err}") from None
+
+
 class PlainLearner(Learner):
     """`diffkd train`: the model of the config's `model` section with its task loss only."""
 
@@ -68,7 +77,7 @@ class PlainLearner(Learner):
         if cfg.model is None:
             raise ConfigError("model: required for `diffkd train` (e.g. model: {name: fmnist_teacher})")
         self.task = task
-        self.module = self.student = task.build_model(cfg.model)
+        self.module = self.student = build_model(task, cfg.model, "model")
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any) -> StepOutput:
         outputs = forward(call, inputs)
@@ -77,9 +86,9 @@ class PlainLearner(Learner):
 
 
 def resolve_tap(
-    spec: str | dict[str, Any], model_name: str, where: str, default_taps: Callable[[str], models.Taps] = models.default_taps
+    spec: str | dict[str, Any], where: str, default_taps: Callable[[], models.Taps | models.Probe]
 ) -> str | dict[str, Any]:
-    """'@feature' / '@logits' -> the model's default tap path (per `default_taps`); any other spec unchanged."""
+    """'@feature' / '@logits' -> the model's default tap (from `default_taps()`, called only then); others unchanged."""
     if not isinstance(spec, str) or not spec.startswith("@"):
         return spec
     alias = spec[1:]
@@ -87,7 +96,10 @@ def resolve_tap(
         raise ConfigError(
             f"{where}: unknown tap alias {spec!r}; use {', '.join('@' + a for a in TAP_ALIASES)} or a module path"
         )
-    return getattr(default_taps(model_name), alias)
+    try:
+        return getattr(default_taps(), alias)
+    except models.ProbeError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 class DistillLearner(Learner):
@@ -98,13 +110,15 @@ class DistillLearner(Learner):
         if missing:
             raise ConfigError(f"{', '.join(missing)}: required for `diffkd distill`")
         self.task = task
-        teacher = task.build_model(cfg.teacher)
+        teacher = build_model(task, cfg.teacher, "teacher")
         load_teacher_weights(teacher, cfg.teacher)
-        student = task.build_model(cfg.student)
+        student = build_model(task, cfg.student, "student")
+        student_taps = functools.cache(lambda: task.default_taps(cfg.student.name, student))
+        teacher_taps = functools.cache(lambda: task.default_taps(cfg.teacher.name, teacher))
         levels = []
         for i, lv in enumerate(cfg.levels):
-            student_tap = resolve_tap(lv.student, cfg.student.name, f"levels.{i}.student", task.default_taps)
-            teacher_tap = resolve_tap(lv.teacher, cfg.teacher.name, f"levels.{i}.teacher", task.default_taps)
+            student_tap = resolve_tap(lv.student, f"levels.{i}.student", student_taps)
+            teacher_tap = resolve_tap(lv.teacher, f"levels.{i}.teacher", teacher_taps)
             try:
                 levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, **lv.options))
             except ValueError as err:  # a bad weight: name the config entry

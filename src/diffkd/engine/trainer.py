@@ -160,9 +160,11 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, *, resume: bool, fo
         prepare_run_dir(run_dir, resume=resuming, force=force)  # logs what it moved aside or removed
     ctx.barrier()
     if resuming:
+        session.task.check_run(run_dir)
         _restore(session, run_dir / "last.pt")
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
+        session.task.record_run(run_dir)
     session.reporter = Reporter(
         run_dir, enabled=ctx.is_main, tensorboard=cfg.output.tensorboard, main_metric=session.task.main_metric
     )

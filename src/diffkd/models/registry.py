@@ -1,11 +1,15 @@
-"""One name -> model registry: the CIFAR zoo, the Fashion-MNIST demo nets, torchvision and timm models.
+"""One name -> model: the registered CIFAR zoo, Fashion-MNIST demo nets and torchvision models, timm models,
+the user's own callables by import path and transformers classifiers from a local folder.
 
 Each registered name also knows its default distillation taps (module paths, as in `named_modules()`,
-of the last feature map before global pooling and of the logits) and its input size.
+of the last feature map before global pooling and of the logits) and its input size; the probe
+(`diffkd.models.probe`) finds the same taps, and finds them for every other model.
 
 Names are case-sensitive. The zoo's `ResNet18` / `ResNet50` (its checkpoints' spelling) are the CIFAR
 nets, also registered as the unambiguous `resnet18_cifar` / `resnet50_cifar`; lower-case `resnet18` /
-`resnet50` are torchvision's ImageNet nets. `timm:<name>` builds any timm model (see `default_taps`).
+`resnet50` are torchvision's ImageNet nets. `timm:<name>` builds any timm model (see `default_taps`),
+`package.module:callable` calls the user's builder and `hf:<folder>` reads a transformers folder
+(see `diffkd.models.imports`).
 """
 
 from __future__ import annotations
@@ -22,24 +26,14 @@ import torch.nn as nn
 
 from . import cifar
 from .fashion import fmnist_student, fmnist_teacher
+from .imports import HF_PREFIX, build_hf, build_import_path, is_import_path
 from .mobilenetv1 import mobilenetv1
+from .probe import Taps, find_taps
 
 TIMM_PREFIX = "timm:"
 _CIFAR_INPUT = (3, 32, 32)
 _IMAGENET_INPUT = (3, 224, 224)
 _FMNIST_INPUT = (1, 28, 28)
-
-
-@dataclass(frozen=True)
-class Taps:
-    """Module paths whose outputs are the last feature map before global pooling and the logits.
-
-    `feature` is a Tap mapping instead of a path where the map needs reading, e.g. timm Swin's
-    (B, H, W, C) output: {"path": "norm", "channels_last": True}.
-    """
-
-    feature: str | dict[str, Any]
-    logits: str
 
 
 @dataclass(frozen=True)
@@ -130,8 +124,14 @@ _register_all()
 
 
 def available() -> list[str]:
-    """Every accepted model name (canonical names and aliases); `timm:<name>` is accepted on top."""
+    """Every registered model name (canonical names and aliases); `timm:<name>`, `hf:<folder>` and
+    import paths `package.module:callable` are accepted on top."""
     return sorted([*_SPECS, *_ALIASES], key=lambda n: (n.lower(), n))
+
+
+def is_registered(name: str) -> bool:
+    """True for a name (or alias) of the registry, whose taps are hand-written."""
+    return _ALIASES.get(name, name) in _SPECS
 
 
 def _spec(name: str) -> _Spec:
@@ -148,7 +148,8 @@ def _spec(name: str) -> _Spec:
     hint = f"closest matches: {', '.join(suggestions)}" if suggestions else "no close match"
     raise ValueError(
         f"unknown model {name!r} ({hint}); diffkd.models.available() lists all names, "
-        f"and '{TIMM_PREFIX}<name>' builds a timm model"
+        f"'{TIMM_PREFIX}<name>' builds a timm model, '{HF_PREFIX}<folder>' a transformers one and "
+        "'package.module:callable' your own"
     )
 
 
@@ -162,68 +163,49 @@ def _import_timm() -> ModuleType:
 
 
 def create(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs: object) -> nn.Module:
-    """Build a registered model (or `timm:<name>`); num_classes=None keeps the model's usual class count."""
+    """Build a model by name (registered, `timm:<name>`, `hf:<folder>` or `package.module:callable`);
+    num_classes=None keeps the model's usual class count; kwargs go to the builder."""
     if name.startswith(TIMM_PREFIX):
         timm = _import_timm()
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         return timm.create_model(name[len(TIMM_PREFIX):], pretrained=pretrained, **kwargs)
+    if name.startswith(HF_PREFIX):
+        return build_hf(name, num_classes, pretrained, **kwargs)
+    if is_import_path(name):
+        return build_import_path(name, num_classes, pretrained, **kwargs)
     spec = _spec(name)
     return spec.build(spec.num_classes if num_classes is None else num_classes, pretrained, **kwargs)
 
 
-def _no_timm_rule(arch: str, why: str) -> RuntimeError:
-    """The error for a timm model the generic tap rule cannot handle."""
-    return RuntimeError(
-        f"no default taps for timm model {arch!r}: {why}; name the feature and logits layers "
-        "explicitly (module paths as in model.named_modules())"
-    )
-
-
 @functools.lru_cache(maxsize=None)
 def _timm_probe(arch: str) -> tuple[Taps, tuple[int, int, int]]:
-    """Taps and input size of a timm model, found on the meta device (no memory, no weights).
-
-    logits: the classifier module named in the model's pretrained config ("fc", "head", "head.fc", ...).
-    feature: the outermost module whose output *is* the tensor `forward_features` returns (e.g. `layer4`
-    for ResNets, `bn2` for EfficientNets, `norm` for ViT / Swin, where it is a token map).
-    """
+    """Taps and input size of a timm model: its pretrained config's size, taps probed on the meta device."""
     timm = _import_timm()
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False)
     config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = tuple(config.get("input_size", _IMAGENET_INPUT))
-    modules = dict(model.named_modules())
-    logits = config.get("classifier")
-    if not isinstance(logits, str) or logits not in modules:
-        raise _no_timm_rule(arch, f"its classifier {logits!r} is not one module")
-    if not hasattr(model, "forward_features"):
-        raise _no_timm_rule(arch, "it has no forward_features")
+    return find_taps(model, input_shape=size), size
 
-    outputs: list[tuple[str, object]] = []
-    hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: outputs.append((name, out)))
-             for name, module in modules.items() if name]
-    try:
-        with torch.no_grad():
-            features = model.eval().forward_features(torch.zeros(1, *size, device="meta"))
-    except Exception as err:  # any failure of the meta-device probe means the rule does not apply
-        raise _no_timm_rule(arch, f"probing forward_features failed ({err})") from err
-    finally:
-        for hook in hooks:
-            hook.remove()
-    returning = [name for name, out in outputs if out is features]
-    if not returning:
-        raise _no_timm_rule(arch, "no single module returns the output of forward_features")
-    width = getattr(model, "num_features", None)
-    if features.dim() == 4 and features.shape[-1] == width and features.shape[1] != width:  # (B, H, W, C)
-        return Taps({"path": returning[-1], "channels_last": True}, logits), size
-    return Taps(returning[-1], logits), size
+
+def _not_by_name(name: str, what: str) -> ValueError | None:
+    """The error for a name whose model only a probe of the built model can describe, else None."""
+    if name.startswith(HF_PREFIX) or is_import_path(name):
+        return ValueError(
+            f"{what} of {name!r} are not known by name; build the model and call "
+            "diffkd.models.find_taps(model, example_input) (configs do this for you)"
+        )
+    return None
 
 
 def default_taps(name: str) -> Taps:
-    """Default distillation taps of a model name: pre-pool feature map and logits module paths."""
+    """Default distillation taps of a model name: the registry's, or for `timm:<name>` found by the probe."""
     if name.startswith(TIMM_PREFIX):
         return _timm_probe(name[len(TIMM_PREFIX):])[0]
+    error = _not_by_name(name, "the default taps")
+    if error is not None:
+        raise error
     return _spec(name).taps
 
 
@@ -231,4 +213,7 @@ def input_size(name: str) -> tuple[int, int, int]:
     """(channels, height, width) of the model's usual input: 3x32x32 CIFAR, 3x224x224 ImageNet, 1x28x28 FMNIST."""
     if name.startswith(TIMM_PREFIX):
         return _timm_probe(name[len(TIMM_PREFIX):])[1]
+    error = _not_by_name(name, "the input size")
+    if error is not None:
+        raise error
     return _spec(name).input_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,9 +58,23 @@ class Task(ABC):
     def metrics(self) -> Metrics:
         """An empty metrics accumulator."""
 
-    def default_taps(self, name: str) -> models.Taps:
-        """Where a model's "@feature" / "@logits" taps are (the `diffkd.models` registry's by default)."""
-        return models.default_taps(name)
+    def default_taps(self, name: str, model: nn.Module) -> models.Taps | models.Probe:
+        """Where a model's "@feature" / "@logits" taps are: the registry's for a registered name, else found
+        by probing the built model at the task's input shape (timm:, hf:, import paths)."""
+        if models.is_registered(name):
+            return models.default_taps(name)
+        return models.probe_model(model, input_shape=self.input_shape)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The names of the classes, where the data gives them (an image folder); None otherwise."""
+        return None
+
+    def record_run(self, run_dir: Path) -> None:
+        """Keep in a new run's directory what later uses of the run check the data against (nothing by default)."""
+
+    def check_run(self, run_dir: Path) -> None:
+        """Refuse data that does not fit the run in run_dir (resume, eval, visualize); nothing to check by default."""
 
     def collate_fn(self, batch: list[Any]) -> Any:
         """Merge a list of dataset items into a batch (torch's default: stack tensors)."""

@@ -1,6 +1,15 @@
-"""Image classification: cross-entropy with label smoothing (soft targets under mixup/cutmix), top-1/top-5."""
+"""Image classification: cross-entropy with label smoothing (soft targets under mixup/cutmix), top-1/top-5.
+
+A model may return its logits or an output holding them as `.logits` (transformers' ModelOutput).
+An image folder's class names are kept in the run directory (classes.json) and checked against the
+data of every later use of the run (resume, eval, visualize).
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -8,9 +17,26 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .. import data, models
+from ..atomic import write_atomic
 from ..config import Config, ConfigError, ModelConfig, TeacherConfig
 from ..methods import METHODS
 from .base import Metrics, Reduce, Task
+
+
+CLASSES_FILE = "classes.json"
+
+
+def logits_of(outputs: Any) -> Tensor:
+    """A classifier's logits: its output, or the `.logits` of a transformers ModelOutput."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise ValueError(
+        f"a classifier must return its logits (a tensor) or an output with a .logits tensor; the model returned "
+        f"a {type(outputs).__name__}"
+    )
 
 
 class TopK(Metrics):
@@ -26,7 +52,7 @@ class TopK(Metrics):
 
     def update(self, outputs: Tensor, targets: Tensor) -> None:
         """Count the samples whose target is among the k highest logits, for each k."""
-        logits = outputs.detach()
+        logits = logits_of(outputs).detach()
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
         top = logits.topk(min(max(self.ks), logits.shape[1]), dim=1).indices
         hits = top.eq(labels.view(-1, 1))
@@ -50,7 +76,7 @@ class ClassificationTask(Task):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.info = data.dataset_info(cfg.data.name)
+        self.info = data.dataset_info(cfg.data.name, cfg.data.root)
         d = cfg.data
         self.policies = data.Policies(d.randaugment, d.color_jitter, d.random_erasing)
         self.mixer = data.BatchMixer(self.info.num_classes, d.mixup, d.cutmix)
@@ -83,13 +109,39 @@ class ClassificationTask(Task):
 
     def build_model(self, spec: ModelConfig | TeacherConfig) -> nn.Module:
         classes = spec.num_classes or self.info.num_classes
-        return models.create(spec.name, num_classes=classes, pretrained=spec.pretrained)
+        return models.create(spec.name, num_classes=classes, pretrained=spec.pretrained, **spec.options)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return list(self.info.classes) if self.info.classes is not None else None
+
+    def record_run(self, run_dir: Path) -> None:
+        """Save the image folder's class names in the run directory (classes.json)."""
+        if self.info.classes is not None:
+            write_atomic((json.dumps(list(self.info.classes), indent=1) + "\n").encode(), run_dir / CLASSES_FILE)
+
+    def check_run(self, run_dir: Path) -> None:
+        """Refuse data whose class folders differ from those the run was trained on (classes.json)."""
+        if self.info.classes is None:
+            return
+        path = Path(run_dir) / CLASSES_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: the run's class names are needed to check data.root {self.cfg.data.root!r}")
+        saved = json.loads(path.read_text())
+        if saved != list(self.info.classes):
+            missing, extra = sorted(set(saved) - set(self.info.classes)), sorted(set(self.info.classes) - set(saved))
+            detail = (f"missing {missing or 'none'}, not in the run {extra or 'none'}" if missing or extra
+                      else "same names in another order")
+            raise ConfigError(
+                f"data.root {self.cfg.data.root!r} has other classes than the run in {Path(run_dir)} ({detail}); "
+                f"its {len(saved)} classes are listed in {path}"
+            )
 
     def augment_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return self.mixer(inputs, targets) if self.mixer.enabled else (inputs, targets)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(outputs.float(), targets, label_smoothing=self.cfg.train.label_smoothing)
+        return F.cross_entropy(logits_of(outputs).float(), targets, label_smoothing=self.cfg.train.label_smoothing)
 
     def metrics(self) -> Metrics:
         return TopK()

@@ -93,7 +93,7 @@ class SegmentationTask(Task):
             width_mult=width, aux=teacher or self.settings.aux_weight > 0, pretrained_backbone=spec.pretrained,
         )  # fmt: skip
 
-    def default_taps(self, name: str) -> Taps:
+    def default_taps(self, name: str, model: nn.Module) -> Taps:
         """For "@logits" the logits map before upsampling (`classifier`), for "@feature" the backbone's last map."""
         return seg_models.default_taps(name)
 
