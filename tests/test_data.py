@@ -32,7 +32,7 @@ def unnormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def test_catalog_names_and_info():
-    assert available() == ["fashion_mnist", "cifar100", "imagenet"]
+    assert available() == ["fashion_mnist", "cifar100", "imagenet", "image_folder"]
     assert dataset_info("fashion_mnist") == DatasetInfo("fashion_mnist", 10, (1, 28, 28))
     assert dataset_info("cifar100") == DatasetInfo("cifar100", 100, (3, 32, 32))
     assert dataset_info("imagenet") == DatasetInfo("imagenet", 1000, (3, 224, 224))
@@ -41,7 +41,7 @@ def test_catalog_names_and_info():
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError) as err:
         dataset_info("cifar10")
-    assert "fashion_mnist, cifar100, imagenet" in str(err.value)
+    assert "fashion_mnist, cifar100, imagenet, image_folder" in str(err.value)
     assert "Did you mean 'cifar100'" in str(err.value)
     with pytest.raises(ValueError, match="Did you mean 'fashion_mnist'"):
         build_dataset("fashion-mnst", "train")

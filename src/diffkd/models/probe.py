@@ -69,7 +69,7 @@ class ProbeError(ValueError):
     """The probe cannot tell where a model's feature or logits are; the message lists what it found."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
     """One torch function call of the forward: its name, tensor arguments, raw arguments and outputs."""
 
@@ -78,6 +78,7 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     outputs: list[Tensor]
+    index: int  # position in the forward
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -113,7 +114,7 @@ class _Recorder(TorchFunctionMode):
         outputs = list(_tensors(out))
         if outputs:
             inputs = [*_tensors(args), *_tensors(kwargs or {})]
-            call = _Call(getattr(func, "__name__", str(func)), inputs, args, dict(kwargs or {}), outputs)
+            call = _Call(getattr(func, "__name__", str(func)), inputs, args, dict(kwargs or {}), outputs, len(self.calls))
             self.calls.append(call)
             for tensor in outputs:
                 self.producers.setdefault(id(tensor), []).append(call)
@@ -316,7 +317,8 @@ class Probe:
         for pool in pools:
             groups.setdefault(id(pool.source), []).append(pool)
         if len(groups) > 1:
-            listed = ", ".join(self._candidate(group[0].source) for group in groups.values())
+            ordered = sorted(groups.values(), key=lambda g: self._made_at(g[0].source))
+            listed = ", ".join(self._candidate(group[0].source) for group in ordered)
             raise ProbeError(
                 f"@feature: {len(groups)} tensors of {self._name()} are pooled into its logits, so which is the "
                 f"feature is not certain: {listed}; name one as the tap"
@@ -479,6 +481,11 @@ class Probe:
         return (side, side) if side * side == tokens and tokens > 0 else None
 
     # ------------------------------------------------------------------ helpers
+    def _made_at(self, tensor: Tensor) -> int:
+        """Position in the forward of the first call producing `tensor` (for listing candidates in order)."""
+        calls = self._producers(tensor)
+        return calls[0].index if calls else -1
+
     def _producers(self, tensor: Tensor) -> list[_Call]:
         return self.forward.recorder.producers.get(id(tensor), [])
 
@@ -521,7 +528,7 @@ class Probe:
         return type(self.forward.model).__name__
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Pool:
     """One spatial -> vector call on the way to the logits: the tapped tensor, pooled width, token picked, slice."""
 
