@@ -57,7 +57,9 @@ def build_import_path(name: str, num_classes: int | None, pretrained: bool, **op
     """Call the callable `name` names with num_classes (and pretrained=True when set); it must return an nn.Module."""
     builder = _resolve(name)
     if not callable(builder):
-        raise ModelNameError(f"model {name!r} is a {type(builder).__name__}, not a callable that builds a model")
+        raise ModelNameError(
+            f"model {name!r} names an object of type {type(builder).__name__!r}, not a callable that builds a model"
+        )
     kwargs = dict(options)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
