@@ -337,7 +337,7 @@ def test_torchvision_taps_are_the_pre_pool_map(name: str) -> None:
 
 
 def test_torchvision_pretrained_gets_a_new_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     real = torchvision.models.get_model
     requested: list[object] = []
 
@@ -374,7 +374,6 @@ def test_timm_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_timm_default_taps() -> None:
-    pytest.importorskip("timm")
     assert default_taps("timm:resnet18") == Taps("layer4", "fc")
     assert input_size("timm:resnet18") == (3, 224, 224)
     net = create("timm:resnet18", num_classes=10).eval()

@@ -30,10 +30,6 @@ from diffkd.tasks import build_task
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for root in ("cifar100", "imagenet") for p in (CONFIGS_DIR / root).rglob("*.yaml"))
-HAVE_TIMM = importlib.util.find_spec("timm") is not None
-# Without timm, the ResNet-50-SB teacher is stood in for by torchvision's ResNet-50: same taps
-# (layer4, fc) and shapes, so everything but the teacher's builder is still exercised.
-TIMM_STAND_INS = {"timm:resnet50.a1_in1k": "resnet50"}
 LOW_CAPACITY = {"mobile_half", "ShuffleV1", "ShuffleV2"}  # CIFAR students trained with lr 0.01
 
 # Parameters the methods add, from DESIGN.md's fingerprints of the official release.
@@ -218,19 +214,14 @@ def cached_models(task: Any) -> None:
 
 
 def runnable_config(path: Path) -> Config:
-    """The recipe with teacher weights and downloads off, ImageNet at 64x64, a timm stand-in where needed."""
+    """The recipe with teacher weights and downloads off, ImageNet at 64x64 (timm is a test requirement)."""
     cfg = load_config(path)
     names = model_names(cfg)
-    missing = [n for n in names if n.startswith(TIMM_PREFIX) and n not in TIMM_STAND_INS]
-    if missing and not HAVE_TIMM:
-        pytest.skip(f"{', '.join(missing)} needs timm (pip install timm)")
     data = config_to_dict(cfg)
     if cfg.data.name == "imagenet" and not any("swin" in n for n in names):  # timm's Swin needs 224
         data["data"]["image_size"] = 64
     if cfg.teacher is not None:
         data["teacher"].update(pretrained=False, checkpoint=None, sha256=None)
-        if not HAVE_TIMM:
-            data["teacher"]["name"] = TIMM_STAND_INS.get(cfg.teacher.name, cfg.teacher.name)
     return config_from_dict(data)
 
 
