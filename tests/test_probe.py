@@ -111,9 +111,17 @@ def test_sequence_feature_of_a_conv1d_model() -> None:
     assert taps == Taps({"path": "encoder", "layout": "sequence"}, "fc")
 
 
-def test_sequence_with_as_many_channels_as_steps_asks_for_the_layout() -> None:
-    with pytest.raises(ProbeError, match=r"'encoder'.*\(5, 64, 64\).*fits sequence and tokens.*layout"):
-        find_taps(Conv1dNet(width=64), input_shape=(2, 64)).feature
+def test_as_many_channels_as_steps() -> None:
+    # mean(-1) keeps axis 1: a (B, C, L) sequence for certain, even with C == L
+    assert find_taps(Conv1dNet(width=64), input_shape=(2, 64)).feature == {"path": "encoder", "layout": "sequence"}
+
+    class Transposed(Conv1dNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.encoder(x).transpose(1, 2).mean(1))  # the pooled axis is renamed on the way
+
+    with pytest.raises(ProbeError, match=r"'encoder' of Transposed pools \(5, 64, 64\) to 64 channels, which fits "
+                                         r"sequence and tokens; name the tap with its layout"):
+        find_taps(Transposed(width=64), input_shape=(2, 64)).feature
 
 
 def test_class_token_counted_from_the_join_and_the_grid_from_the_patches() -> None:

@@ -377,7 +377,8 @@ class Probe:
         tensor, sliced = next((link for link in chain if self._handed_out(link[0])),
                               next((link for link in chain if self._tappable(link[0])), chain[-1]))
         flattened = width == math.prod(source.shape[1:]) and width not in source.shape[1:]
-        return _Pool(tensor, width, token, sliced, flattened, call.name)
+        axis = _channel_axis(call, source) if tensor is source else None
+        return _Pool(tensor, width, token, sliced, flattened, call.name, axis)
 
     def _pooled_spec(self, group: list[_Pool]) -> str | dict[str, Any]:
         """The tap spec of the one pooled tensor, with its layout (and prefix tokens) read from the pooling."""
@@ -403,6 +404,10 @@ class Probe:
         width = widths[0]
         tokens = any(p.token is not None for p in group)
         layouts = _layouts(shape, width, tokens)
+        axes = {p.channel_axis for p in group}
+        if len(layouts) > 1 and len(axes) == 1 and None not in axes:  # the pooling op says which axis is kept
+            kept = axes.pop()
+            layouts = [name for name in layouts if _CHANNEL_AXIS[len(shape)].get(name) == kept]
         if not layouts:
             raise ProbeError(
                 f"@feature: {self._name()} turns {site.describe()} {shape} into a vector of {width} by "
@@ -412,7 +417,7 @@ class Probe:
             raise ProbeError(
                 f"@feature: {site.describe()} of {self._name()} pools {shape} to {width} channels, which fits "
                 f"{' and '.join(layouts)}; name the tap with its layout, e.g. {{'path': {site.path!r}, 'layout': "
-                "'tokens'}} for (B, N, C) or 'sequence' for (B, C, L) (or channels_last: true for (B, H, W, C))"
+                "'tokens'} for (B, N, C) or 'sequence' for (B, C, L) (or channels_last: true for (B, H, W, C))"
             )
         layout = layouts[0]
         if layout == "map":
@@ -538,6 +543,27 @@ class _Pool:
     sliced: int
     flattened: bool
     op: str  # the torch function that made the vector, for messages
+    channel_axis: int | None  # the axis the op keeps, where it pools the tapped tensor itself
+
+
+_CHANNEL_AXIS = {3: {"sequence": 1, "tokens": 2}, 4: {"map": 1, "channels_last": 3}}
+
+
+def _channel_axis(call: _Call, source: Tensor) -> int | None:
+    """The one non-batch axis a pooling call keeps: 1 for PyTorch's pooling functions (over the trailing
+    dims), the axis left by a reduction over explicit dims (mean(-1), amax((1, 2))), else None."""
+    rank = source.dim()
+    if call.name.endswith(("pool1d", "pool2d", "pool3d")):
+        return 1 if int(call.name[-2]) == rank - 2 else None
+    if call.name not in _POOL_OPS:
+        return None
+    dims = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else None)
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return None
+    kept = set(range(1, rank)) - {d % rank for d in dims}
+    return kept.pop() if len(kept) == 1 and 0 not in {d % rank for d in dims} else None
 
 
 def _pools_positions(call: _Call, source: Tensor) -> bool:
