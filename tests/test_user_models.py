@@ -180,3 +180,12 @@ def test_import_path_gets_pretrained_only_when_set(mynets: str) -> None:
     assert isinstance(models.create(f"{mynets}:small_cnn", num_classes=2, pretrained=True), nn.Sequential)
     with pytest.raises(ModelNameError, match=r"calling it with \(num_classes=2, pretrained=True\) raised TypeError"):
         models.create(f"{mynets}:flat_net", num_classes=2, pretrained=True)
+
+
+def test_segmentation_models_refuse_builder_options() -> None:
+    from diffkd.tasks import build_task
+
+    cfg = config_from_dict({"task": "segmentation", "data": {"name": "fmnist_mosaic"},
+                            "model": {"name": "deeplabv3_resnet18", "options": {"width": 2}}})
+    with pytest.raises(ConfigError, match=r"^options of 'deeplabv3_resnet18': segmentation models take no builder options"):
+        build_task(cfg).build_model(cfg.model)

@@ -12,7 +12,8 @@ class DataConfig:
 
     batch_size is the global batch, split evenly over DDP processes. augment (default: on for the
     training split) is the dataset's crop + flip; image_size, randaugment, color_jitter and
-    random_erasing apply to ImageNet; mixup / cutmix (Beta alphas, 0 = off) mix training batches.
+    random_erasing apply to ImageNet and image_folder (your own images: root/train/<class>/*,
+    root/val/<class>/*); mixup / cutmix (Beta alphas, 0 = off) mix training batches.
     """
 
     name: str = "fashion_mnist"

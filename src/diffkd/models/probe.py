@@ -8,11 +8,13 @@ the graph backwards from the model's output:
   made by upsampling a module's map is traced back through the upsampling. Without such a module the
   model's own output ("") is the tap.
 * @feature, for a model whose logits are a vector: the tensor that is globally pooled on the way to
-  the logits (mean or max over every position, or a class token picked out of a token sequence).
-  Its layout follows from the pooled width: a (B, C, H, W) map, a (B, H, W, C) map, a (B, C, L)
-  sequence or (B, N, C) tokens, whose leading class/register tokens are dropped (counted by the
-  model's `num_prefix_tokens`, as timm models tell, else by the slice or the token indices the head
-  reads). For dense logits (segmentation): the map the logits module reads.
+  the logits (by a pooling op or a mean/max over positions, or a class token picked out of a token
+  sequence), found behind the ops that only move or slice it. Its layout follows from the pooled
+  width (and, where the shape fits two, from the axis the pooling op keeps): a (B, C, H, W) map, a
+  (B, H, W, C) map, a (B, C, L) sequence or (B, N, C) tokens, whose leading class/distillation/
+  register tokens are dropped: as many as the model's `num_prefix_tokens` (timm models tell), else
+  the tokens concatenated in front of the patch tokens, else what the head slices off or picks out.
+  For dense logits (segmentation): the map the logits module reads.
 
 Where the graph does not settle it (two maps pooled in parallel, no pooling, a width that fits two
 layouts) the probe raises a one-line `ProbeError` listing the candidates and their shapes.
@@ -210,13 +212,12 @@ def _watch(model: nn.Module, example: Any, state: dict[str, Tensor] | None) -> _
     forward = _Forward(model, recorder, output, _batch_of(example), {id(t) for t in _tensors(example)}, leaves)
     forward.keep.extend([example, output, last])
     for path, (order, args, out) in last.items():
-        if args and isinstance(args[0], Tensor):
-            forward.first_inputs[path] = args[0]
         if isinstance(out, Tensor):
             forward.outputs.setdefault(id(out), []).append(_Site(path, order=order))
         for select, tensor in _entries(out):
             forward.containers.setdefault(id(tensor), []).append(_Site(path, select=select, order=order))
         if args and isinstance(args[0], Tensor):
+            forward.first_inputs[path] = args[0]
             forward.input_sites.setdefault(id(args[0]), []).append(_Site(path, "input", order=order))
     return forward
 
@@ -269,12 +270,12 @@ class Probe:
     @functools.cached_property
     def logits(self) -> str | dict[str, Any]:
         """The @logits tap spec: the module producing the output logits, else the model's own output."""
-        tensor = self._before_upsampling(self.logits_tensor())
-        site = self._head_site(tensor)
+        logits = self.logits_tensor()
+        site = self._head_site(self._before_upsampling(logits))
         if site is not None:
             return site.spec()
         output = self.forward.output
-        key = next((k for k in _OUTPUT_KEYS if isinstance(output, Mapping) and output.get(k) is tensor), None)
+        key = next((k for k in _OUTPUT_KEYS if isinstance(output, Mapping) and output.get(k) is logits), None)
         return {"path": "", "select": key} if key is not None else ""
 
     def _before_upsampling(self, tensor: Tensor) -> Tensor:

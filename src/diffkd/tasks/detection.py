@@ -120,7 +120,7 @@ class DetectionTask(Task):
                 f"{classes - 1} categories (num_classes counts the background: {classes}); drop num_classes or fix it"
             )
         min_size, max_size = self.resize
-        options = {"min_size": min_size, "max_size": max_size, **self.settings.options}
+        options = {"min_size": min_size, "max_size": max_size, **self.settings.options, **spec.options}
         if spec.pretrained:
             return coco_detector(spec.name, self.categories, **options)
         return build_detector(spec.name, classes, imagenet_backbone=self.settings.imagenet_backbone, **options)

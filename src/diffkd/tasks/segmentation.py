@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..config import Config, ModelConfig, TeacherConfig
+from ..config import Config, ConfigError, ModelConfig, TeacherConfig
 from ..models import Taps
 from ..segmentation import catalog
 from ..segmentation import models as seg_models
@@ -84,6 +84,11 @@ class SegmentationTask(Task):
 
     def build_model(self, spec: ModelConfig | TeacherConfig) -> nn.Module:
         """A network of `diffkd.segmentation.models`; a teacher always has its aux head (as it was trained with)."""
+        if spec.options:
+            raise ConfigError(
+                f"options of {spec.name!r}: segmentation models take no builder options (set segmentation.width_mult "
+                "and friends instead); drop options"
+            )
         teacher = isinstance(spec, TeacherConfig)
         width = self.settings.width_mult
         if teacher and self.settings.teacher_width_mult is not None:
