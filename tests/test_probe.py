@@ -119,7 +119,7 @@ def test_as_many_channels_as_steps() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.encoder(x).transpose(1, 2).mean(1))  # the pooled axis is renamed on the way
 
-    with pytest.raises(ProbeError, match=r"'encoder' of Transposed pools \(5, 64, 64\) to 64 channels, which fits "
+    with pytest.raises(ProbeError, match=r"'encoder' of Transposed pools \(B, 64, 64\) to 64 channels, which fits "
                                          r"sequence and tokens; name the tap with its layout"):
         find_taps(Transposed(width=64), input_shape=(2, 64)).feature
 
@@ -174,13 +174,21 @@ def test_functional_last_steps() -> None:
 
 
 def test_undecidable_features_say_why_and_list_candidates() -> None:
-    with pytest.raises(ProbeError, match=r"2 tensors of TwoBranches are pooled.*'a' \(5, 8, 6, 6\).*'b' \(5, 4, 6, 6\)"):
+    with pytest.raises(ProbeError, match=r"2 tensors of TwoBranches are pooled.*'a' \(B, 8, 6, 6\).*'b' \(B, 4, 6, 6\)"):
         find_taps(TwoBranches(), input_shape=(3, 8, 8))
-    with pytest.raises(ProbeError, match=r"Flattening flattens 'conv' \(5, 4, 8, 8\).*no pooled feature"):
+    with pytest.raises(ProbeError, match=r"Flattening flattens 'conv' \(B, 4, 8, 8\).*no pooled feature"):
         find_taps(Flattening(), input_shape=(1, 8, 8))
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    with pytest.raises(ProbeError, match=r"no feature map or sequence of Sequential reaches its logits"):
+    with pytest.raises(ProbeError, match=r"no feature map or sequence of Sequential reaches its logits \(B, 3\) "
+                                         r"\(no global pooling found; the last maps: none\)"):
         find_taps(mlp, input_shape=(12,))
+
+    class Stacked(TwoBranches):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # the batch axis moves: the graph is not followed
+            return torch.stack([self.a(x).mean((2, 3)), self.a(x).amax((2, 3))]).mean(0)
+
+    with pytest.raises(ProbeError, match=r"no global pooling found; the last maps: 'a' \(B, 8, 6, 6\)\)"):
+        find_taps(Stacked(), input_shape=(3, 8, 8))
     assert probe_model(mlp, input_shape=(12,)).logits == "1"  # the logits are found all the same
 
 

@@ -162,6 +162,7 @@ class _Forward:
     containers: dict[int, list[_Site]] = field(default_factory=dict)
     input_sites: dict[int, list[_Site]] = field(default_factory=dict)
     first_inputs: dict[str, Tensor] = field(default_factory=dict)  # module path -> first positional input
+    module_outputs: list[Any] = field(default_factory=list)  # every module's last output
     keep: list[Any] = field(default_factory=list)  # holds the example and outputs, so tensor ids stay unique
 
 
@@ -212,6 +213,7 @@ def _watch(model: nn.Module, example: Any, state: dict[str, Tensor] | None) -> _
     forward = _Forward(model, recorder, output, _batch_of(example), {id(t) for t in _tensors(example)}, leaves)
     forward.keep.extend([example, output, last])
     for path, (order, args, out) in last.items():
+        forward.module_outputs.append(out)
         if isinstance(out, Tensor):
             forward.outputs.setdefault(id(out), []).append(_Site(path, order=order))
         for select, tensor in _entries(out):
@@ -312,7 +314,7 @@ class Probe:
         if not pools:
             raise ProbeError(
                 f"@feature: no feature map or sequence of {self._name()} reaches its logits {self._shape(logits)} "
-                "(no global pooling found); name the feature tap explicitly (a module path)"
+                f"(no global pooling found; the last maps: {self._last_maps()}); name the feature tap explicitly"
             )
         groups: dict[int, list[_Pool]] = {}
         for pool in pools:
@@ -392,14 +394,14 @@ class Probe:
             )
         if not self._tappable(source):
             raise ProbeError(
-                f"@feature: the tensor {self._name()} pools, {shape}, is made outside any module (a functional op) "
+                f"@feature: the tensor {self._name()} pools, {self._shape(source)}, is made outside any module (a functional op) "
                 "and no module reads it; name a module path as the feature tap"
             )
         site = self._site_of(source)
         widths = sorted({p.width for p in group})
         if len(widths) > 1:
             raise ProbeError(
-                f"@feature: {self._name()} reduces {site.describe()} {shape} to vectors of {widths} channels on the "
+                f"@feature: {self._name()} reduces {site.describe()} {self._shape(source)} to vectors of {widths} channels on the "
                 "way to its logits, so which reduction is the global pooling is not certain; name the feature tap"
             )
         width = widths[0]
@@ -411,12 +413,12 @@ class Probe:
             layouts = [name for name in layouts if _CHANNEL_AXIS[len(shape)].get(name) == kept]
         if not layouts:
             raise ProbeError(
-                f"@feature: {self._name()} turns {site.describe()} {shape} into a vector of {width} by "
+                f"@feature: {self._name()} turns {site.describe()} {self._shape(source)} into a vector of {width} by "
                 f"{group[0].op}, not by global pooling; name the feature tap explicitly (a module path)"
             )
         if len(layouts) > 1:
             raise ProbeError(
-                f"@feature: {site.describe()} of {self._name()} pools {shape} to {width} channels, which fits "
+                f"@feature: {site.describe()} of {self._name()} pools {self._shape(source)} to {width} channels, which fits "
                 f"{' and '.join(layouts)}; name the tap with its layout, e.g. {{'path': {site.path!r}, 'layout': "
                 "'tokens'} for (B, N, C) or 'sequence' for (B, C, L) (or channels_last: true for (B, H, W, C))"
             )
@@ -511,7 +513,7 @@ class Probe:
             if named:
                 return named[0]
         if strict:
-            raise ProbeError(f"the tensor {tuple(tensor.shape)} is made outside any module; name a module path as the tap")
+            raise ProbeError(f"the tensor {self._shape(tensor)} is made outside any module; name a module path as the tap")
         return None
 
     def _batched(self, tensor: Tensor) -> bool:
@@ -528,7 +530,26 @@ class Probe:
         return f"{where} {self._shape(tensor)}"
 
     def _shape(self, tensor: Tensor) -> str:
-        return str(tuple(tensor.shape))
+        """A shape for messages, its batch dimension written B (the probe's batch is its own)."""
+        dims = [str(d) for d in tensor.shape]
+        if dims and self._batched(tensor):
+            dims[0] = "B"
+        return f"({', '.join(dims)})"
+
+    def _last_maps(self, count: int = 3) -> str:
+        """The last `count` maps/sequences modules handed out in the forward, for the no-pooling message."""
+        latest: dict[int, _Site] = {}
+        tensors: dict[int, Tensor] = {}
+        for tensor in self._module_tensors():
+            site = self._site_of(tensor, strict=False)
+            if site is not None and self._spatial(tensor) and self._batched(tensor):
+                latest[id(tensor)], tensors[id(tensor)] = site, tensor
+        last = sorted(latest, key=lambda i: latest[i].order)[-count:]
+        return ", ".join(f"{latest[i].describe()} {self._shape(tensors[i])}" for i in last) or "none"
+
+    def _module_tensors(self) -> Iterator[Tensor]:
+        for out in self.forward.module_outputs:
+            yield from _tensors(out)
 
     def _name(self) -> str:
         return type(self.forward.model).__name__
