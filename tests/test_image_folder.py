@@ -118,7 +118,7 @@ def test_run_keeps_class_names_for_eval_and_visualize(tmp_path: Path, capsys: py
 
     assert main(["eval", str(run_dir)]) == 0
     assert "3 classes (as in the run): cat, dog, fox" in capsys.readouterr().out
-    assert main(["visualize", str(run_dir), "--images", "2"]) == 0
+    assert main(["visualize", str(run_dir), "--images", "2", "--out", str(tmp_path / "pictures")]) == 0
     assert "on 2 test images (cat, dog)" in capsys.readouterr().out  # evenly spaced: items 0 and 3 of 6
 
     other = write_image_folder(tmp_path / "zoo", classes=("cat", "dog", "owl"))
@@ -130,6 +130,12 @@ def test_run_keeps_class_names_for_eval_and_visualize(tmp_path: Path, capsys: py
     (run_dir / "classes.json").unlink()
     with pytest.raises(ConfigError, match=r"classes.json not found: the run's class names are needed"):
         run(cfg, mode="distill", resume=True)
+
+    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png"):  # as if it died before its first checkpoint
+        (run_dir / name).unlink()
+    (run_dir / "classes.json").write_text("[]")
+    run(cfg, mode="distill")  # the same command starts it again (classes.json is the run's own file)
+    assert json.loads((run_dir / "classes.json").read_text()) == list(CLASSES)
 
 
 def test_model_class_count_follows_the_folders(tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ log = logging.getLogger("diffkd")
 
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.csv")
 CHECKPOINTS = ("last.pt", "best.pt")
-OUTPUTS = frozenset({*RUN_FILES, "curves.png", "tensorboard"})  # everything a run writes into its directory
-ATOMIC_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "curves.png")  # the files written through a temporary
+TASK_FILES = ("classes.json",)  # what tasks keep in a run (Task.record_run): an image folder's class names
+OUTPUTS = frozenset({*RUN_FILES, *TASK_FILES, "curves.png", "tensorboard"})  # everything a run writes into its directory
+ATOMIC_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "curves.png", *TASK_FILES)  # the files written through a temporary
 
 
 def holds_run(path: Path) -> list[str]:
