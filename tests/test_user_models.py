@@ -189,3 +189,13 @@ def test_segmentation_models_refuse_builder_options() -> None:
                             "model": {"name": "deeplabv3_resnet18", "options": {"width": 2}}})
     with pytest.raises(ConfigError, match=r"^options of 'deeplabv3_resnet18': segmentation models take no builder options"):
         build_task(cfg).build_model(cfg.model)
+
+
+def test_classification_reads_logits_or_dot_logits() -> None:
+    from diffkd.tasks.classification import logits_of
+
+    logits = torch.randn(2, 3)
+    assert logits_of(logits) is logits
+    assert logits_of(transformers.modeling_outputs.ImageClassifierOutput(logits=logits)) is logits
+    with pytest.raises(ValueError, match=r"^a classifier must return its logits .*; the model returned a tuple$"):
+        logits_of((logits, logits))
