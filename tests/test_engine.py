@@ -247,6 +247,38 @@ def test_distill_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 @needs_fmnist
+def test_methods_hear_the_progress_before_every_step_and_variants_resume_bit_identical(tmp_path: Path, monkeypatch) -> None:
+    """The engine calls set_progress(epoch + i / steps, epochs) before step i; a DiffKD level with the
+    kd warm-up, normalised targets and DPM-Solver++ resumes bit-identical (its statistics are checkpointed)."""
+    from diffkd.methods.diffkd import DiffKD as DiffKDMethod
+
+    heard: list[tuple[float, int]] = []
+    original = DiffKDMethod.set_progress
+
+    def spy(self, epoch: float, epochs: int) -> None:
+        heard.append((epoch, epochs))
+        original(self, epoch, epochs)
+
+    monkeypatch.setattr(DiffKDMethod, "set_progress", spy)
+    extra = [
+        "teacher.name=fmnist_teacher", f"teacher.checkpoint={random_teacher(tmp_path)}", "student.name=fmnist_student",
+        "levels=[{student: '@logits', teacher: '@logits', method: diffkd, options: {distance: mse, kd_warmup_epochs: 1.5,"
+        " normalize_target: true, sampler: dpm_solver++, inference_steps: 3}}]",
+        "data.limit_train=128", "data.limit_test=32", "optim.name=adamw", "optim.lr=0.001",
+    ]
+    straight = run(tiny(tmp_path, *extra, name="straight", mode="distill"), mode="distill")
+    assert heard == [(e + i / 4, 2) for e in range(2) for i in range(4)]  # 128 images, batch 32: 4 steps
+    with pytest.raises(Stop):
+        run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", on_epoch_end=stop_after(1))
+    resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
+    a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
+    assert any(k.endswith("target_normalizer.running_var") for k in a["model"])
+    ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
+    assert ta.keys() == tb.keys()
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+
+
+@needs_fmnist
 def test_run_outputs(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "output.tensorboard=true")
     result = run(cfg, mode="train")

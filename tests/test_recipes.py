@@ -265,7 +265,7 @@ def test_recipe_builds_and_takes_one_step(path: Path, recorded_teacher_loads: li
 
     optimizer = build_optimizer(learner.trainable_parameters(), cfg.optim)
     LRSchedule(cfg.schedule, cfg.optim.lr, Timeline(10, cfg.train.epochs)).apply(optimizer, 0)
-    learner.set_epoch(0, cfg.train.epochs)
+    learner.set_progress(0.0, cfg.train.epochs)
     learner.module.train()
     classes = task.info.num_classes
     inputs, targets = task.augment_batch(torch.randn(2, *shape), torch.tensor([0, classes - 1]))

@@ -1,13 +1,14 @@
-"""The diffusion half of DiffKD: noise schedule, DDIM denoising chain and noise predictors.
+"""The diffusion half of DiffKD: noise schedule, denoising chains (DDIM, DPM-Solver++(2M)) and noise predictors.
 
 All schedule arithmetic is float32 (the chain coefficients are float64 Python scalars), so it
 survives bf16/fp16 autocast, where the official release's `1 - abar_0` rounds to 0 and NaNs.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,28 @@ from torch.utils.checkpoint import checkpoint
 
 NUM_TRAIN_TIMESTEPS = 1000
 TIME_EMBEDDING_ROWS = 1280  # the official release's table size, kept for checkpoint compatibility
+SAMPLERS = ("ddim", "dpm_solver++")  # the denoising chain's update rule; both take one evaluation per step
+
+
+def check_sampler(sampler: str) -> str:
+    """The sampler's name, or a one-line error naming the closest known one."""
+    if sampler not in SAMPLERS:
+        close = difflib.get_close_matches(str(sampler), SAMPLERS, n=1, cutoff=0.3)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown sampler {sampler!r}{hint}; expected one of {list(SAMPLERS)}")
+    return sampler
+
+
+class SolverStep(NamedTuple):
+    """One step of DPM-Solver++(2M) written as DDIM plus a correction (see `dpm_solver_coefficients`):
+    x_next = a x + b eps + c (x0_hat - x0_hat_prev), x0_hat = (x - sigma eps) / alpha at timestep t."""
+
+    t: int
+    a: float
+    b: float
+    c: float
+    alpha: float
+    sigma: float
 
 
 class NoiseSchedule(nn.Module):
@@ -80,6 +103,29 @@ class NoiseSchedule(nn.Module):
             out.append((t, a, b))
         return out
 
+    def dpm_solver_coefficients(self, steps: int) -> list[SolverStep]:
+        """DPM-Solver++(2M) over the DDIM chain's timesteps, one evaluation per step (DESIGN.md 4c).
+
+        Its step i >= 2 is (sigma_i / sigma_{i-1}) x - alpha_i (e^-h - 1) [(1 + 1/2r) x0_{i-1} - x0_{i-2} / 2r]
+        = the DDIM step + c (x0_{i-1} - x0_{i-2}) with c = -alpha_i (e^-h - 1) / 2r, h = lambda_i - lambda_{i-1},
+        r = (lambda_{i-1} - lambda_{i-2}) / h, lambda = log(alpha / sigma). The first step is DDIM (c = 0);
+        so is the last, to sigma = 0, where the update is the data prediction itself. So with 1 or 2
+        steps the chain is DDIM's exactly.
+        """
+        ddim = self.ddim_coefficients(steps)
+        alphas = [math.sqrt(self.abar_values[t]) for t, _, _ in ddim]
+        sigmas = [math.sqrt(1.0 - self.abar_values[t]) for t, _, _ in ddim]
+        lambdas = [math.log(a / s) for a, s in zip(alphas, sigmas)]
+        out = []
+        for i, (t, a, b) in enumerate(ddim):
+            c = 0.0
+            if 0 < i < len(ddim) - 1:
+                h = lambdas[i + 1] - lambdas[i]
+                r = (lambdas[i] - lambdas[i - 1]) / h
+                c = -alphas[i + 1] * math.expm1(-h) / (2.0 * r)
+            out.append(SolverStep(t, a, b, c, alphas[i], sigmas[i]))
+        return out
+
 
 def ddim_step(x: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float) -> Tensor:
     """One deterministic DDIM update written the textbook way (reference for the fused form)."""
@@ -110,6 +156,50 @@ def denoise_folded(h: Tensor, noise_predictor: NoisePredictor, coefficients: lis
         if i + 1 < len(coefficients):
             shift = shift + noise_predictor.embed(coefficients[i + 1][0], h.dim())
         h = noise_predictor.scaled_output(h, b, shift).add_(h, alpha=a)
+    return h
+
+
+def needs_data_prediction(steps: list[SolverStep], i: int) -> bool:
+    """Whether step i's x0_hat enters a correction (its own or the next step's)."""
+    return bool(steps[i].c or (i + 1 < len(steps) and steps[i + 1].c))
+
+
+def denoise_multistep(x: Tensor, noise_predictor: Callable[[Tensor, int], Tensor], steps: list[SolverStep]) -> Tensor:
+    """The DPM-Solver++(2M) chain from x (float32 state), each formula as written (the reference)."""
+    x, x0_prev = x.float(), None
+    for i, step in enumerate(steps):
+        eps = noise_predictor(x, step.t).float()
+        x0 = (x - step.sigma * eps) / step.alpha if needs_data_prediction(steps, i) else None
+        x_next = step.a * x + step.b * eps
+        if step.c:
+            x_next = x_next + step.c * (x0 - x0_prev)
+        x, x0_prev = x_next, x0
+    return x
+
+
+def denoise_multistep_folded(h: Tensor, noise_predictor: NoisePredictor, steps: list[SolverStep]) -> Tensor:
+    """The chain of `denoise_multistep` on the fast path's state h = x + the step's time embedding.
+
+    The DDIM part folds as in `denoise_folded`: y = b eps + shift comes out of the last layer and
+    h_next = y + a h. The data prediction is read off y before that in-place add:
+    x0_hat = (x - sigma eps) / alpha = (h - emb_t - (sigma / b) (y - shift)) / alpha; the correction
+    c (x0_hat - x0_hat_prev) is added after.
+    """
+    h, x0_prev = h.float(), None
+    for i, step in enumerate(steps):
+        emb = noise_predictor.embed(step.t, h.dim())
+        shift = -step.a * emb
+        if i + 1 < len(steps):
+            shift = shift + noise_predictor.embed(steps[i + 1].t, h.dim())
+        y = noise_predictor.scaled_output(h, step.b, shift)
+        x0 = None
+        if needs_data_prediction(steps, i):
+            k = step.sigma / step.b
+            x0 = torch.add(h, y, alpha=-k).add_((k * shift - emb).float()).div_(step.alpha)
+        h = y.add_(h, alpha=step.a)
+        if step.c:
+            h = h.add_(x0, alpha=step.c).add_(x0_prev, alpha=-step.c)
+        x0_prev = x0
     return h
 
 

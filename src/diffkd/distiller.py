@@ -125,10 +125,14 @@ class Distiller(nn.Module):
                 stats[f"{level.name}/{key}"] = value
         return DistillOutput(student_output, losses, sum(losses.values()), stats)  # type: ignore[arg-type]
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        """Tell methods with a schedule (DKD's warm-up) where training stands."""
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        """Tell methods with a schedule (DKD's warm-up, DiffKD's kd_warmup_epochs) where training stands.
+
+        Call it before every step: `epoch` is fractional, `e + i / steps_per_epoch` before step i of
+        epoch e (0-based), out of `epochs`. The engine does this; a hand-written loop must too.
+        """
         for method in self.methods.values():
-            method.set_epoch(epoch, epochs)
+            method.set_progress(epoch, epochs)
 
     # ----------------------------------------------------------------------------- parameters, export
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

@@ -7,6 +7,7 @@ sequences (B,C,L) (frame-wise logits, channel-first as every diffkd tap hands th
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Callable
 
 import torch
@@ -33,11 +34,23 @@ def _check_same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
         )
 
 
-def kd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0) -> Tensor:
-    """Hinton KD: tau^2 * KL(softmax(t/tau) || softmax(s/tau)), summed over classes, mean over samples."""
+def standardize_logits(logits: Tensor) -> Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): z-score each row over its classes,
+    (z - mean) / (1e-7 + std) with the unbiased std, so the softmax sees shape, not scale."""
+    return (logits - logits.mean(dim=1, keepdim=True)) / (1e-7 + logits.std(dim=1, keepdim=True))
+
+
+def kd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0, standardize: bool = False) -> Tensor:
+    """Hinton KD: tau^2 * KL(softmax(t/tau) || softmax(s/tau)), summed over classes, mean over samples.
+
+    standardize=True z-scores both sides' logits per sample first (`standardize_logits`).
+    """
     _check_same_shape(student, teacher, "kd_loss")
-    log_q = F.log_softmax(as_rows(student) / tau, dim=1)
-    log_p = F.log_softmax(as_rows(teacher) / tau, dim=1)
+    s, t = as_rows(student), as_rows(teacher)
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    log_q = F.log_softmax(s / tau, dim=1)
+    log_p = F.log_softmax(t / tau, dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * tau**2
 
 
@@ -61,9 +74,13 @@ def dist_loss(
 
 
 def dkd_loss(
-    student: Tensor, teacher: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0
+    student: Tensor, teacher: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0,
+    standardize: bool = False,
 ) -> Tensor:
-    """DKD: alpha * target-class KD (binary) + beta * non-target KD (target masked out), times tau^2."""
+    """DKD: alpha * target-class KD (binary) + beta * non-target KD (target masked out), times tau^2.
+
+    standardize=True z-scores both sides' logits per sample before the temperature (`standardize_logits`).
+    """
     _check_same_shape(student, teacher, "dkd_loss")
     if student.dim() != 2:
         raise ValueError(f"dkd_loss expects logits (B,K), got {tuple(student.shape)}")
@@ -74,7 +91,10 @@ def dkd_loss(
             f"dkd_loss: targets must be integer class indices, got dtype {target.dtype}; pass the class labels "
             "as a torch.long tensor"
         )
-    s, t = student.float() / tau, teacher.float() / tau
+    s, t = student.float(), teacher.float()
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    s, t = s / tau, t / tau
     is_target = F.one_hot(target.long(), s.shape[1]).bool()
 
     def binary_log_probs(z: Tensor) -> Tensor:
@@ -122,8 +142,13 @@ DISTANCES: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def resolve_distance(distance: str | Distance, tau: float | None = None) -> Distance:
-    """A distance by name (mse, kl, dist, attention_mse) or any callable(student, teacher) -> loss."""
+def resolve_distance(distance: str | Distance, tau: float | None = None, standardize: bool = False) -> Distance:
+    """A distance by name (mse, kl, dist, attention_mse) or any callable(student, teacher) -> loss.
+
+    standardize=True (logit standardization) is for distance="kl" only.
+    """
+    if standardize and distance != "kl":
+        raise ValueError(f"standardize=True z-scores logits before the KL: it needs distance='kl', got {distance!r}")
     if callable(distance):
         return distance
     if distance not in DISTANCES:
@@ -131,8 +156,7 @@ def resolve_distance(distance: str | Distance, tau: float | None = None) -> Dist
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown distance {distance!r}{hint}; expected one of {sorted(DISTANCES)} or a callable")
     fn = DISTANCES[distance]
-    if distance == "mse":
-        return fn
-    if tau is None:
-        return fn
-    return lambda s, t: fn(s, t, tau=tau)
+    options: dict[str, float | bool] = {} if tau is None or distance == "mse" else {"tau": tau}
+    if standardize:
+        options["standardize"] = True
+    return functools.partial(fn, **options) if options else fn

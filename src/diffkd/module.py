@@ -2,6 +2,8 @@
 
 student feature -> projector -> (adaptive noise matching) -> DDIM denoising with a noise predictor
 trained on teacher latents -> output projection -> distance to the (auto-encoded) teacher feature.
+Beyond the paper, off by default: a warm-up of the kd weight, scale-free (normalised) targets, the
+DPM-Solver++(2M) sampler and logit standardization (see `DiffKD`).
 """
 from __future__ import annotations
 
@@ -20,11 +22,17 @@ from .diffusion import (
     NoiseSchedule,
     PointwiseConv,
     check_dims,
+    check_sampler,
     conv_bn,
     denoise,
     denoise_folded,
+    denoise_multistep,
+    denoise_multistep_folded,
 )
 from .losses import Distance, resolve_distance
+from .normalizer import TargetNormalizer
+
+PROBABILITY_DISTANCES = ("kl", "dist")  # they compare class distributions: per-channel rescaling would change them
 
 
 @dataclass
@@ -76,6 +84,13 @@ class DiffKD(nn.Module):
     formula as written on contiguous maps: the reference, the same maths (tests hold them together).
     recompute=True trades compute for memory: the noise predictor's six evaluations per step keep
     only their inputs and run again in backward (same gradients and BatchNorm statistics).
+
+    Variants beyond the paper, all off by default: kd_warmup_epochs ramps the kd weight linearly from
+    0 over that many epochs, per step (call `set_progress` before each step; the diffusion and AE
+    losses train from step 0); normalize_target=True measures the distance after normalising both
+    sides per channel with the teacher target's statistics (`TargetNormalizer`); sampler="dpm_solver++"
+    runs DPM-Solver++(2M) over the same timesteps and evaluations; standardize=True z-scores the
+    logits before the KL (distance="kl").
     """
 
     def __init__(
@@ -96,6 +111,10 @@ class DiffKD(nn.Module):
         num_train_timesteps: int = 1000,
         fast: bool = True,
         recompute: bool = False,
+        kd_warmup_epochs: float = 0.0,
+        normalize_target: bool = False,
+        sampler: str = "ddim",
+        standardize: bool = False,
     ):
         super().__init__()
         if kind not in ("conv", "mlp"):
@@ -109,6 +128,8 @@ class DiffKD(nn.Module):
                             ("latent_channels", latent_channels)):  # fmt: skip
             if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1):
                 raise ValueError(f"DiffKD {name} must be a positive integer, got {count!r}")
+        check_variant_options(kd_warmup_epochs, normalize_target, distance)
+        self.sampler = check_sampler(sampler)
         self.kind = kind
         self.dims = dims
         self.student_channels = student_channels
@@ -116,7 +137,7 @@ class DiffKD(nn.Module):
         self.latent_channels = latent_channels
         self.inference_steps = inference_steps
         self.kd_weight, self.diffusion_weight, self.ae_weight = kd_weight, diffusion_weight, ae_weight
-        self.distance = resolve_distance(distance, None if distance == "mse" else tau)
+        self.distance = resolve_distance(distance, None if distance == "mse" else tau, standardize)
         width = latent_channels or teacher_channels
 
         self.projector = PointwiseConv(student_channels, width)
@@ -124,8 +145,14 @@ class DiffKD(nn.Module):
         self.noise_predictor = NoisePredictor(width, kind, recompute, dims)
         self.noise_matcher = AdaptiveNoiseMatcher(width, kind, dims) if adaptive_noise else None
         self.output_projection = nn.Sequential(*conv_bn(width, width))
+        self.target_normalizer = TargetNormalizer(width) if normalize_target else None
         self.schedule = NoiseSchedule(num_train_timesteps)
         self.chain = self.schedule.ddim_coefficients(inference_steps)
+        self.solver_steps = self.schedule.dpm_solver_coefficients(inference_steps) if sampler == "dpm_solver++" else None
+        self.kd_warmup_epochs = float(kd_warmup_epochs)
+        self.progress_set = False
+        # the ramp's factor as a tensor, so a compiled level reads it without recompiling every step
+        self.register_buffer("kd_ramp", torch.ones(()), persistent=False)
         # Channels-last maps: the same maths, but the small convs and BatchNorms of the chain get
         # faster kernels (benchmarks/module_speed.py). Sequences and vectors keep the default layout.
         self.fast = fast
@@ -213,13 +240,19 @@ class DiffKD(nn.Module):
         return torch.addcmul(torch.addcmul(offset.float(), noise.float(), 1.0 - g), z_s.float(), g), gamma
 
     def denoise(self, z_s: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """z_s_hat: the denoised student latent after the DDIM chain and the output projection."""
+        """z_s_hat: the denoised student latent after the chain (DDIM or DPM-Solver++) and the output projection."""
         if self.fast:
             h, gamma = self.start(z_s, noise, offset=self.noise_predictor.embed(self.chain[0][0], z_s.dim()))
-            x = denoise_folded(h, self.noise_predictor, self.chain)
+            if self.solver_steps is None:
+                x = denoise_folded(h, self.noise_predictor, self.chain)
+            else:
+                x = denoise_multistep_folded(h, self.noise_predictor, self.solver_steps)
         else:
             x, gamma = self.start(z_s, noise)
-            x = denoise(x, self.noise_predictor, self.chain)
+            if self.solver_steps is None:
+                x = denoise(x, self.noise_predictor, self.chain)
+            else:
+                x = denoise_multistep(x, self.noise_predictor, self.solver_steps)
         return self.output_projection(x), gamma
 
     def diffusion_loss(self, z_t: Tensor, noise: Tensor | None = None, timesteps: Tensor | None = None) -> Tensor:
@@ -256,18 +289,46 @@ class DiffKD(nn.Module):
             ae_loss, z_t = None, self.in_layout(t)
         denoised, gamma = self.denoise(z_s, start_noise)
         diffusion = self.diffusion_loss(z_t, diffusion_noise, diffusion_timesteps)
-        kd = self.distance(denoised, z_t)
+        if self.target_normalizer is None:
+            kd = self.distance(denoised, z_t)
+        else:  # both sides with the target's per-channel statistics: a scale-free distance
+            kd = self.distance(*self.target_normalizer(denoised, z_t))
         if student.dim() != denoised.dim():  # the mlp kind returns the rank it was given
             denoised, z_t = denoised.view(student.shape[0], -1, 1, 1), z_t.view(student.shape[0], -1, 1, 1)
-        loss = self.kd_weight * kd + self.diffusion_weight * diffusion
+        loss = self.current_kd_weight() * kd + self.diffusion_weight * diffusion
         if ae_loss is not None:
             loss = loss + self.ae_weight * ae_loss
         return DiffKDOutput(denoised, z_t, kd, diffusion, ae_loss, gamma, loss)
 
+    # ----------------------------------------------------------------------------- kd warm-up
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        """Where training stands (fractional 0-based epoch, of `epochs`): sets the kd warm-up's ramp.
+
+        Call it before every step when kd_warmup_epochs > 0 (the engine and `Distiller.set_progress` do).
+        """
+        if self.kd_warmup_epochs > 0:
+            self.kd_ramp.fill_(min(1.0, max(0.0, epoch) / self.kd_warmup_epochs))
+            self.progress_set = True
+
+    def current_kd_weight(self) -> float | Tensor:
+        """kd_weight, times the warm-up's ramp min(1, epoch / kd_warmup_epochs) while there is one."""
+        if self.kd_warmup_epochs == 0:
+            return self.kd_weight
+        if self.training and not self.progress_set:
+            raise ValueError(
+                f"DiffKD(kd_warmup_epochs={self.kd_warmup_epochs:g}) ramps its kd weight with training: call "
+                "set_progress(epoch, epochs) before each step (the engine and Distiller.set_progress do)"
+            )
+        return self.kd_weight * self.kd_ramp
+
     def extra_repr(self) -> str:
+        variants = "".join([
+            f", kd_warmup_epochs={self.kd_warmup_epochs:g}" if self.kd_warmup_epochs else "",
+            f", sampler={self.sampler!r}" if self.sampler != "ddim" else "",
+        ])
         return (
             f"kind={self.kind!r}, dims={self.dims}, student={self.student_channels}, teacher={self.teacher_channels}, "
-            f"latent={self.latent_channels}, steps={[t for t, _, _ in self.chain]}"
+            f"latent={self.latent_channels}, steps={[t for t, _, _ in self.chain]}{variants}"
         )
 
     # ----------------------------------------------------------------------------- official weights
@@ -294,6 +355,17 @@ class DiffKD(nn.Module):
         )
         level.load_state_dict(convert_official_keys(sd), strict=True)
         return level
+
+
+def check_variant_options(kd_warmup_epochs: float, normalize_target: bool, distance: str | Distance) -> None:
+    """One-line errors for the beyond-the-paper options that cannot work as given."""
+    if not kd_warmup_epochs >= 0:
+        raise ValueError(f"kd_warmup_epochs must be >= 0 (0: no warm-up), got {kd_warmup_epochs}")
+    if normalize_target and distance in PROBABILITY_DISTANCES:
+        raise ValueError(
+            f"normalize_target=True rescales each channel, which changes the class distributions distance={distance!r} "
+            "compares; use it with a feature distance ('mse', 'attention_mse') or set normalize_target=False"
+        )
 
 
 def convert_official_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -49,8 +49,8 @@ class Learner(ABC):
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any) -> StepOutput:
         """Forward a batch through call (the module, maybe wrapped by DDP / torch.compile) and its losses."""
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        """Tell epoch-dependent parts (loss ramps) where training is; 0-based epoch."""
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        """Tell progress-dependent parts (loss ramps) where training is, before every step; 0-based, fractional epoch."""
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer updates."""
@@ -131,8 +131,8 @@ class DistillLearner(Learner):
         task_loss = self.task.loss(out.student, targets)
         return StepOutput(out.student, {"task": task_loss, **out.losses}, task_loss + out.loss, out.stats)
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        self.module.set_epoch(epoch, epochs)
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        self.module.set_progress(epoch, epochs)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.module.trainable_parameters())

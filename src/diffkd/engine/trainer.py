@@ -287,7 +287,6 @@ def _train(s: Session, on_epoch_end: Callable[[dict[str, Any]], None] | None) ->
 def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     """Train one epoch, evaluate, and return its metrics row."""
     start = time.perf_counter()
-    s.learner.set_epoch(epoch, s.cfg.train.epochs)
     s.sampler.set_epoch(epoch)
     loader = task_loader(
         s.task,
@@ -357,8 +356,10 @@ def _train_epoch(s: Session, loader: Any, epoch: int) -> tuple[dict[str, float],
     show = s.cfg.train.progress and s.ctx.is_main
     bar = progress_bar(loader, total=len(loader), desc=f"epoch {epoch + 1}/{s.cfg.train.epochs}", enabled=show)
     start = time.perf_counter()
-    for batch in bar:
+    steps = len(loader)
+    for i, batch in enumerate(bar):
         inputs, targets = s.task.augment_batch(*s.task.to_device(batch, s.ctx.device))
+        s.learner.set_progress(epoch + i / steps, s.cfg.train.epochs)  # loss ramps move per step
         if s.cfg.train.channels_last:
             inputs = layout.inputs_to_channels_last(inputs)
         out = _train_step(s, inputs, targets, epoch, params)

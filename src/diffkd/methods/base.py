@@ -42,8 +42,11 @@ class Method(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         raise NotImplementedError
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        """Hook for methods whose weight depends on training progress (DKD's warm-up)."""
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        """Hook for methods whose weights follow training (DKD's warm-up, DiffKD's kd_warmup_epochs).
+
+        `epoch` is fractional: 2.25 is a quarter into the third epoch (0-based); `epochs` the run's total.
+        """
 
 
 def require_same_shape(

@@ -62,9 +62,12 @@ class DiffKD(Method):
             "allow_class_mismatch"
         ]
 
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        self.diffkd.set_progress(epoch, epochs)
+
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         out = self.diffkd(student, teacher)
-        terms = {"kd": self.diffkd.kd_weight * out.kd_loss, "diffusion": self.diffkd.diffusion_weight * out.diffusion_loss}
+        terms = {"kd": self.diffkd.current_kd_weight() * out.kd_loss, "diffusion": self.diffkd.diffusion_weight * out.diffusion_loss}
         if out.ae_loss is not None:
             terms["ae"] = self.diffkd.ae_weight * out.ae_loss
         stats = {"gamma": out.gamma.detach().mean()} if out.gamma is not None else {}

@@ -1,6 +1,8 @@
 """DKD: decoupled target-class and non-target-class KD, with a linear warm-up of its weight."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -9,13 +11,17 @@ from .base import Method, MethodOutput, require_same_shape
 
 
 class DKD(Method):
-    """tau^2 * (alpha * TCKD + beta * NCKD), scaled by min(1, (epoch + 1) / warmup_epochs)."""
+    """tau^2 * (alpha * TCKD + beta * NCKD), scaled by min(1, (epoch + 1) / warmup_epochs) per whole epoch.
+
+    standardize=True z-scores the logits per sample first (logit standardization; its recipe: tau 2).
+    """
 
     needs_targets = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0, warmup_epochs: int = 20):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0, warmup_epochs: int = 20,
+                 standardize: bool = False):
         super().__init__()
-        self.alpha, self.beta, self.tau = alpha, beta, tau
+        self.alpha, self.beta, self.tau, self.standardize = alpha, beta, tau, standardize
         self.warmup_epochs = warmup_epochs
         self.ramp = 1.0
 
@@ -26,10 +32,11 @@ class DKD(Method):
             raise ValueError(f"dkd needs logits (B,K), got a tap of shape {tuple(student_shape)}")
         return cls(**options)
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        self.ramp = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        # the ramp moves once per epoch, as in DKD's reference: only the epoch's index counts
+        self.ramp = min(1.0, (math.floor(epoch) + 1) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         if targets is None:
             raise ValueError("dkd needs the class labels: call the distiller as d(inputs, targets)")
-        return MethodOutput({"dkd": self.ramp * dkd_loss(student, teacher, targets, self.alpha, self.beta, self.tau)})
+        return MethodOutput({"dkd": self.ramp * dkd_loss(student, teacher, targets, self.alpha, self.beta, self.tau, self.standardize)})

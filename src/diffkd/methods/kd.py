@@ -9,11 +9,14 @@ from .base import Method, MethodOutput, require_same_shape
 
 
 class KD(Method):
-    """tau^2 * KL(teacher softmax || student softmax); CIFAR uses tau = 4."""
+    """tau^2 * KL(teacher softmax || student softmax); CIFAR uses tau = 4.
 
-    def __init__(self, tau: float = 4.0):
+    standardize=True: logit standardization (z-scored logits per sample; its recipe: tau 2, weight 9).
+    """
+
+    def __init__(self, tau: float = 4.0, standardize: bool = False):
         super().__init__()
-        self.tau = tau
+        self.tau, self.standardize = tau, standardize
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "KD":
@@ -21,4 +24,4 @@ class KD(Method):
         return cls(**options)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
-        return MethodOutput({"kd": kd_loss(student, teacher, self.tau)})
+        return MethodOutput({"kd": kd_loss(student, teacher, self.tau, self.standardize)})
