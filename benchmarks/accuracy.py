@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py ladder [--seeds 3] [--quick] [--out runs/bench-accuracy]
     python benchmarks/accuracy.py nfe | latent | anm | placement       # the paper's ablations
+    python benchmarks/accuracy.py warmup | normalize | sampler | standardize   # DiffKD variants (issue 17)
     python benchmarks/accuracy.py ladder --methods "student alone" DIST   # a subset of a table's rows
 
 Writes results.csv (one row per run), table.md (mean ± std over seeds, gain over the student
@@ -54,6 +55,24 @@ ABLATIONS: dict[str, dict[str, list[dict]]] = {
                         for on in (True, False)}},
     "placement": {k: LADDER[k] for k in ("student alone", "DiffKD feature", "DiffKD logits", "DiffKD feature+logits")},
 }
+# Beyond the paper (issue 17): each group beside its own student alone and the default DiffKD feature row.
+DEFAULT = {**ALONE, "DiffKD feature": LADDER["DiffKD feature"]}
+LS_RECIPE = {"tau": 2.0, "standardize": True}  # logit standardization's recipe: tau 2, KD weight 9 (CE weight 1)
+ABLATIONS.update({
+    "warmup": {**DEFAULT, **{f"warm-up {e} epoch{'s' if e > 1 else ''}": [diffkd_level(FEATURE, kd_warmup_epochs=e, **FEATURE_DIFFKD)]
+                             for e in (1, 2)}},
+    "normalize": {**DEFAULT, "normalised target": [diffkd_level(FEATURE, normalize_target=True, **FEATURE_DIFFKD)]},
+    "sampler": {**ALONE, **{f"{name} NFE {k}": [diffkd_level(FEATURE, inference_steps=k, sampler=sampler, **FEATURE_DIFFKD)]
+                            for name, sampler in (("DDIM", "ddim"), ("DPM-Solver++", "dpm_solver++")) for k in (1, 2, 3, 5)}},
+    "standardize": {
+        **DEFAULT,
+        "KD": LADDER["KD"],
+        "KD+LS": [{**LOGITS, "method": "kd", "weight": 9.0, "options": LS_RECIPE}],
+        "DiffKD logits": LADDER["DiffKD logits"],
+        "DiffKD logits+LS": [diffkd_level(LOGITS, distance="kl", tau=1.0, standardize=True)],
+        "DiffKD logits+LS tau2 w9": [diffkd_level(LOGITS, distance="kl", kd_weight=9.0, **LS_RECIPE)],
+    },
+})
 
 
 def run_method(levels: list[dict], seed: int, size: DemoSize, out: Path, teacher_dir: Path, device: str,
