@@ -36,10 +36,14 @@ TEACHER = ("fcos_r50_teacher.yaml", "train")
 # "diffkd_kd5e-4" scales the five kd weights by 1e-4 so that the KD terms start at the detection
 # loss's size (a choice made from the training losses of the paper-weight run, not from test AP).
 SCALED_KD = tuple(f"levels.{i}.options.kd_weight=0.0005" for i in range(5))
+# "diffkd_norm" keeps the paper's weight 5 and makes the distance scale-free instead: both sides of
+# each level's attention-MSE are normalised with the teacher map's per-channel statistics (issue 17).
+NORMALIZED = tuple(f"levels.{i}.options.normalize_target=true" for i in range(5))
 METHODS = {  # name -> (config file, engine mode, overrides)
     "student": ("fcos_r18_student.yaml", "train", ()),
     "diffkd": ("fcos_r50_r18_diffkd.yaml", "distill", ()),
     "diffkd_kd5e-4": ("fcos_r50_r18_diffkd.yaml", "distill", SCALED_KD),
+    "diffkd_norm": ("fcos_r50_r18_diffkd.yaml", "distill", NORMALIZED),
 }
 
 

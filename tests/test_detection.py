@@ -418,6 +418,22 @@ def test_recipes_parse_and_their_taps_exist(path: Path):
         assert len(kd) == 5 and all(lv.options == {"distance": "attention_mse", "tau": 0.5, "kd_weight": 5.0} for lv in kd)
 
 
+def test_benchmark_methods_build_their_configs(tmp_path: Path):
+    """Every benchmark method's overrides apply to its recipe; diffkd_norm keeps the paper's kd weight 5."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import detection as bench
+
+    args = bench.parse_args(["--out", str(tmp_path)])
+    configs = {
+        name: bench.make_config(file, args, tmp_path / name, tmp_path / "data", 0, 1,
+                                tmp_path / "teacher" if mode == "distill" else None, extra)
+        for name, (file, mode, extra) in bench.METHODS.items()
+    }
+    kd = [lv.options for lv in configs["diffkd_norm"].levels if lv.method == "diffkd"]
+    assert len(kd) == 5 and all(o["normalize_target"] is True and o["kd_weight"] == 5.0 for o in kd)
+    assert all("normalize_target" not in lv.options for lv in configs["diffkd"].levels)
+
+
 @pytest.mark.slow
 def test_benchmark_end_to_end_at_a_tiny_size(tmp_path: Path):
     """The whole pipeline through the engine and the mosaic recipes: generate, train the teacher, train the
