@@ -150,9 +150,9 @@ class DiffKD(nn.Module):
         self.chain = self.schedule.ddim_coefficients(inference_steps)
         self.solver_steps = self.schedule.dpm_solver_coefficients(inference_steps) if sampler == "dpm_solver++" else None
         self.kd_warmup_epochs = float(kd_warmup_epochs)
-        self.progress_set = False
-        # the ramp's factor as a tensor, so a compiled level reads it without recompiling every step
-        self.register_buffer("kd_ramp", torch.ones(()), persistent=False)
+        self._progress_set = False
+        if self.kd_warmup_epochs > 0:  # the ramp's factor as a tensor: a compiled level reads it without recompiling
+            self.register_buffer("kd_ramp", torch.zeros(()), persistent=False)
         # Channels-last maps: the same maths, but the small convs and BatchNorms of the chain get
         # faster kernels (benchmarks/module_speed.py). Sequences and vectors keep the default layout.
         self.fast = fast
@@ -308,13 +308,13 @@ class DiffKD(nn.Module):
         """
         if self.kd_warmup_epochs > 0:
             self.kd_ramp.fill_(min(1.0, max(0.0, epoch) / self.kd_warmup_epochs))
-            self.progress_set = True
+            self._progress_set = True
 
     def current_kd_weight(self) -> float | Tensor:
         """kd_weight, times the warm-up's ramp min(1, epoch / kd_warmup_epochs) while there is one."""
         if self.kd_warmup_epochs == 0:
             return self.kd_weight
-        if self.training and not self.progress_set:
+        if self.training and not self._progress_set:
             raise ValueError(
                 f"DiffKD(kd_warmup_epochs={self.kd_warmup_epochs:g}) ramps its kd weight with training: call "
                 "set_progress(epoch, epochs) before each step (the engine and Distiller.set_progress do)"
