@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py ladder [--seeds 3] [--quick] [--out runs/bench-accuracy]
     python benchmarks/accuracy.py nfe | latent | anm | placement       # the paper's ablations
-    python benchmarks/accuracy.py warmup | normalize | sampler | standardize   # DiffKD variants (issue 17)
+    python benchmarks/accuracy.py warmup | normalize | sampler | standardize | combined   # DiffKD variants (issue 17)
     python benchmarks/accuracy.py ladder --methods "student alone" DIST   # a subset of a table's rows
 
 Writes results.csv (one row per run), table.md (mean ± std over seeds, gain over the student
@@ -42,6 +42,9 @@ LADDER: dict[str, list[dict]] = {
     "DiffKD logits": [diffkd_level(LOGITS, distance="kl", tau=1.0)],
     "DiffKD feature+logits": [diffkd_level(FEATURE, **FEATURE_DIFFKD), diffkd_level(LOGITS, distance="kl", tau=1.0)],
     "DiffKD+DIST": [diffkd_level(FEATURE, **FEATURE_DIFFKD), diffkd_level(LOGITS, distance="dist")],
+    # the issue-17 variants chosen from the ablation-size groups below (docs/benchmarks.md)
+    "DiffKD normalised": [diffkd_level(FEATURE, normalize_target=True, **FEATURE_DIFFKD)],
+    "DiffKD normalised+DPM": [diffkd_level(FEATURE, normalize_target=True, sampler="dpm_solver++", **FEATURE_DIFFKD)],
 }
 ALONE = {"student alone": []}  # every ablation carries the baseline, so its gains are read at its own size
 ABLATIONS: dict[str, dict[str, list[dict]]] = {
@@ -77,6 +80,8 @@ ABLATIONS.update({
         "DiffKD logits+LS": [diffkd_level(LOGITS, distance="kl", tau=1.0, standardize=True)],
         "DiffKD logits+LS tau2 w9": [diffkd_level(LOGITS, distance="kl", kd_weight=9.0, **LS_RECIPE)],
     },
+    # the two options that came out above the default at the paper's NFE, together
+    "combined": {**DEFAULT, "normalised+DPM-Solver++": LADDER["DiffKD normalised+DPM"]},
 })
 
 
