@@ -165,7 +165,8 @@ def needs_data_prediction(steps: list[SolverStep], i: int) -> bool:
 
 
 def denoise_multistep(x: Tensor, noise_predictor: Callable[[Tensor, int], Tensor], steps: list[SolverStep]) -> Tensor:
-    """The DPM-Solver++(2M) chain from x (float32 state), each formula as written (the reference)."""
+    """The DPM-Solver++(2M) chain from x (float32 state): DDIM's update plus the correction, on
+    plain tensors (the reference; tests hold it to DESIGN.md 4c's form)."""
     x, x0_prev = x.float(), None
     for i, step in enumerate(steps):
         eps = noise_predictor(x, step.t).float()
