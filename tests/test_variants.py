@@ -331,6 +331,7 @@ ALL_ON = {
     "maps": dict(kind="conv", latent_channels=16, kd_warmup_epochs=2, normalize_target=True, sampler="dpm_solver++"),
     "maps, attention_mse": dict(kind="conv", distance="attention_mse", kd_warmup_epochs=2, normalize_target=True,
                                 sampler="dpm_solver++"),
+    "sequences": dict(kind="conv", dims=1, kd_warmup_epochs=2, normalize_target=True, sampler="dpm_solver++"),
     "vectors": dict(kind="mlp", distance="kl", kd_warmup_epochs=2, standardize=True, sampler="dpm_solver++"),
     "vectors, mse": dict(kind="mlp", kd_warmup_epochs=2, normalize_target=True, sampler="dpm_solver++"),
 }
@@ -347,9 +348,9 @@ def test_fast_path_matches_reference_with_every_option_on(dtype, tolerance, case
     reference.load_state_dict(fast.state_dict())
     g = torch.Generator().manual_seed(1)
     if options["kind"] == "conv":
-        width = options.get("latent_channels") or 24
-        s, t = torch.randn(4, 12, 5, 6, generator=g), torch.randn(4, 24, 5, 6, generator=g) * 3
-        shape = (4, width, 5, 6)
+        width, space = options.get("latent_channels") or 24, (5, 6) if options.get("dims", 2) == 2 else (7,)
+        s, t = torch.randn(4, 12, *space, generator=g), torch.randn(4, 24, *space, generator=g) * 3
+        shape = (4, width, *space)
     else:
         s, t, shape = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g) * 3, (4, 10)
     noises = dict(start_noise=torch.randn(shape, generator=g), diffusion_noise=torch.randn(shape, generator=g),
