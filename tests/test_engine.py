@@ -247,6 +247,32 @@ def test_distill_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 @needs_fmnist
+def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    """CRD (dataset indices from the engine's data wrapper, a memory bank per side) plus a multi-tap VID level."""
+    teacher = random_teacher(tmp_path)
+    extra = [
+        "teacher.name=fmnist_teacher", f"teacher.checkpoint={teacher}", "student.name=fmnist_student",
+        "levels=[{student: '@feature', teacher: '@feature', method: crd, weight: 0.8, options: {negatives: 50}},"
+        " {student: [features.1, features.2], teacher: [features.1, features.3], method: vid}]",
+        "train.epochs=2", "data.limit_train=64", "data.limit_test=32", "data.batch_size=16",
+    ]  # fmt: skip
+    straight = run(tiny(tmp_path, *extra, name="straight", mode="distill"), mode="distill")
+    with pytest.raises(Stop):
+        run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", on_epoch_end=stop_after(1))
+    first = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
+    a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
+    bank = "methods.crd_features.memory_student"
+    assert a["model"][bank].shape == (64, 128)  # one row per training item
+    assert (a["model"]["methods.crd_features.normalizers"] > 0).all()
+    assert a["model"]["methods.crd_features.labels"].min() >= 0  # every item seen, its class learnt
+    assert not torch.equal(first[bank], a["model"][bank])  # the second epoch moved the bank
+    ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
+    assert ta.keys() == tb.keys() and [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    assert straight.history[-1]["loss_crd_features"] == resumed.history[-1]["loss_crd_features"]
+
+
+@needs_fmnist
 def test_run_outputs(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "output.tensorboard=true")
     result = run(cfg, mode="train")
