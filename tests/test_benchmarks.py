@@ -41,8 +41,8 @@ def test_every_ladder_and_ablation_entry_builds_a_distiller(tmp_path):
             continue
         cfg = config_from_dict({"teacher": {"name": "fmnist_teacher", "checkpoint": str(weights)}, "student": {"name": "fmnist_student"},
                                 "levels": levels})
-        d = DistillLearner(cfg, build_task(cfg)).module
-        out = d(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+        d = DistillLearner(cfg, build_task(cfg), dataset_size=6000).module  # CRD's memory bank: one row per item
+        out = d(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), torch.tensor([0, 1, 2, 5999]))
         assert torch.isfinite(out.loss), name
 
 

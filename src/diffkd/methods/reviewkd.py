@@ -66,6 +66,7 @@ class ReviewKD(Method):
     width is min(max_mid_channels, the deepest student width): 512 by default, 256 for MobileNetV1.
     """
 
+    layouts = frozenset({"map"})
     takes_tap_lists = True
 
     def __init__(self, student_channels: list[int], teacher_channels: list[int], teacher_sizes: list[tuple[int, int]],

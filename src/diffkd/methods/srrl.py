@@ -24,6 +24,7 @@ class SRRL(Method):
     head to the student; its weights never change.
     """
 
+    layouts = frozenset({"map"})
     teacher_module_options = ("teacher_head",)
 
     def __init__(self, student_channels: int, teacher_channels: int, teacher_head: nn.Module):

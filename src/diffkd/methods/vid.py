@@ -56,6 +56,7 @@ class VID(Method):
     order; the reference uses every stage's post-ReLU output). Sized from the probed channels.
     """
 
+    layouts = frozenset({"map"})
     takes_tap_lists = True
 
     def __init__(self, pairs: list[tuple[int, int]], initial_variance: float = 5.0):
