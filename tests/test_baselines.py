@@ -532,3 +532,42 @@ def test_teacher_head_errors():
     with pytest.raises(ValueError, match=r"srrl: teacher_head \(Linear\) does not take the teacher tap's pooled \(B, 256\) "
                                          r"vector"):
         Distiller(t, s, [Level("layer4", "layer3", "srrl", teacher_head="fc")], input_shape=(3, 64, 64))
+
+
+# ------------------------------------------------------------------------------------------- CRD under DDP
+def _crd_ddp_worker(rank: int, world: int, port: int, results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same initial bank and heads in both processes
+    crd = CRD(3, 3, 8, feat_dim=2, negatives=4)
+    before = crd.memory_student.clone()
+    torch.manual_seed(10 + rank)  # each process its own samples
+    s, t = torch.randn(2, 3), torch.randn(2, 3)
+    indices = torch.tensor([0, 1]) + 4 * rank
+    crd(s, t, torch.tensor([rank, 2]), indices=indices)
+    banks = [torch.zeros_like(crd.memory_student) for _ in range(world)]
+    dist.all_gather(banks, crd.memory_student)
+    changed = sorted({int(i) for i in (banks[0] != before).any(1).nonzero().flatten()})
+    results[rank] = (torch.equal(banks[0], banks[1]), changed, crd.labels.tolist(), crd.normalizers.tolist())
+    dist.destroy_process_group()
+
+
+def test_crd_under_ddp_updates_every_process_bank_with_the_global_batch():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_crd_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    (same0, rows0, labels0, z0), (same1, rows1, labels1, z1) = results[0], results[1]
+    assert same0 and same1 and rows0 == rows1 == [0, 1, 4, 5]  # both processes' rows, in both banks
+    assert labels0 == labels1 == [0, 2, -1, -1, 1, 2, -1, -1]
+    assert z0 == z1  # Z from the mean over processes
