@@ -371,7 +371,7 @@ def test_srrl_matches_its_formula():
     head = nn.Linear(5, 3)
     method = build_method("srrl", (4, 2, 3, 3), (4, 5, 2, 2), teacher_head=head)
     s, t = torch.randn(4, 2, 3, 3), torch.randn(4, 5, 2, 2)
-    c = method.connector(s)
+    c = method.connector(s).detach()
     pc = [[float(c[b, j].mean()) for j in range(5)] for b in range(4)]
     pt = [[float(t[b, j].mean()) for j in range(5)] for b in range(4)]
     l_fm = sum((pc[b][j] - pt[b][j]) ** 2 for b in range(4) for j in range(5)) / 20
@@ -571,3 +571,12 @@ def test_crd_under_ddp_updates_every_process_bank_with_the_global_batch():
     assert same0 and same1 and rows0 == rows1 == [0, 1, 4, 5]  # both processes' rows, in both banks
     assert labels0 == labels1 == [0, 2, -1, -1, 1, 2, -1, -1]
     assert z0 == z1  # Z from the mean over processes
+
+
+def test_an_unknown_option_lists_the_options_a_level_may_give():
+    with pytest.raises(ValueError, match=r"method 'crd' got an unknown option 'negative' \(did you mean 'negatives'\?\); "
+                                         r"valid options: feat_dim, negatives, temperature, momentum, negative_sampling"):
+        build_method("crd", torch.Size([2, 4]), torch.Size([2, 4]), dataset_size=10, negative=5)
+    with pytest.raises(ValueError, match=r"method 'reviewkd' got an unknown option 'warmup'.*valid options: "
+                                         r"max_mid_channels, warmup_epochs"):
+        build_method("reviewkd", [torch.Size([2, 4, 4, 4])], [torch.Size([2, 4, 4, 4])], warmup=3)

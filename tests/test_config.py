@@ -65,14 +65,16 @@ def test_full_config_round_trip(tmp_path: Path) -> None:
 
 
 def test_a_level_side_may_list_several_taps_and_aliases_resolve_in_lists() -> None:
+    from diffkd import models
     from diffkd.engine.learner import resolve_tap
 
     cfg = check({"levels": [{"student": ["features.1", "@feature"], "teacher": ["features.1", {"path": "features"}],
                              "method": "reviewkd"}]})
     assert cfg.levels[0].student == ["features.1", "@feature"]
-    assert resolve_tap(cfg.levels[0].student, "fmnist_student", "levels.0.student") == ["features.1", "features"]
+    taps = lambda: models.default_taps("fmnist_student")  # noqa: E731
+    assert resolve_tap(cfg.levels[0].student, "levels.0.student", taps) == ["features.1", "features"]
     with pytest.raises(ConfigError, match=r"^levels\.0\.student\.1: unknown tap alias '@feat'; use @feature, @logits"):
-        resolve_tap(["features.1", "@feat"], "fmnist_student", "levels.0.student")
+        resolve_tap(["features.1", "@feat"], "levels.0.student", taps)
     with pytest.raises(ConfigError, match=r"^levels\.0\.student: expected a string \(str\) or a mapping or a list"):
         check({"levels": [{"student": 3, "teacher": "fc", "method": "kd"}]})
 

@@ -95,6 +95,10 @@ class ReviewKD(Method):
         return cls([s[1] for s in students] + [students[-1][1]], [t[1] for t in teachers] + [teachers[-1][1]],
                    [tuple(t[-2:]) for t in teachers] + [(1, 1)], **options)
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return ["max_mid_channels", "warmup_epochs"]  # the ABFs are sized from the taps
+
     def set_epoch(self, epoch: int, epochs: int) -> None:
         self.ramp = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
 

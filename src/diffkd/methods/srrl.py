@@ -54,6 +54,10 @@ class SRRL(Method):
             ) from None
         return cls(student_shape[1], teacher_shape[1], teacher_head, **options)
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return ["teacher_head"]  # the connector is sized from the taps
+
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         pooled_student = self.connector(student).float().mean(dim=(2, 3))
         pooled_teacher = teacher.float().mean(dim=(2, 3))
