@@ -690,11 +690,11 @@ def test_channels_last_lays_out_weights_and_batches(tmp_path: Path, monkeypatch)
     seen: dict[str, list[bool]] = {"train": [], "test": [], "teacher": []}
     compute, forward = learner.DistillLearner.compute, evaluation.forward
 
-    def recording_compute(self, call, inputs, targets):
+    def recording_compute(self, call, inputs, targets, indices=None):
         seen["train"].append(inputs.is_contiguous(memory_format=torch.channels_last))
         seen["teacher"] += [w.is_contiguous(memory_format=torch.channels_last)
                             for w in _spatial_weights(self.module.teacher.state_dict()).values()]  # fmt: skip
-        return compute(self, call, inputs, targets)
+        return compute(self, call, inputs, targets, indices)
 
     def recording_forward(model, inputs):
         seen["test"].append(inputs.is_contiguous(memory_format=torch.channels_last))
