@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py ladder [--seeds 3] [--quick] [--out runs/bench-accuracy]
     python benchmarks/accuracy.py nfe | latent | anm | placement       # the paper's ablations
     python benchmarks/accuracy.py warmup | normalize | sampler | standardize | combined   # DiffKD variants (issue 17)
+    python benchmarks/accuracy.py baselines   # RKD, PKT, VID, CRD, ReviewKD, SRRL beside the anchors
     python benchmarks/accuracy.py ladder --methods "student alone" DIST   # a subset of a table's rows
 
 Writes results.csv (one row per run), table.md (mean ± std over seeds, gain over the student
@@ -46,6 +47,20 @@ LADDER: dict[str, list[dict]] = {
     "DiffKD normalised": [diffkd_level(FEATURE, normalize_target=True, **FEATURE_DIFFKD)],
     "DiffKD normalised+DPM": [diffkd_level(FEATURE, normalize_target=True, sampler="dpm_solver++", **FEATURE_DIFFKD)],
 }
+# The paper's other baselines at their papers' default weights (DESIGN.md 4b). Stages of the Fashion-MNIST
+# pair (diffkd.models.fashion) matched by size: student 8@28, 16@14, 32@7; teacher 32@28, 64@14, 256@7.
+STUDENT_STAGES, TEACHER_STAGES = ["features.0", "features.1", "features.2"], ["features.0", "features.1", "features.3"]
+BASELINES: dict[str, list[dict]] = {
+    "RKD": [{**FEATURE, "method": "rkd"}],  # distance 25 + angle 50 on the pooled feature
+    "PKT": [{**FEATURE, "method": "pkt", "weight": 30000.0}],
+    "VID": [{"student": STUDENT_STAGES, "teacher": TEACHER_STAGES, "method": "vid"}],
+    "CRD": [{**FEATURE, "method": "crd", "weight": 0.8}],  # 16384 negatives of other classes, T 0.07
+    # CIFAR weight 5; its 20-epoch ramp shortened to 1 epoch on this 5-epoch recipe, as DKD's above
+    "ReviewKD": [{"student": STUDENT_STAGES, "teacher": TEACHER_STAGES, "method": "reviewkd", "weight": 5.0,
+                  "options": {"warmup_epochs": 1}}],
+    "SRRL": [{**FEATURE, "method": "srrl", "options": {"teacher_head": "fc"}}],
+}
+LADDER.update(BASELINES)
 ALONE = {"student alone": []}  # every ablation carries the baseline, so its gains are read at its own size
 ABLATIONS: dict[str, dict[str, list[dict]]] = {
     "nfe": {**ALONE, **{f"NFE {k}": [diffkd_level(FEATURE, inference_steps=k, **FEATURE_DIFFKD)] for k in (1, 2, 3, 5, 8)}},
@@ -57,6 +72,7 @@ ABLATIONS: dict[str, dict[str, list[dict]]] = {
     "anm": {**ALONE, **{f"ANM {'on' if on else 'off'}": [diffkd_level(FEATURE, adaptive_noise=on, **FEATURE_DIFFKD)]
                         for on in (True, False)}},
     "placement": {k: LADDER[k] for k in ("student alone", "DiffKD feature", "DiffKD logits", "DiffKD feature+logits")},
+    "baselines": {**{k: LADDER[k] for k in ("student alone", "KD", "DIST", "DiffKD feature")}, **BASELINES},
 }
 # Beyond the paper (issue 17): each group beside its own student alone and the default DiffKD feature row
 # (the same configs in every group: their finished runs may be copied between group folders and are reread).

@@ -45,27 +45,46 @@ class Strategy:
 
 @dataclass(frozen=True)
 class Net:
-    """A model in a recipe: registry name, short slug for paths, printed name, and how a teacher is loaded."""
+    """A model in a recipe: registry name, short slug for paths, printed name, and how a teacher is loaded.
+
+    `stages`: the module paths of its stage outputs, shallow to deep (the intermediate features of the
+    CRD / ReviewKD reference code), for the multi-stage baselines; `hint`: FitNet's hint layer (the
+    second of them, RepDistiller's hint_layer 2).
+    """
 
     name: str
     slug: str
     label: str
     lr: float | None = None  # a per-model lr (CIFAR: 0.01 for MobileNetV2 and ShuffleNets)
     teacher: dict[str, Any] = field(default_factory=dict)  # extra teacher section keys
+    stages: tuple[str, ...] = ()
+    hint: str | None = None
+
+
+# Where the baselines' published numbers come from, by method key (the others are the DiffKD paper's).
+SOURCES = {key: "CRD paper, Tian et al. ICLR 2020, Tab. 1-2" for key in ("fitnet", "vid", "rkd", "pkt", "crd")}
+SOURCES["reviewkd"] = "ReviewKD paper, Chen et al. CVPR 2021"
 
 
 @dataclass(frozen=True)
 class Pair:
-    """A teacher -> student pair and the paper's top-1 numbers by method ("student" for the student alone)."""
+    """A teacher -> student pair, the paper's top-1 numbers by method ("student" for the student alone;
+    None: not verified here), and the pair's own methods (those whose taps depend on the models)."""
 
     teacher: Net
     student: Net
-    paper: dict[str, float]
+    paper: dict[str, float | None]
+    methods: dict[str, Any] = field(default_factory=dict)
 
 
-def level(tap: str, method: str, **options: Any) -> dict[str, Any]:
+def level(tap: str, method: str, weight: float = 1.0, **options: Any) -> dict[str, Any]:
     """A level on the default taps ("feature" or "logits") of both models."""
-    return {"student": f"@{tap}", "teacher": f"@{tap}", "method": method, "weight": 1.0, "options": options}
+    return {"student": f"@{tap}", "teacher": f"@{tap}", "method": method, "weight": weight, "options": options}
+
+
+def tapped(student: str | list[str], teacher: str | list[str], method: str, weight: float, **options: Any) -> dict[str, Any]:
+    """A level on given module paths (a list per side for the multi-stage methods)."""
+    return {"student": student, "teacher": teacher, "method": method, "weight": weight, "options": options}
 
 
 # Methods: what each distill config adds, and one line saying so.
@@ -106,6 +125,28 @@ B1_METHODS: dict[str, Method] = {
         [IMAGENET_FEATURE, level("logits", "diffkd", distance="dist", tau=1.0)],
     ),
 }
+
+
+def cifar_baselines(teacher: Net, student: Net) -> dict[str, Method]:
+    """The CRD paper's baselines (its CIFAR-100 settings: CE weight 1, no KD, these weights) for one pair."""
+    return {
+        "fitnet": (f"FitNet: MSE on the hint layers ({student.hint} -> {teacher.hint}, 1x1 conv connector), weight 100",
+                   [tapped(student.hint, teacher.hint, "mse", 100.0)]),
+        "vid": ("VID on every stage pair, weight 1", [tapped(list(student.stages), list(teacher.stages), "vid", 1.0)]),
+        "rkd": ("RKD on the pooled feature: distance 25 + angle 50, weight 1", [level("feature", "rkd")]),
+        "pkt": ("PKT on the pooled feature, weight 30000", [level("feature", "pkt", 30000.0)]),
+        "crd": ("CRD on the pooled feature: 128-d heads, 16384 negatives of other classes, T 0.07, momentum 0.5, weight 0.8",
+                [level("feature", "crd", 0.8)]),
+    }
+
+
+def reviewkd_b1(teacher: Net, student: Net, weight: float, **options: Any) -> dict[str, Method]:
+    """ReviewKD on every stage, its ImageNet setting (mdistiller's configs): ramp over 1 epoch."""
+    extra = f", ABF middle width {options['max_mid_channels']}" if "max_mid_channels" in options else ""
+    return {"reviewkd": (
+        f"ReviewKD on the four stages and the pooled feature, weight {weight:g} ramped over the first epoch{extra}",
+        [tapped(list(student.stages), list(teacher.stages), "reviewkd", weight, warmup_epochs=1, **options)],
+    )}
 
 
 def strong_methods(latent: int) -> dict[str, Method]:
@@ -168,38 +209,54 @@ B3 = Strategy(
 )
 
 # CIFAR-100 (Tab. 9). Teachers are trained by the teacher configs into runs/cifar100/teachers/<slug>.
-WRN40_2 = Net("wrn_40_2", "wrn40_2", "WRN-40-2")
-RESNET56 = Net("resnet56", "resnet56", "resnet56")
-RESNET32X4 = Net("resnet32x4", "resnet32x4", "resnet32x4")
-RESNET50_CIFAR = Net("resnet50_cifar", "resnet50", "ResNet50")
+RESNET_STAGES = {"stages": ("layer1", "layer2", "layer3"), "hint": "layer2"}
+WRN40_2 = Net("wrn_40_2", "wrn40_2", "WRN-40-2", stages=("block1", "block2", "block3"), hint="block2")
+RESNET56 = Net("resnet56", "resnet56", "resnet56", **RESNET_STAGES)
+RESNET32X4 = Net("resnet32x4", "resnet32x4", "resnet32x4", **RESNET_STAGES)
+RESNET50_CIFAR = Net("resnet50_cifar", "resnet50", "ResNet50", stages=("layer1", "layer2", "layer3", "layer4"), hint="layer2")
 CIFAR_TEACHERS = ((WRN40_2, 75.61), (RESNET56, 72.34), (RESNET32X4, 79.42), (RESNET50_CIFAR, 79.34))
+
+
+def cifar_pair(teacher: Net, student: Net, paper: dict[str, float], baselines: tuple[float, ...]) -> Pair:
+    """A Tab. 9 pair; `baselines` are the CRD paper's FitNet, VID, RKD, PKT and CRD top-1 for it."""
+    published = dict(zip(("fitnet", "vid", "rkd", "pkt", "crd"), baselines, strict=True))
+    return Pair(teacher, student, {**paper, **published}, cifar_baselines(teacher, student))
+
+
 CIFAR_PAIRS = (
-    Pair(WRN40_2, Net("wrn_40_1", "wrn40_1", "WRN-40-1"),
-         {"student": 71.98, "kd": 73.54, "dist": 74.73, "diffkd": 74.09}),
-    Pair(RESNET56, Net("resnet20", "resnet20", "resnet20"),
-         {"student": 69.06, "kd": 70.66, "dist": 71.75, "diffkd": 71.92}),
-    Pair(RESNET32X4, Net("resnet8x4", "resnet8x4", "resnet8x4"),
-         {"student": 72.50, "kd": 73.33, "dist": 76.31, "diffkd": 76.72}),
-    Pair(RESNET50_CIFAR, Net("mobile_half", "mobilenetv2", "MobileNetV2", lr=0.01),
-         {"student": 64.6, "kd": 67.35, "dist": 68.66, "diffkd": 69.21}),
-    Pair(RESNET32X4, Net("ShuffleV1", "shufflev1", "ShuffleNetV1", lr=0.01),
-         {"student": 70.5, "kd": 74.07, "dist": 76.34, "diffkd": 76.57}),
-    Pair(RESNET32X4, Net("ShuffleV2", "shufflev2", "ShuffleNetV2", lr=0.01),
-         {"student": 71.82, "kd": 74.45, "dist": 77.35, "diffkd": 77.52}),
+    cifar_pair(WRN40_2, Net("wrn_40_1", "wrn40_1", "WRN-40-1", stages=("block1", "block2", "block3"), hint="block2"),
+               {"student": 71.98, "kd": 73.54, "dist": 74.73, "diffkd": 74.09}, (72.24, 73.30, 72.22, 73.45, 74.14)),
+    cifar_pair(RESNET56, Net("resnet20", "resnet20", "resnet20", **RESNET_STAGES),
+               {"student": 69.06, "kd": 70.66, "dist": 71.75, "diffkd": 71.92}, (69.21, 70.38, 69.61, 70.34, 71.16)),
+    cifar_pair(RESNET32X4, Net("resnet8x4", "resnet8x4", "resnet8x4", **RESNET_STAGES),
+               {"student": 72.50, "kd": 73.33, "dist": 76.31, "diffkd": 76.72}, (73.50, 73.09, 71.90, 73.64, 75.51)),
+    cifar_pair(RESNET50_CIFAR, Net("mobile_half", "mobilenetv2", "MobileNetV2", lr=0.01,
+                                   stages=("blocks.1", "blocks.2", "blocks.4", "blocks.6"), hint="blocks.2"),
+               {"student": 64.6, "kd": 67.35, "dist": 68.66, "diffkd": 69.21}, (63.16, 67.57, 64.43, 66.52, 69.11)),
+    cifar_pair(RESNET32X4, Net("ShuffleV1", "shufflev1", "ShuffleNetV1", lr=0.01, **RESNET_STAGES),
+               {"student": 70.5, "kd": 74.07, "dist": 76.34, "diffkd": 76.57}, (73.59, 73.38, 72.28, 74.10, 75.11)),
+    cifar_pair(RESNET32X4, Net("ShuffleV2", "shufflev2", "ShuffleNetV2", lr=0.01, **RESNET_STAGES),
+               {"student": 71.82, "kd": 74.45, "dist": 77.35, "diffkd": 77.52}, (73.54, 73.40, 73.21, 74.69, 75.65)),
 )
 
 # ImageNet B1 (Tab. 2): torchvision's ImageNet teachers. ResNet-34 has one set of weights
 # (73.31 %); for ResNet-50 the paper's teacher is the original (V1, 76.13 %) file, whereas
 # torchvision's DEFAULT weights are the stronger V2, so the file is given explicitly.
-R34 = Net("resnet34", "r34", "ResNet-34", teacher={"pretrained": True})
-R50_V1 = Net("resnet50", "r50", "ResNet-50", teacher={"checkpoint": "checkpoints/resnet50-0676ba61.pth"})
+TORCHVISION_STAGES = ("layer1", "layer2", "layer3", "layer4")
+R34 = Net("resnet34", "r34", "ResNet-34", teacher={"pretrained": True}, stages=TORCHVISION_STAGES)
+R18 = Net("resnet18", "r18", "ResNet-18", stages=TORCHVISION_STAGES)
+R50_V1 = Net("resnet50", "r50", "ResNet-50", teacher={"checkpoint": "checkpoints/resnet50-0676ba61.pth"},
+             stages=TORCHVISION_STAGES)
+MBV1 = Net("mobilenetv1", "mbv1", "MobileNetV1", stages=("model.3", "model.5", "model.11", "model.13"))  # 56, 28, 14, 7
 B1_PAIRS = (
-    Pair(R34, Net("resnet18", "r18", "ResNet-18"),
+    Pair(R34, R18,
          {"student": 69.76, "kd": 70.66, "dkd": 71.70, "dist": 72.07, "mse": 70.58, "diffkd": 72.22,
-          "diffkd_dist": 72.49}),
-    Pair(R50_V1, Net("mobilenetv1", "mbv1", "MobileNetV1"),
+          "diffkd_dist": 72.49, "reviewkd": 71.61},
+         reviewkd_b1(R34, R18, 1.0)),
+    Pair(R50_V1, MBV1,
          {"student": 70.13, "kd": 70.68, "dkd": 72.05, "dist": 73.24, "mse": 72.39, "diffkd": 73.62,
-          "diffkd_dist": 73.78}),
+          "diffkd_dist": 73.78, "reviewkd": None},
+         reviewkd_b1(R50_V1, MBV1, 8.0, max_mid_channels=256)),
 )
 
 # ImageNet Tab. 3: strong teachers from timm (ResNet-50 "strikes back" A1, Swin-L), students from scratch.
@@ -233,8 +290,12 @@ def _config(strategy: Strategy, lr: float | None, out: str, **models: Any) -> di
     }
 
 
-def _compare(table: str, number: float | None) -> str:
-    """The header line naming the paper's number, or why there is none."""
+def _compare(table: str, pair: Pair, key: str) -> str:
+    """The header line naming the published number, where it is from, or why there is none."""
+    number = pair.paper.get(key)
+    if key in SOURCES:
+        return f"Published ({SOURCES[key]}): {number:.2f} top-1." if number is not None else (
+            f"Published ({SOURCES[key]}): not verified here.")
     if number is not None:
         return f"Paper {table}: {number:.2f} top-1."
     return "Paper: see Tab. 3." if table == "Tab. 3" else f"Paper: not reported in {table}."
@@ -256,7 +317,8 @@ def _teacher_section(net: Net, checkpoint: str | None) -> dict[str, Any]:
 
 def _train_recipe(strategy: Strategy, net: Net, folder: str, what: str, table: str, number: float | None) -> Recipe:
     """A `diffkd train` config, <folder>/<slug>.yaml: one model with its task loss only."""
-    header = (f"{strategy.name}: {what}.", _compare(table, number), _recipe_line(strategy))
+    alone = Pair(net, net, {"student": number})
+    header = (f"{strategy.name}: {what}.", _compare(table, alone, "student"), _recipe_line(strategy))
     content = _config(strategy, net.lr, f"runs/{folder}/{net.slug}", model={"name": net.name})
     return Recipe(f"{folder}/{net.slug}.yaml", header, content, "train")
 
@@ -267,10 +329,10 @@ def _distill_recipes(
     """One `diffkd distill` config per method for a teacher -> student pair."""
     folder = f"{root}/{pair.teacher.slug}-{pair.student.slug}"
     recipes = []
-    for key, (what, levels) in methods.items():
+    for key, (what, levels) in {**methods, **pair.methods}.items():
         header = (
             f"{strategy.name}: {pair.teacher.label} -> {pair.student.label}, {what}.",
-            _compare(table, pair.paper.get(key)),
+            _compare(table, pair, key),
             _recipe_line(strategy),
         )
         content = _config(
@@ -286,7 +348,7 @@ def _distill_recipes(
 
 
 def cifar100() -> list[Recipe]:
-    """Tab. 9: teachers, students alone, and KD / DIST / DKD / MSE / DiffKD for the six pairs."""
+    """Tab. 9: teachers, students alone, KD / DIST / DKD / MSE / DiffKD and the CRD paper's baselines, six pairs."""
     recipes = [
         _train_recipe(A1, net, "cifar100/teachers", f"CIFAR-100 teacher {net.label}", "Tab. 9", top1)
         for net, top1 in CIFAR_TEACHERS

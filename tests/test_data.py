@@ -398,3 +398,22 @@ def test_build_loader_workers_replay_augmentation(tmp_path):
         assert loader.persistent_workers
         runs.append([x for x, _ in loader])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_with_indices_gives_each_item_its_index_and_keeps_batched_augmentation(tmp_path):
+    from diffkd.data import IndexedCollate, WithIndices
+
+    write_fmnist(tmp_path, "train", 12, gz=False)
+    data = build_dataset("fashion_mnist", "train", root=tmp_path)
+    plain, indexed = (build_loader(d, 4, train=True, seed=5) for d in (data, WithIndices(data)))
+    indexed.collate_fn = IndexedCollate(indexed.collate_fn)
+    torch.manual_seed(0)
+    expected = list(plain)
+    torch.manual_seed(0)
+    got = list(indexed)
+    assert len(got) == len(expected) == 3
+    for (x, y), ((xi, yi), index) in zip(expected, got, strict=True):
+        assert torch.equal(x, xi) and torch.equal(y, yi)  # same order and the same augmentation draws
+        assert index.dtype == torch.int64 and torch.equal(data.targets[index], y)
+    assert sorted(torch.cat([index for _, index in got]).tolist()) == list(range(12))
+    assert WithIndices(data)[3][1] == 3 and len(WithIndices(data)) == 12

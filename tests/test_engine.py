@@ -276,6 +276,29 @@ def test_methods_hear_the_progress_before_every_step_and_variants_resume_bit_ide
     ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
     assert ta.keys() == tb.keys()
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    """CRD (dataset indices from the engine's data wrapper, a memory bank per side) plus a multi-tap VID level."""
+    teacher = random_teacher(tmp_path)
+    extra = [
+        "teacher.name=fmnist_teacher", f"teacher.checkpoint={teacher}", "student.name=fmnist_student",
+        "levels=[{student: '@feature', teacher: '@feature', method: crd, weight: 0.8, options: {negatives: 50}},"
+        " {student: [features.1, features.2], teacher: [features.1, features.3], method: vid}]",
+        "train.epochs=2", "data.limit_train=64", "data.limit_test=32", "data.batch_size=16",
+    ]  # fmt: skip
+    straight = run(tiny(tmp_path, *extra, name="straight", mode="distill"), mode="distill")
+    with pytest.raises(Stop):
+        run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", on_epoch_end=stop_after(1))
+    first = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
+    a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
+    bank = "methods.crd_features.memory_student"
+    assert a["model"][bank].shape == (64, 128)  # one row per training item
+    assert (a["model"]["methods.crd_features.normalizers"] > 0).all()
+    assert a["model"]["methods.crd_features.labels"].min() >= 0  # every item seen, its class learnt
+    assert not torch.equal(first[bank], a["model"][bank])  # the second epoch moved the bank
+    ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
+    assert ta.keys() == tb.keys() and [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    assert straight.history[-1]["loss_crd_features"] == resumed.history[-1]["loss_crd_features"]
 
 
 @needs_fmnist
@@ -696,11 +719,11 @@ def test_channels_last_lays_out_weights_and_batches(tmp_path: Path, monkeypatch)
     seen: dict[str, list[bool]] = {"train": [], "test": [], "teacher": []}
     compute, forward = learner.DistillLearner.compute, evaluation.forward
 
-    def recording_compute(self, call, inputs, targets):
+    def recording_compute(self, call, inputs, targets, indices=None):
         seen["train"].append(inputs.is_contiguous(memory_format=torch.channels_last))
         seen["teacher"] += [w.is_contiguous(memory_format=torch.channels_last)
                             for w in _spatial_weights(self.module.teacher.state_dict()).values()]  # fmt: skip
-        return compute(self, call, inputs, targets)
+        return compute(self, call, inputs, targets, indices)
 
     def recording_forward(model, inputs):
         seen["test"].append(inputs.is_contiguous(memory_format=torch.channels_last))

@@ -31,6 +31,7 @@ from diffkd.tasks import build_task
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for root in ("cifar100", "imagenet") for p in (CONFIGS_DIR / root).rglob("*.yaml"))
 LOW_CAPACITY = {"mobile_half", "ShuffleV1", "ShuffleV2"}  # CIFAR students trained with lr 0.01
+TRAIN_ITEMS = {"cifar100": 50_000, "imagenet": 1_281_167}  # training set sizes (CRD's memory bank has a row each)
 
 # Parameters the methods add, from DESIGN.md's fingerprints of the official release.
 CIFAR_LOGITS_LEVEL = 352_302
@@ -81,7 +82,7 @@ def test_configs_match_their_generator(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, spec.name, generator)  # dataclasses look their module up there
     spec.loader.exec_module(generator)
     assert generator.stale_files() == [], "run: python configs/classification_recipes.py"
-    per_table = {"cifar100/": 40, "imagenet/b1/": 14, "imagenet/b2/": 12, "imagenet/b3/": 8}
+    per_table = {"cifar100/": 70, "imagenet/b1/": 16, "imagenet/b2/": 12, "imagenet/b3/": 8}
     assert {root: sum(relative(p).startswith(root) for p in RECIPES) for root in per_table} == per_table
 
 
@@ -96,7 +97,8 @@ def test_headers_give_the_command_and_the_paper_number(parsed: dict[str, Config]
         text = (CONFIGS_DIR / name).read_text()
         mode = "distill" if cfg.levels else "train"
         assert f"#   diffkd {mode} configs/{name}\n" in text
-        assert "# Paper Tab. " in text or "# Paper: see Tab. 3." in text or "# Paper: not reported in Tab. 9." in text
+        assert ("# Paper Tab. " in text or "# Paper: see Tab. 3." in text or "# Paper: not reported in Tab. 9." in text
+                or "# Published (" in text), name
 
 
 def test_cifar100_recipes_follow_strategy_a1(parsed: dict[str, Config]):
@@ -167,6 +169,51 @@ def test_baseline_levels_follow_the_paper(parsed: dict[str, Config]):
         for cfg in runs:
             [level] = cfg.levels
             assert (level.student, level.method, level.weight, level.options) == ("@logits", method, 1.0, options)
+
+
+# The CRD paper's CIFAR-100 baselines (RepDistiller's settings): method -> (student tap, weight, options).
+CIFAR_BASELINES = {"rkd": ("@feature", 1.0), "pkt": ("@feature", 30000.0), "crd": ("@feature", 0.8)}
+STAGES = {"resnet56": ["layer1", "layer2", "layer3"], "resnet20": ["layer1", "layer2", "layer3"],
+          "resnet32x4": ["layer1", "layer2", "layer3"], "resnet8x4": ["layer1", "layer2", "layer3"],
+          "wrn_40_2": ["block1", "block2", "block3"], "wrn_40_1": ["block1", "block2", "block3"],
+          "resnet50_cifar": ["layer1", "layer2", "layer3", "layer4"],
+          "mobile_half": ["blocks.1", "blocks.2", "blocks.4", "blocks.6"],
+          "ShuffleV1": ["layer1", "layer2", "layer3"], "ShuffleV2": ["layer1", "layer2", "layer3"]}
+PUBLISHED = {  # FitNet, VID, RKD, PKT, CRD top-1 (CRD paper, Tab. 1-2)
+    "wrn40_2-wrn40_1": (72.24, 73.30, 72.22, 73.45, 74.14), "resnet56-resnet20": (69.21, 70.38, 69.61, 70.34, 71.16),
+    "resnet32x4-resnet8x4": (73.50, 73.09, 71.90, 73.64, 75.51), "resnet50-mobilenetv2": (63.16, 67.57, 64.43, 66.52, 69.11),
+    "resnet32x4-shufflev1": (73.59, 73.38, 72.28, 74.10, 75.11), "resnet32x4-shufflev2": (73.54, 73.40, 73.21, 74.69, 75.65),
+}
+
+
+def test_cifar100_baselines_follow_the_crd_paper(parsed: dict[str, Config]):
+    for pair, numbers in PUBLISHED.items():
+        for method, number in zip(("fitnet", "vid", "rkd", "pkt", "crd"), numbers):
+            name = f"cifar100/{pair}/{method}.yaml"
+            cfg = parsed[name]
+            assert f"# Published (CRD paper, Tian et al. ICLR 2020, Tab. 1-2): {number:.2f} top-1.\n" in (
+                CONFIGS_DIR / name).read_text()
+            [level] = cfg.levels
+            if method in CIFAR_BASELINES:
+                assert (level.student, level.teacher, level.method, level.weight, level.options) == (
+                    *CIFAR_BASELINES[method][:1] * 2, method, CIFAR_BASELINES[method][1], {})
+            elif method == "vid":
+                assert (level.student, level.teacher, level.weight) == (STAGES[cfg.student.name], STAGES[cfg.teacher.name], 1.0)
+            else:  # FitNet: the second stage of each (RepDistiller's hint layer 2), weight 100
+                assert (level.method, level.weight) == ("mse", 100.0)
+                assert (level.student, level.teacher) == (STAGES[cfg.student.name][1], STAGES[cfg.teacher.name][1])
+
+
+def test_imagenet_reviewkd_follows_its_reference_settings(parsed: dict[str, Config]):
+    r18 = parsed["imagenet/b1/r34-r18/reviewkd.yaml"].levels
+    mbv1 = parsed["imagenet/b1/r50-mbv1/reviewkd.yaml"].levels
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    assert [(lv.student, lv.teacher, lv.weight, lv.options) for lv in r18] == [(stages, stages, 1.0, {"warmup_epochs": 1})]
+    assert [(lv.student, lv.teacher, lv.weight, lv.options) for lv in mbv1] == [
+        (["model.3", "model.5", "model.11", "model.13"], stages, 8.0, {"warmup_epochs": 1, "max_mid_channels": 256})]
+    assert "# Published (ReviewKD paper, Chen et al. CVPR 2021): 71.61 top-1." in (
+        CONFIGS_DIR / "imagenet/b1/r34-r18/reviewkd.yaml").read_text()
+    assert "not verified here" in (CONFIGS_DIR / "imagenet/b1/r50-mbv1/reviewkd.yaml").read_text()
 
 
 def test_diffkd_levels_follow_the_paper(parsed: dict[str, Config]):
@@ -260,7 +307,7 @@ def test_recipe_builds_and_takes_one_step(path: Path, recorded_teacher_loads: li
     task = build_task(cfg)
     cached_models(task)
     shape = task.input_shape
-    learner = LEARNERS[mode](cfg, task)
+    learner = LEARNERS[mode](cfg, task, dataset_size=TRAIN_ITEMS[cfg.data.name])
     assert recorded_teacher_loads == ([cfg.teacher] if mode == "distill" else [])
 
     optimizer = build_optimizer(learner.trainable_parameters(), cfg.optim)
@@ -270,7 +317,9 @@ def test_recipe_builds_and_takes_one_step(path: Path, recorded_teacher_loads: li
     classes = task.info.num_classes
     inputs, targets = task.augment_batch(torch.randn(2, *shape), torch.tensor([0, classes - 1]))
     before = [p.detach().clone() for p in learner.student.parameters()]
-    out = learner.compute(learner.module, inputs, targets)
+    indices = torch.tensor([0, TRAIN_ITEMS[cfg.data.name] - 1]) if learner.needs_indices else None
+    assert learner.needs_indices == any(lv.method == "crd" for lv in cfg.levels)
+    out = learner.compute(learner.module, inputs, targets, indices)
     assert torch.isfinite(out.total), {k: float(v) for k, v in out.terms.items()}
     optimizer.zero_grad(set_to_none=True)
     out.total.backward()

@@ -18,19 +18,25 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import save_atomic
-from .methods import build_method
+from .methods import build_method, method_class
 from .models.probe import resolve_aliases
-from .taps import FeatureTaps, Tap, call_model, probe_features
+from .taps import FeatureTaps, ProbedFeature, Tap, call_model, probe_features, resolve_module
+
+TapSpec = str | Tap | Mapping[str, Any]
 
 
 class Level:
-    """One distilled pair: student tap, teacher tap, method name, loss weight and method options."""
+    """One distilled pair: student tap, teacher tap, method name, loss weight and method options.
 
-    def __init__(self, student: str | Tap | Mapping[str, Any], teacher: str | Tap | Mapping[str, Any], method: str, weight: float = 1.0,
+    A side may list several taps (`student=["layer1", "layer2"]`) for methods that take lists
+    (ReviewKD, VID): the method then gets their shapes and captures as lists, in the order given.
+    """
+
+    def __init__(self, student: TapSpec | list[TapSpec], teacher: TapSpec | list[TapSpec], method: str, weight: float = 1.0,
                  name: str | None = None, **options: Any):
         self.student, self.teacher, self.method = student, teacher, method
         self.weight, self.options = check_weight(weight), options
-        path = Tap.parse(student).path
+        path = Tap.parse(student[0] if isinstance(student, list) and student else student).path
         self.name = name or f"{method}_{re.sub(r'[^0-9A-Za-z_]', '_', path) or 'output'}"
 
     def __repr__(self) -> str:
@@ -61,10 +67,13 @@ class Distiller(nn.Module):
     Give `example_input` (or `input_shape` without batch) so every tap's shape is probed once and
     the method modules are sized automatically. A level's tap may be "@feature" / "@logits": the
     model's pooled feature and logits, found by probing it (`diffkd.models.find_taps`).
+    `dataset_size` (the training set's size) is needed by methods that use each sample's dataset
+    index (CRD); they then need `indices` in `forward`.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, levels: Sequence[Level],
-                 example_input: Any = None, input_shape: tuple[int, ...] | None = None):
+                 example_input: Any = None, input_shape: tuple[int, ...] | None = None,
+                 dataset_size: int | None = None):
         super().__init__()
         if not levels:
             raise ValueError("a Distiller needs at least one Level")
@@ -79,17 +88,22 @@ class Distiller(nn.Module):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         teacher.requires_grad_(False).eval()
 
-        student_specs = resolve_aliases({lv.name: lv.student for lv in levels}, student, example_input,
-                                        input_shape=input_shape, role="student")
-        teacher_specs = resolve_aliases({lv.name: lv.teacher for lv in levels}, teacher, example_input,
-                                        input_shape=input_shape, role="teacher")
+        self._tap_names = {lv.name: (_tap_names(lv, "student"), _tap_names(lv, "teacher")) for lv in levels}
+        student_specs = {n: spec for lv in levels for n, spec in zip(self._tap_names[lv.name][0], _as_list(lv.student))}
+        teacher_specs = {n: spec for lv in levels for n, spec in zip(self._tap_names[lv.name][1], _as_list(lv.teacher))}
+        student_specs = resolve_aliases(student_specs, student, example_input, input_shape=input_shape, role="student")
+        teacher_specs = resolve_aliases(teacher_specs, teacher, example_input, input_shape=input_shape, role="teacher")
         student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
         teacher_probe = probe_features(teacher, teacher_specs, example_input, input_shape=input_shape)
         self.methods = nn.ModuleDict()
         for lv in levels:
-            s, t = student_probe[lv.name], teacher_probe[lv.name]
+            student_names, teacher_names = self._tap_names[lv.name]
+            s = _probed(lv.student, student_names, student_probe)
+            t = _probed(lv.teacher, teacher_names, teacher_probe)
             try:
-                self.methods[lv.name] = build_method(lv.method, s.shape, t.shape, layouts=(s.layout, t.layout), **lv.options)
+                options = _with_teacher_modules(lv, teacher)
+                self.methods[lv.name] = build_method(lv.method, s[0], t[0], layouts=(s[1], t[1]),
+                                                     dataset_size=dataset_size, **options)
             except ValueError as exc:
                 raise ValueError(f"level {lv.name!r} ({lv.student!r} -> {lv.teacher!r}): {exc}") from None
         self.student_taps = FeatureTaps(student, student_specs)
@@ -106,19 +120,36 @@ class Distiller(nn.Module):
         self.teacher._apply(fn, *args, **kwargs)
         return self
 
+    @property
+    def needs_indices(self) -> bool:
+        """Whether some method needs each sample's dataset index (`indices` in forward)."""
+        return any(method.needs_indices for method in self.methods.values())
+
     # ----------------------------------------------------------------------------- forward
-    def forward(self, inputs: Any, targets: Tensor | None = None) -> DistillOutput:
+    def forward(self, inputs: Any, targets: Tensor | None = None, indices: Tensor | None = None) -> DistillOutput:
         """Run teacher (no grad) and student, then every level's method on the captured features.
 
         A tuple `inputs` is spread as positional arguments (detectors take `(images, targets)`).
+        `indices` (B,) are the samples' dataset indices, passed to the methods that need them.
         """
+        if indices is None and self.needs_indices:
+            needing = [n for n, m in self.methods.items() if m.needs_indices]
+            raise ValueError(
+                f"level {needing[0]!r} needs each sample's dataset index: call the distiller as d(inputs, targets, "
+                "indices=...) with the (B,) indices of the batch's items (wrap the dataset in diffkd.data.WithIndices)"
+            )
         with torch.no_grad():
             call_model(self.teacher, inputs)
         student_output = call_model(self.student, inputs)
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
         for level in self.levels:
-            out = self.methods[level.name](self.student_taps[level.name], self.teacher_taps[level.name], targets)
+            method = self.methods[level.name]
+            student_names, teacher_names = self._tap_names[level.name]
+            student = _captures(level.student, student_names, self.student_taps)
+            teacher = _captures(level.teacher, teacher_names, self.teacher_taps)
+            extra = {"indices": indices} if method.needs_indices else {}
+            out = method(student, teacher, targets, **extra)
             for term, value in out.terms.items():
                 losses[level.name if len(out.terms) == 1 else f"{level.name}/{term}"] = level.weight * value
             for key, value in out.stats.items():
@@ -157,3 +188,39 @@ class Distiller(nn.Module):
         """Remove the feature hooks from both models."""
         self.student_taps.close()
         self.teacher_taps.close()
+
+
+def _as_list(spec: Any) -> list[Any]:
+    """A side's taps as a list (one tap is a list of one)."""
+    return list(spec) if isinstance(spec, list) else [spec]
+
+
+def _tap_names(level: Level, side: str) -> list[str]:
+    """Names of a level's taps on one side: the level's name for one tap, name[i] for a list."""
+    spec = getattr(level, side)
+    if not isinstance(spec, list):
+        return [level.name]
+    if not spec:
+        raise ValueError(f"level {level.name!r}: the list of {side} taps is empty; give at least one tap")
+    return [f"{level.name}[{i}]" for i in range(len(spec))]
+
+
+def _probed(spec: Any, names: list[str], probed: Mapping[str, ProbedFeature]) -> tuple[Any, Any]:
+    """(shape, layout) of a single tap, or (list of shapes, list of layouts) of a list of taps."""
+    if isinstance(spec, list):
+        return [probed[n].shape for n in names], [probed[n].layout for n in names]
+    return probed[names[0]].shape, probed[names[0]].layout
+
+
+def _captures(spec: Any, names: list[str], taps: FeatureTaps) -> Tensor | list[Tensor]:
+    """The latest capture of a single tap, or the list of captures of a list of taps."""
+    return [taps[n] for n in names] if isinstance(spec, list) else taps[names[0]]
+
+
+def _with_teacher_modules(level: Level, teacher: nn.Module) -> dict[str, Any]:
+    """The level's options with each teacher-module option (a path) replaced by that frozen module."""
+    options = dict(level.options)
+    for key in method_class(level.method).teacher_module_options:
+        if key in options:
+            options[key] = resolve_module(teacher, options[key], f"option {key!r} (a module path of the teacher)")
+    return options

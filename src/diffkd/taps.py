@@ -80,7 +80,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LAYOUTS", "Tap", "FeatureTaps", "ProbedFeature", "call_model", "probe_features", "probe_shapes"]
+__all__ = ["LAYOUTS", "Tap", "FeatureTaps", "ProbedFeature", "call_model", "probe_features", "probe_shapes", "resolve_module"]
 
 _SPEC_RE = re.compile(r"(?P<path>[^\[\]]*)(?:\[(?P<select>[^\[\]]+)\])?")
 _INT_RE = re.compile(r"-?\d+")
@@ -408,7 +408,7 @@ def _remove_handles(handles: list[RemovableHandle]) -> None:
     handles.clear()
 
 
-def _unknown_path_message(model: nn.Module, name: str, path: str) -> str:
+def _unknown_path_message(model: nn.Module, what: str, path: str) -> str:
     """Explain a bad path: the closest valid paths and the children of the deepest existing prefix."""
     paths = [p for p, _ in model.named_modules(remove_duplicate=False) if p]
     close = difflib.get_close_matches(path, paths, n=3)
@@ -423,9 +423,22 @@ def _unknown_path_message(model: nn.Module, name: str, path: str) -> str:
     if not children:
         children = "(none; a tap captures a module's input or output, not a parameter)"
     return (
-        f"tap {name!r}: unknown module path {path!r} in {type(model).__name__}; "
+        f"{what}: unknown module path {path!r} in {type(model).__name__}; "
         f"closest paths: {', '.join(map(repr, close)) or '(none)'}; {owner}: {children}"
     )
+
+
+def resolve_module(model: nn.Module, path: str, what: str) -> nn.Module:
+    """The submodule at `path` ("" is the model); an unknown path gets the closest paths, as for taps.
+
+    `what` names the thing that gave the path in the error, e.g. "option 'teacher_head'".
+    """
+    if not isinstance(path, str):
+        raise TypeError(f"{what}: a module path is a str such as 'fc', got {type(path).__name__}")
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(_unknown_path_message(model, what, path)) from None
 
 
 class FeatureTaps:
@@ -443,7 +456,7 @@ class FeatureTaps:
             try:
                 modules[name] = model.get_submodule(tap.path)
             except AttributeError:
-                raise ValueError(_unknown_path_message(model, name, tap.path)) from None
+                raise ValueError(_unknown_path_message(model, f"tap {name!r}", tap.path)) from None
         self._taps = parsed
         # What decides a rank-3 capture without a layout: a module-type rule for its output or input.
         self._rules = {name: _sequence_rule(modules[name], tap.capture) for name, tap in parsed.items()}

@@ -60,10 +60,11 @@ class TeacherConfig:
 @dataclass
 class LevelConfig:
     """One distilled pair of taps and its method; a tap is "@feature"/"@logits" (the model's default
-    taps), a module path such as "layer4" or "backbone['0']", or a mapping of `diffkd.taps.Tap` fields."""
+    taps), a module path such as "layer4" or "backbone['0']", or a mapping of `diffkd.taps.Tap` fields.
+    A side may be a list of taps for methods that take several (reviewkd, vid)."""
 
-    student: str | dict[str, Any]
-    teacher: str | dict[str, Any]
+    student: str | dict[str, Any] | list[str | dict[str, Any]]
+    teacher: str | dict[str, Any] | list[str | dict[str, Any]]
     method: str
     weight: float = 1.0
     name: str | None = None

@@ -2,7 +2,11 @@
 
 from .catalog import DatasetInfo, available, build_dataset, dataset_info
 from .imagenet import Policies
+from .indexed import IndexedCollate, WithIndices
 from .loader import build_loader
 from .mixing import BatchMixer
 
-__all__ = ["BatchMixer", "DatasetInfo", "Policies", "available", "build_dataset", "build_loader", "dataset_info"]
+__all__ = [
+    "BatchMixer", "DatasetInfo", "IndexedCollate", "Policies", "WithIndices", "available", "build_dataset", "build_loader",
+    "dataset_info",
+]

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import config_from_dict
-from ..data import build_loader
+from ..data import IndexedCollate, WithIndices, build_loader
 from ..tasks import Task, build_task
 from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint, load_into, saved_model_name
 from .distributed import Context, ShardSampler, resolve_device
@@ -48,9 +48,12 @@ def evaluate(
 
 
 def task_loader(task: Task, dataset: Dataset, batch_size: int, **options: Any) -> DataLoader:
-    """`diffkd.data.build_loader` with the task's collate function (detection batches are lists)."""
+    """`diffkd.data.build_loader` with the task's collate function (detection batches are lists).
+
+    A `WithIndices` dataset gives (task batch, (B,) dataset indices) batches.
+    """
     loader = build_loader(dataset, batch_size, **options)
-    loader.collate_fn = task.collate_fn
+    loader.collate_fn = IndexedCollate(task.collate_fn) if isinstance(dataset, WithIndices) else task.collate_fn
     return loader
 
 

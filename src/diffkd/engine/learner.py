@@ -44,10 +44,14 @@ class Learner(ABC):
 
     module: nn.Module
     student: nn.Module
+    needs_indices = False  # whether compute needs each sample's dataset index (the training data then yields them)
 
     @abstractmethod
-    def compute(self, call: Callable[..., Any], inputs: Any, targets: Any) -> StepOutput:
-        """Forward a batch through call (the module, maybe wrapped by DDP / torch.compile) and its losses."""
+    def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
+        """Forward a batch through call (the module, maybe wrapped by DDP / torch.compile) and its losses.
+
+        indices: the (B,) dataset indices of the batch's items, given when `needs_indices`.
+        """
 
     def set_progress(self, epoch: float, epochs: int) -> None:
         """Tell progress-dependent parts (loss ramps) where training is, before every step; 0-based, fractional epoch."""
@@ -71,24 +75,30 @@ def build_model(task: Task, spec: ModelConfig | TeacherConfig, key: str) -> nn.M
 
 
 class PlainLearner(Learner):
-    """`diffkd train`: the model of the config's `model` section with its task loss only."""
+    """`diffkd train`: the model of the config's `model` section with its task loss only (dataset_size unused)."""
 
-    def __init__(self, cfg: Config, task: Task) -> None:
+    def __init__(self, cfg: Config, task: Task, dataset_size: int | None = None) -> None:
         if cfg.model is None:
             raise ConfigError("model: required for `diffkd train` (e.g. model: {name: fmnist_teacher})")
         self.task = task
         self.module = self.student = build_model(task, cfg.model, "model")
 
-    def compute(self, call: Callable[..., Any], inputs: Any, targets: Any) -> StepOutput:
+    def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
         outputs = forward(call, inputs)
         loss = self.task.loss(outputs, targets)
         return StepOutput(outputs, {"task": loss}, loss)
 
 
 def resolve_tap(
-    spec: str | dict[str, Any], where: str, default_taps: Callable[[], models.Taps | models.Probe]
-) -> str | dict[str, Any]:
-    """'@feature' / '@logits' -> the model's default tap (from `default_taps()`, called only then); others unchanged."""
+    spec: str | dict[str, Any] | list[str | dict[str, Any]], where: str,
+    default_taps: Callable[[], models.Taps | models.Probe],
+) -> str | dict[str, Any] | list[str | dict[str, Any]]:
+    """'@feature' / '@logits' -> the model's default tap (from `default_taps()`, called only then); others unchanged.
+
+    A list of taps is resolved item by item.
+    """
+    if isinstance(spec, list):
+        return [resolve_tap(item, f"{where}.{i}", default_taps) for i, item in enumerate(spec)]
     if not isinstance(spec, str) or not spec.startswith("@"):
         return spec
     alias = spec[1:]
@@ -103,9 +113,12 @@ def resolve_tap(
 
 
 class DistillLearner(Learner):
-    """`diffkd distill`: a Distiller of the frozen teacher and the student, with the config's levels."""
+    """`diffkd distill`: a Distiller of the frozen teacher and the student, with the config's levels.
 
-    def __init__(self, cfg: Config, task: Task) -> None:
+    dataset_size: the training set's size, for methods that use each sample's dataset index (CRD).
+    """
+
+    def __init__(self, cfg: Config, task: Task, dataset_size: int | None = None) -> None:
         missing = [k for k in ("teacher", "student") if getattr(cfg, k) is None] + ([] if cfg.levels else ["levels"])
         if missing:
             raise ConfigError(f"{', '.join(missing)}: required for `diffkd distill`")
@@ -123,11 +136,12 @@ class DistillLearner(Learner):
                 levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, **lv.options))
             except ValueError as err:  # a bad weight: name the config entry
                 raise ConfigError(f"levels.{i}: {err}") from None
-        self.module = Distiller(teacher, student, levels, input_shape=task.input_shape)
+        self.module = Distiller(teacher, student, levels, input_shape=task.input_shape, dataset_size=dataset_size)
         self.student = self.module.student
+        self.needs_indices = self.module.needs_indices
 
-    def compute(self, call: Callable[..., Any], inputs: Any, targets: Any) -> StepOutput:
-        out = call(inputs, targets)
+    def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
+        out = call(inputs, targets, indices)
         task_loss = self.task.loss(out.student, targets)
         return StepOutput(out.student, {"task": task_loss, **out.losses}, task_loss + out.loss, out.stats)
 
@@ -142,6 +156,6 @@ class DistillLearner(Learner):
         return int(self.module.extra_parameters())
 
 
-LEARNERS: Mapping[str, Callable[[Config, Task], Learner]] = MappingProxyType(
+LEARNERS: Mapping[str, Callable[..., Learner]] = MappingProxyType(  # (cfg, task, dataset_size=None)
     {"train": PlainLearner, "distill": DistillLearner}
 )

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from ..data import WithIndices
 from ..tasks import Metrics, Task, build_task
 from . import distributed, layout, rng
 from ..atomic import serialize, write_atomic
@@ -181,14 +182,16 @@ def _build(cfg: Config, mode: str, ctx: distributed.Context) -> Session:
     task = build_task(cfg)
     batch_size = _per_rank_batch(cfg.data.batch_size, ctx.world_size)
     precision = MixedPrecision(cfg.train.amp, ctx.device)
+    train_set = task.build_dataset("train", limit=cfg.data.limit_train)  # draws no random numbers
     rng.seed_everything(cfg.train.seed)  # identical initial weights in every process
-    learner = LEARNERS[mode](cfg, task)
+    learner = LEARNERS[mode](cfg, task, dataset_size=len(train_set))
     learner.module.to(ctx.device)
     if cfg.train.channels_last:
         layout.module_to_channels_last(learner.module)
     rng.seed_everything(cfg.train.seed + ctx.rank)  # distinct noise and augmentation per process
     optimizer = build_optimizer(learner.trainable_parameters(), cfg.optim)
-    train_set = task.build_dataset("train", limit=cfg.data.limit_train)
+    if learner.needs_indices:  # every item then comes with its dataset index, whatever the task
+        train_set = WithIndices(train_set)
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.train.seed)
     steps = len(sampler) // batch_size
     if steps == 0:
@@ -334,11 +337,12 @@ def _check_finite(out: StepOutput, epoch: int, step: int, s: Session) -> None:
     )
 
 
-def _train_step(s: Session, inputs: Any, targets: Any, epoch: int, params: list[torch.nn.Parameter]) -> StepOutput:
+def _train_step(s: Session, inputs: Any, targets: Any, indices: torch.Tensor | None, epoch: int,
+                params: list[torch.nn.Parameter]) -> StepOutput:
     """One iteration: set the lr, forward under autocast, check the losses, backward, step, update the EMA."""
     s.schedule.apply(s.optimizer, s.step)
     with s.precision.autocast():
-        out = s.learner.compute(s.call, inputs, targets)
+        out = s.learner.compute(s.call, inputs, targets, indices)
     _check_finite(out, epoch, s.step, s)
     s.optimizer.zero_grad(set_to_none=True)
     s.precision.backward_and_step(out.total, s.optimizer, params, s.cfg.train.clip_grad_norm)
@@ -358,11 +362,15 @@ def _train_epoch(s: Session, loader: Any, epoch: int) -> tuple[dict[str, float],
     start = time.perf_counter()
     steps = len(loader)
     for i, batch in enumerate(bar):
+        indices = None
+        if isinstance(s.train_set, WithIndices):
+            batch, indices = batch
+            indices = indices.to(s.ctx.device, non_blocking=True)
         inputs, targets = s.task.augment_batch(*s.task.to_device(batch, s.ctx.device))
         s.learner.set_progress(epoch + i / steps, s.cfg.train.epochs)  # loss ramps move per step
         if s.cfg.train.channels_last:
             inputs = layout.inputs_to_channels_last(inputs)
-        out = _train_step(s, inputs, targets, epoch, params)
+        out = _train_step(s, inputs, targets, indices, epoch, params)
         meter.update(out, s.task.batch_size(inputs))
         metrics.update(out.outputs, targets)
         if s.step % s.cfg.train.log_every == 0:
