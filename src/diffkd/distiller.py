@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -21,18 +21,25 @@ from .taps import FeatureTaps, Tap, call_model, probe_features
 
 
 class Level:
-    """One distilled pair: student tap, teacher tap, method name, loss weight and method options."""
+    """One distilled pair: student tap, teacher tap, method name, loss weight and method options.
+
+    `targets` says what the method gets as its targets: None, those given to `Distiller.forward`; a
+    tap spec, that capture of the student's latest forward, kept as produced (a tap of layout "object"). A torchvision
+    detector's "transform" gives (ImageList, targets) with the boxes resized into the frame of the
+    padded batch its feature maps are in, which the batch's own targets (input-image pixels) are not.
+    """
 
     def __init__(self, student: str | Tap | Mapping[str, Any], teacher: str | Tap | Mapping[str, Any], method: str, weight: float = 1.0,
-                 name: str | None = None, **options: Any):
+                 name: str | None = None, targets: str | Tap | Mapping[str, Any] | None = None, **options: Any):
         self.student, self.teacher, self.method = student, teacher, method
-        self.weight, self.options = weight, options
+        self.weight, self.targets, self.options = weight, targets, options
         path = Tap.parse(student).path
         self.name = name or f"{method}_{re.sub(r'[^0-9A-Za-z_]', '_', path) or 'output'}"
 
     def __repr__(self) -> str:
+        targets = "" if self.targets is None else f", targets={self.targets!r}"
         return (f"Level({self.student!r}, {self.teacher!r}, {self.method!r}, weight={self.weight}, "
-                f"name={self.name!r}, options={self.options})")
+                f"name={self.name!r}{targets}, options={self.options})")
 
 
 @dataclass
@@ -81,6 +88,8 @@ class Distiller(nn.Module):
                 raise ValueError(f"level {lv.name!r} ({lv.student!r} -> {lv.teacher!r}): {exc}") from None
         self.student_taps = FeatureTaps(student, student_specs)
         self.teacher_taps = FeatureTaps(teacher, teacher_specs)
+        target_specs = {f"{lv.name}/targets": replace(Tap.parse(lv.targets), layout="object") for lv in levels if lv.targets is not None}
+        self.target_taps = FeatureTaps(student, target_specs)
 
     # ----------------------------------------------------------------------------- modes, devices
     def train(self, mode: bool = True) -> "Distiller":
@@ -105,7 +114,8 @@ class Distiller(nn.Module):
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
         for level in self.levels:
-            out = self.methods[level.name](self.student_taps[level.name], self.teacher_taps[level.name], targets)
+            level_targets = targets if level.targets is None else self.target_taps[f"{level.name}/targets"]
+            out = self.methods[level.name](self.student_taps[level.name], self.teacher_taps[level.name], level_targets)
             for term, value in out.terms.items():
                 losses[level.name if len(out.terms) == 1 else f"{level.name}/{term}"] = level.weight * value
             for key, value in out.stats.items():
@@ -140,3 +150,4 @@ class Distiller(nn.Module):
         """Remove the feature hooks from both models."""
         self.student_taps.close()
         self.teacher_taps.close()
+        self.target_taps.close()

@@ -108,6 +108,7 @@ class DistillLearner(Learner):
                 method=lv.method,
                 weight=lv.weight,
                 name=lv.name,
+                targets=lv.targets,
                 **lv.options,
             )
             for i, lv in enumerate(cfg.levels)

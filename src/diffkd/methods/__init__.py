@@ -6,14 +6,17 @@ import difflib
 import torch
 
 from .base import Method, MethodOutput
+from .cwd import CWD
 from .diffkd import DiffKD
 from .dist import DIST
 from .dkd import DKD
+from .fgd import FGD
 from .kd import KD
 from .mse import MSE
 from .regression_l1 import RegressionL1
 
-METHODS: dict[str, type[Method]] = {"kd": KD, "mse": MSE, "dist": DIST, "dkd": DKD, "diffkd": DiffKD, "regression_l1": RegressionL1}
+METHODS: dict[str, type[Method]] = {"kd": KD, "mse": MSE, "dist": DIST, "dkd": DKD, "diffkd": DiffKD, "regression_l1": RegressionL1,
+                               "fgd": FGD, "cwd": CWD}
 
 
 def build_method(name: str, student_shape: torch.Size, teacher_shape: torch.Size, *,
