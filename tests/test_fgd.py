@@ -129,7 +129,7 @@ def test_fgd_equals_its_formula_written_with_loops():
     expected = loop_fgd(method, s, t, boxes, (12, 20))
     assert set(out.terms) == set(expected)
     for name, value in expected.items():
-        assert float(out.terms[name]) == pytest.approx(value, rel=1e-5), name
+        assert out.terms[name].item() == pytest.approx(value, rel=1e-5), name
 
 
 def test_fgd_on_a_case_computed_by_hand():
@@ -146,10 +146,10 @@ def test_fgd_on_a_case_computed_by_hand():
     method = build_method("fgd", student.shape, teacher.shape, fg_weight=1.0, bg_weight=1.0, attention_weight=1.0,
                           global_weight=1.0, temperature=0.5)
     out = method(student, teacher, image_list(1, 4, 16, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])]))
-    assert float(out.terms["fg"]) == pytest.approx(1.0)
-    assert float(out.terms["bg"]) == pytest.approx(2.0)
-    assert float(out.terms["attention"]) == pytest.approx(2 * math.tanh(2.0), rel=1e-6)
-    assert float(out.terms["global"]) == pytest.approx(8.0)
+    assert out.terms["fg"].item() == pytest.approx(1.0)
+    assert out.terms["bg"].item() == pytest.approx(2.0)
+    assert out.terms["attention"].item() == pytest.approx(2 * math.tanh(2.0), rel=1e-6)
+    assert out.terms["global"].item() == pytest.approx(8.0)
 
 
 # ------------------------------------------------------------------------------------- masks and box frames
@@ -210,7 +210,7 @@ def test_boxes_are_scaled_into_the_resized_padded_frame():
         spatial_t, channel_t = loop_attention(t[n], method.temperature)
         expected += sum(fg[n][y][x] * spatial_t[y][x] * channel_t[k] * float(s[n, k, y, x] - t[n, k, y, x]) ** 2
                         for k in range(s.shape[1]) for y in range(4) for x in range(8))
-    assert float(out.losses["p3/fg"]) == pytest.approx(method.fg_weight * expected / 2, rel=1e-4)
+    assert out.losses["p3/fg"].item() == pytest.approx(method.fg_weight * expected / 2, rel=1e-4)
     # The boxes taken in input pixels (no resize, no padding) would give other masks: the frame matters here.
     unscaled, _ = loop_masks([b.tolist() for b in boxes], 4, 8, 32, 64)
     assert unscaled != fg
