@@ -1,4 +1,4 @@
-"""Detection benchmark on Fashion-MNIST mosaics: FCOS R18-FPN student alone vs DiffKD from an FCOS R50-FPN teacher.
+"""Detection benchmark on Fashion-MNIST mosaics: FCOS R18-FPN student alone vs DiffKD and FGD from an FCOS R50-FPN teacher.
 
 Trains the teacher once (a finished teacher run in OUT is reused), then each method for each seed
 through the engine, and writes results.json and results.md: per run and as mean / spread over
@@ -40,6 +40,7 @@ METHODS = {  # name -> (config file, engine mode, overrides)
     "student": ("fcos_r18_student.yaml", "train", ()),
     "diffkd": ("fcos_r50_r18_diffkd.yaml", "distill", ()),
     "diffkd_kd5e-4": ("fcos_r50_r18_diffkd.yaml", "distill", SCALED_KD),
+    "fgd": ("fcos_r50_r18_fgd.yaml", "distill", ()),  # the authors' FCOS weights on P3-P7
 }
 
 
