@@ -574,7 +574,7 @@ def test_wrong_rank_for_an_explicit_layout(layout: str, shape: tuple[int, ...], 
 
 def test_layout_field_parsing_and_construction_errors() -> None:
     assert Tap.parse({"path": "enc", "layout": "sequence"}) == Tap("enc", layout="sequence")
-    with pytest.raises(ValueError, match="Tap.layout must be one of 'map', 'vector', 'sequence', 'tokens', 'raw' or None, got 'grid'"):
+    with pytest.raises(ValueError, match="Tap.layout must be one of 'map', 'vector', 'sequence', 'tokens', 'raw', 'object' or None, got 'grid'"):
         Tap("x", layout="grid")
     with pytest.raises(ValueError, match="are for layout='tokens', not layout='sequence'"):
         Tap("x", layout="sequence", prefix_tokens=1)
