@@ -1,4 +1,4 @@
-"""Segmentation benchmark on Fashion-MNIST mosaics: student alone, DIST and DiffKD (DIST distance) on the logits map.
+"""Segmentation benchmark on Fashion-MNIST mosaics: student alone, DIST, DiffKD (DIST distance) and CWD on the logits map.
 
 Trains the teacher once (or reuses its run), then each method for each seed through the engine, and
 writes results.json and results.md (mean and spread of the best and final val mIoU over seeds).
@@ -36,8 +36,9 @@ METHODS = {  # name -> (config file, engine mode)
     "kd": ("mosaic_kd.yaml", "distill"),
     "dist": ("mosaic_dist.yaml", "distill"),
     "diffkd": ("mosaic_diffkd.yaml", "distill"),
+    "cwd": ("mosaic_cwd.yaml", "distill"),
 }
-DEFAULT_METHODS = ("student", "dist", "diffkd")
+DEFAULT_METHODS = ("student", "dist", "diffkd", "cwd")
 log = logging.getLogger("diffkd")
 
 

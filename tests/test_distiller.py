@@ -10,6 +10,7 @@ from torch import nn
 
 from diffkd import models
 from diffkd.distiller import Distiller, Level
+from diffkd.methods import METHODS, Method, MethodOutput
 
 
 def by_name(teacher: str, student: str, method: str = "diffkd", **logit_options):
@@ -263,3 +264,43 @@ def test_torch_compile_traces_the_distiller_like_eager():
         assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
         for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+class RecordTargets(Method):
+    """A test method that returns no loss and keeps the targets it was given."""
+
+    def forward(self, student, teacher, targets=None):
+        self.seen = targets
+        return MethodOutput({"zero": student.sum() * 0})
+
+
+class Halves(nn.Module):
+    """A model whose `split` submodule returns a tuple: the kind of capture a level's targets can come from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.split = Split()
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        first, _ = self.split(x)
+        return self.head(first)
+
+
+class Split(nn.Module):
+    def forward(self, x):
+        return x[:, :2], {"rest": x[:, 2:]}
+
+
+def test_a_level_takes_its_targets_from_a_raw_capture_of_the_student(monkeypatch):
+    monkeypatch.setitem(METHODS, "record", RecordTargets)
+    torch.manual_seed(0)
+    d = Distiller(Halves(), Halves(), [Level("head", "head", "record", name="own"),
+                                        Level("head", "head", "record", name="split", targets="split")],
+                  input_shape=(4,))
+    x, y = torch.randn(5, 4), torch.arange(5)
+    d(x, y)
+    assert d.methods["own"].seen is y  # the targets given to forward
+    first, rest = d.methods["split"].seen  # the student's `split` output, as produced
+    assert torch.equal(first, x[:, :2]) and torch.equal(rest["rest"], x[:, 2:])
+    assert "targets='split'" in repr(d.levels[1])
+    with pytest.raises(ValueError, match=r"tap 'bad/targets': unknown module path 'splt' .* closest paths: 'split'"):
+        Distiller(Halves(), Halves(), [Level("head", "head", "record", name="bad", targets="splt")], input_shape=(4,))

@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -30,18 +30,24 @@ class Level:
 
     A side may list several taps (`student=["layer1", "layer2"]`) for methods that take lists
     (ReviewKD, VID): the method then gets their shapes and captures as lists, in the order given.
+
+    `targets` says what the method gets as its targets: None, those given to `Distiller.forward`; a
+    tap spec, that capture of the student's latest forward, kept as produced (a tap of layout "object"). A torchvision
+    detector's "transform" gives (ImageList, targets) with the boxes resized into the frame of the
+    padded batch its feature maps are in, which the batch's own targets (input-image pixels) are not.
     """
 
     def __init__(self, student: TapSpec | list[TapSpec], teacher: TapSpec | list[TapSpec], method: str, weight: float = 1.0,
-                 name: str | None = None, **options: Any):
+                 name: str | None = None, targets: TapSpec | None = None, **options: Any):
         self.student, self.teacher, self.method = student, teacher, method
-        self.weight, self.options = check_weight(weight), options
+        self.weight, self.targets, self.options = check_weight(weight), targets, options
         path = Tap.parse(student[0] if isinstance(student, list) and student else student).path
         self.name = name or f"{method}_{re.sub(r'[^0-9A-Za-z_]', '_', path) or 'output'}"
 
     def __repr__(self) -> str:
+        targets = "" if self.targets is None else f", targets={self.targets!r}"
         return (f"Level({self.student!r}, {self.teacher!r}, {self.method!r}, weight={self.weight}, "
-                f"name={self.name!r}, options={self.options})")
+                f"name={self.name!r}{targets}, options={self.options})")
 
 
 def check_weight(weight: Any) -> float:
@@ -108,6 +114,8 @@ class Distiller(nn.Module):
                 raise ValueError(f"level {lv.name!r} ({lv.student!r} -> {lv.teacher!r}): {exc}") from None
         self.student_taps = FeatureTaps(student, student_specs)
         self.teacher_taps = FeatureTaps(teacher, teacher_specs)
+        target_specs = {f"{lv.name}/targets": replace(Tap.parse(lv.targets), layout="object") for lv in levels if lv.targets is not None}
+        self.target_taps = FeatureTaps(student, target_specs)
 
     # ----------------------------------------------------------------------------- modes, devices
     def train(self, mode: bool = True) -> "Distiller":
@@ -148,8 +156,9 @@ class Distiller(nn.Module):
             student_names, teacher_names = self._tap_names[level.name]
             student = _captures(level.student, student_names, self.student_taps)
             teacher = _captures(level.teacher, teacher_names, self.teacher_taps)
+            level_targets = targets if level.targets is None else self.target_taps[f"{level.name}/targets"]
             extra = {"indices": indices} if method.needs_indices else {}
-            out = method(student, teacher, targets, **extra)
+            out = method(student, teacher, level_targets, **extra)
             for term, value in out.terms.items():
                 losses[level.name if len(out.terms) == 1 else f"{level.name}/{term}"] = level.weight * value
             for key, value in out.stats.items():
@@ -188,6 +197,7 @@ class Distiller(nn.Module):
         """Remove the feature hooks from both models."""
         self.student_taps.close()
         self.teacher_taps.close()
+        self.target_taps.close()
 
 
 def _as_list(spec: Any) -> list[Any]:

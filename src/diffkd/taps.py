@@ -31,6 +31,9 @@ Layouts. Every capture is handed out channel-first, so a method never has to gue
   sequence instead.
 * ``"raw"``: exactly as produced, any rank (e.g. a detector's (B, anchors, 4) box regression,
   compared element by element).
+* ``"object"``: the selected capture exactly as produced, any object, not even checked to be a
+  tensor (e.g. a detector transform's ``(ImageList, targets)``). It is what a level's ``targets``
+  reads (see :class:`diffkd.distiller.Level`); no method takes it as a feature.
 
 ``layout=None`` (the default) decides only what is certain: rank 2 is a vector, rank 4 a map;
 ``prefix_tokens``, ``token_hw`` or ``tokens_to_map=False`` say tokens (today's ViT syntax). A rank-3
@@ -49,7 +52,7 @@ layers default to (N, B, C). Any other rank-3 capture raises, at access (and pro
 error that names the tap and the shape and asks for ``layout="tokens"`` (B, N, C) or
 ``layout="sequence"`` (B, C, L). A capture whose rank does not fit an explicit layout is an error
 naming the layout and the shape. :meth:`FeatureTaps.layouts` tells what each capture was handed out
-as: "map", "vector", "sequence" or "raw" (tokens come out as a map or a sequence).
+as: "map", "vector", "sequence", "raw" or "object" (tokens come out as a map or a sequence).
 
 Semantics worth knowing:
 
@@ -88,8 +91,8 @@ _QUOTED_RE = re.compile(r"""(?P<q>['"])(?P<key>.*)(?P=q)""")
 _MAX_PREFIX_HINT = 16  # how many leading tokens the non-square error tries when suggesting prefix_tokens
 
 
-Layout = Literal["map", "vector", "sequence", "tokens", "raw"]
-LAYOUTS: tuple[str, ...] = ("map", "vector", "sequence", "tokens", "raw")
+Layout = Literal["map", "vector", "sequence", "tokens", "raw", "object"]
+LAYOUTS: tuple[str, ...] = ("map", "vector", "sequence", "tokens", "raw", "object")
 
 
 @dataclass(frozen=True)
@@ -192,9 +195,11 @@ def _where(name: str, tap: Tap) -> str:
     return f"tap {name!r} ({path}, {tap.capture})"
 
 
-def _select(name: str, tap: Tap, value: Any) -> torch.Tensor:
-    """Pick the tensor the tap asks for out of a module's output or input."""
+def _select(name: str, tap: Tap, value: Any) -> Any:
+    """Pick the tensor (any object for layout "object") the tap asks for out of a module's output or input."""
     where = _where(name, tap)
+    if tap.select is None and tap.layout == "object":
+        return value
     if tap.select is None:
         if isinstance(value, Mapping):
             keys = list(value.keys())
@@ -229,7 +234,7 @@ def _select(name: str, tap: Tap, value: Any) -> torch.Tensor:
             f"{where}: select={tap.select!r} was given but the capture is a single "
             f"{type(value).__name__}, not a tuple/list/dict; drop select"
         )
-    if not isinstance(chosen, torch.Tensor):
+    if tap.layout != "object" and not isinstance(chosen, torch.Tensor):
         raise TypeError(f"{where}: {what} is a {type(chosen).__name__}, not a tensor")
     return chosen
 
@@ -316,7 +321,9 @@ def _resolve(where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, 
 def _arrange(
     where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, producer: str
 ) -> tuple[torch.Tensor, str]:
-    """The capture channel-first, with what it was handed out as: "map", "vector", "sequence" or "raw"."""
+    """The capture channel-first, with what it was handed out as: "map", "vector", "sequence", "raw" or "object"."""
+    if tap.layout == "object":
+        return t, "object"
     layout = _resolve(where, tap, t, rule, producer)
     shape = tuple(t.shape)
     if layout == "raw":
@@ -522,8 +529,7 @@ class FeatureTaps:
         tap = self._taps[name]
         if self._closed:
             raise RuntimeError(f"{_where(name, tap)}: this FeatureTaps is closed")
-        value = self._captures.get(name)
-        if value is None:
+        if name not in self._captures:
             why = (
                 "the model has not run a forward since the taps were attached"
                 if self._forwards == 0
@@ -532,12 +538,13 @@ class FeatureTaps:
             raise RuntimeError(
                 f"tap {name!r} (path {tap.path!r}) was not executed in the latest forward of the model: {why}"
             )
+        value = self._captures[name]
         if isinstance(value, _Failure):
             raise value.kind(value.message)
         return value
 
     def layout(self, name: str) -> str:
-        """What tap ``name``'s latest capture was handed out as: "map", "vector", "sequence" or "raw"."""
+        """What tap ``name``'s latest capture was handed out as: "map", "vector", "sequence", "raw" or "object"."""
         self[name]  # the same errors as the capture itself (unknown, stale, unprocessable)
         return self._layouts[name]
 
@@ -612,7 +619,8 @@ def probe_features(
         model.eval()
         with FeatureTaps(model, taps) as feature_taps, torch.no_grad():
             call_model(model, example_input)
-            return {name: ProbedFeature(feature.shape, feature_taps.layout(name)) for name, feature in feature_taps.items()}
+            return {name: ProbedFeature(feature.shape if isinstance(feature, torch.Tensor) else torch.Size(), feature_taps.layout(name))
+                    for name, feature in feature_taps.items()}
     finally:
         for module, training in modes:
             module.training = training

@@ -68,6 +68,7 @@ class LevelConfig:
     method: str
     weight: float = 1.0
     name: str | None = None
+    targets: str | dict[str, Any] | None = None  # what the method gets as targets: see diffkd.distiller.Level
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -133,7 +133,7 @@ class DistillLearner(Learner):
             student_tap = resolve_tap(lv.student, f"levels.{i}.student", student_taps)
             teacher_tap = resolve_tap(lv.teacher, f"levels.{i}.teacher", teacher_taps)
             try:
-                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, **lv.options))
+                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, targets=lv.targets, **lv.options))
             except ValueError as err:  # a bad weight: name the config entry
                 raise ConfigError(f"levels.{i}: {err}") from None
         self.module = Distiller(teacher, student, levels, input_shape=task.input_shape, dataset_size=dataset_size)

@@ -8,9 +8,11 @@ import torch
 
 from .base import Method, MethodOutput
 from .crd import CRD
+from .cwd import CWD
 from .diffkd import DiffKD
 from .dist import DIST
 from .dkd import DKD
+from .fgd import FGD
 from .kd import KD
 from .mse import MSE
 from .pkt import PKT
@@ -27,6 +29,8 @@ METHODS["vid"] = VID
 METHODS["crd"] = CRD
 METHODS["reviewkd"] = ReviewKD
 METHODS["srrl"] = SRRL
+METHODS["fgd"] = FGD
+METHODS["cwd"] = CWD
 
 Shapes = torch.Size | list[torch.Size]  # a list: one shape per tap of a multi-tap level
 
