@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import spawn_processes
 from diffkd import models
 from diffkd.distiller import Distiller, Level
 from diffkd.methods import build_method
@@ -24,12 +25,7 @@ from diffkd.methods.rkd import RKD
 from diffkd.methods.vid import VID
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def smooth_l1(x: float) -> float:
@@ -558,15 +554,7 @@ def _crd_ddp_worker(rank: int, world: int, port: int, results) -> None:
 
 
 def test_crd_under_ddp_updates_every_process_bank_with_the_global_batch():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_crd_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    results = spawn_processes(_crd_ddp_worker)
     (same0, rows0, labels0, z0), (same1, rows1, labels1, z1) = results[0], results[1]
     assert same0 and same1 and rows0 == rows1 == [0, 1, 4, 5]  # both processes' rows, in both banks
     assert labels0 == labels1 == [0, 2, -1, -1, 1, 2, -1, -1]

@@ -33,13 +33,7 @@ from diffkd.tasks import build_task
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Detectors run many small convolutions: on a CPU shared with other jobs one thread is much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "bar"}]

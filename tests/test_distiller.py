@@ -1,13 +1,12 @@
 """The Distiller on real torchvision models, a token model, export, DDP and every error case."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import spawn_processes
 from diffkd import models
 from diffkd.distiller import Distiller, Level
 from diffkd.methods import METHODS, Method, MethodOutput
@@ -177,12 +176,7 @@ def _ddp_worker(rank: int, world: int, port: int, results):
 
 
 def test_ddp_two_processes_stay_in_sync():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
-    assert dict(results) == {0: True, 1: True}
+    assert spawn_processes(_ddp_worker) == {0: True, 1: True}
 
 
 # ------------------------------------------------------------------ API misuse caught when built (issue 15)

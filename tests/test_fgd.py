@@ -24,13 +24,7 @@ COCO_FGD_RECIPES = sorted(CONFIGS.glob("coco/*_fgd.yaml"))
 SMALL_RCNN = {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Detectors run many small convolutions: on a CPU shared with other jobs one thread is much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def image_list(batch: int, height: int, width: int, boxes: list[torch.Tensor]):

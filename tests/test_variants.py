@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 
 from diffkd import DiffKD, Distiller, Level
 from diffkd.diffusion import (
-    NoisePredictor,
     NoiseSchedule,
     denoise,
     denoise_multistep,
@@ -22,6 +20,7 @@ from diffkd.losses import dkd_loss, kd_loss, standardize_logits
 from diffkd.methods import build_method
 from diffkd.methods.dkd import DKD
 from diffkd.normalizer import TargetNormalizer
+from test_diffusion import _chain_pair
 
 
 # ------------------------------------------------------------------ 1. kd warm-up, per step
@@ -227,12 +226,7 @@ def test_dpm_solver_with_an_oracle_stays_on_the_trajectory_and_recovers_x0(steps
 
 @pytest.mark.parametrize("kind,last", [("conv", None), ("mlp", None), ("conv", torch.nn.BatchNorm2d(8))])
 def test_folded_dpm_solver_chain_equals_reference_chain(kind, last):
-    torch.manual_seed(0)
-    predictor = NoisePredictor(8, kind)
-    if last is not None:
-        predictor.layers[-1] = last
-    twin = copy.deepcopy(predictor)
-    x = torch.randn(6, 8, 3, 3) if kind == "conv" else torch.randn(6, 8)
+    predictor, twin, x = _chain_pair(kind, last)
     steps = NoiseSchedule().dpm_solver_coefficients(5)
     x_ref, x_fold = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref = denoise_multistep(x_ref, predictor, steps)
