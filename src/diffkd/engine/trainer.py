@@ -36,6 +36,7 @@ from .optim import build_optimizer
 from .precision import MixedPrecision
 from .reporting import Reporter, progress_bar
 from .rundir import check_run_dir, prepare_run_dir
+from .runlock import RunLock, check_unlocked
 from .schedules import LRSchedule, Timeline
 
 log = logging.getLogger("diffkd")
@@ -113,12 +114,15 @@ def run(
         raise ValueError(f"mode must be one of {', '.join(LEARNERS)}, got {mode!r}")
     ctx = distributed.setup(cfg.train.device)
     session = None
+    lock = RunLock(Path(cfg.output.dir).expanduser()) if ctx.is_main else None  # the process that writes the run
     try:
-        session = _setup(cfg, mode, ctx, resume=resume, force=force)
+        session = _setup(cfg, mode, ctx, lock, resume=resume, force=force)
         return _train(session, on_epoch_end)
     except KeyboardInterrupt:
         raise RunInterrupted(_what_was_saved(session, Path(cfg.output.dir).expanduser())) from None
     finally:
+        if lock is not None:
+            lock.release()
         distributed.teardown(ctx)
 
 
@@ -149,13 +153,17 @@ def _wrap(module: torch.nn.Module, ctx: distributed.Context, compile_: bool) -> 
     return torch.compile(call) if compile_ else call
 
 
-def _setup(cfg: Config, mode: str, ctx: distributed.Context, *, resume: bool, force: bool) -> Session:
-    """Build everything (so config mistakes fail before any file is touched), then open the run dir and resume."""
+def _setup(cfg: Config, mode: str, ctx: distributed.Context, lock: RunLock | None, *, resume: bool,
+           force: bool) -> Session:
+    """Build everything (so config mistakes fail before any file is touched), then lock and open the run dir
+    and resume. A directory another live run holds is refused even with --force: moving it would break that run."""
     session = _build(cfg, mode, ctx)
     run_dir = session.run_dir
+    check_unlocked(run_dir)
     resuming = check_run_dir(run_dir, resume=resume, force=force)
     ctx.barrier()
-    if ctx.is_main:
+    if lock is not None:
+        lock.acquire()
         if resume and not resuming:
             log.info("--resume: nothing to resume in %s (no last.pt); starting the run afresh", run_dir)
         prepare_run_dir(run_dir, resume=resuming, force=force)  # logs what it moved aside or removed
