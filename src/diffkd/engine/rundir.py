@@ -6,7 +6,8 @@ Nothing that may matter is ever deleted: --force renames the old directory to `<
 checkpoint (a run that crashed, was killed or hit a NaN before its first epoch ended) holds nothing to
 lose, so the same command starts it again: its lone config.yaml is rewritten in place, and any other
 output of the failed attempt (its TensorBoard log) is moved aside with the directory, so old and new
-curves never mix. The only files removed are the stale `.<name>.XXXXXXXX.tmp` files of atomic writes.
+curves never mix. The only files removed are the stale `.<name>.XXXXXXXX.tmp` files of atomic writes (and
+a killed run's stale lock beside the directory: see runlock.py).
 """
 
 from __future__ import annotations
