@@ -298,6 +298,11 @@ def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Pat
     assert not torch.equal(first[bank], a["model"][bank])  # the second epoch moved the bank
     ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
     assert ta.keys() == tb.keys() and [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    assert a["train_items"] == 64
+    from diffkd.visualize import load_run
+
+    rebuilt, _ = load_run(straight.run_dir, which="last")  # as `diffkd visualize` does: the bank sized from the checkpoint
+    assert torch.equal(rebuilt.state_dict()[bank], a["model"][bank])
     assert straight.history[-1]["loss_crd_features"] == resumed.history[-1]["loss_crd_features"]
 
 

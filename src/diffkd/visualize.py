@@ -111,7 +111,7 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu"):
         raise ValueError(f"{run_dir} is a `{ckpt['mode']}` run; visualize needs a `diffkd distill` run")
     task = build_task(cfg)
     task.check_run(run_dir)
-    distiller = DistillLearner(cfg, task).module
+    distiller = DistillLearner(cfg, task, dataset_size=ckpt.get("train_items")).module
     load_into(distiller, ckpt["model"], file, saved_model_name(ckpt), "this run's modules")
     return distiller.to(device), task
 

@@ -425,6 +425,7 @@ def _save(s: Session, improved: bool) -> None:
         "ema": s.ema.state_dict() if s.ema is not None else None,
         "rng": states,
         "history": s.history,
+        "train_items": len(s.train_set),  # what methods with per-sample state (CRD) are sized by, to rebuild the run
     }
     data = serialize(ckpt)
     write_atomic(data, s.run_dir / "last.pt")
