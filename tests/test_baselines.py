@@ -18,7 +18,7 @@ from torch import nn
 from conftest import spawn_processes
 from diffkd import models
 from diffkd.distiller import Distiller, Level
-from diffkd.methods import build_method
+from diffkd.methods import Method, build_method
 from diffkd.methods.crd import CRD, draw_negatives, nce_loss
 from diffkd.methods.reviewkd import ReviewKD, hcl_loss
 from diffkd.methods.rkd import RKD
@@ -328,7 +328,7 @@ def test_reviewkd_matches_abf_and_hcl_written_out():
     students = [torch.randn(3, 4, 8, 8), torch.randn(3, 6, 4, 4)]
     teachers = [torch.randn(3, 5, 8, 8), torch.randn(3, 7, 2, 2)]
     method = build_method("reviewkd", [x.shape for x in students], [x.shape for x in teachers], warmup_epochs=4)
-    method.set_epoch(0, 10)
+    method.set_progress(0.5, 10)
     assert method.ramp == 0.25
     # deepest first: the pooled student vector (6x1x1) -> teacher pooled (7), then stage 2 -> teacher 7x2x2
     # (the student's 4x4 is resized to the teacher's 2x2), then stage 1 -> 5x8x8
@@ -448,6 +448,22 @@ def test_crd_in_a_distiller_has_its_bank_in_the_state_dict_sized_from_taps_and_d
 
 
 # ------------------------------------------------------------------------------------------- levels with several taps
+def test_epoch_ramps_move_with_the_progress_the_engine_gives_the_distiller():
+    """The engine calls Distiller.set_progress before every step: ReviewKD's and DKD's ramps follow it, per epoch."""
+    d = Distiller(fresh("resnet34"), fresh("resnet18"), [Level(STAGES, STAGES, "reviewkd", warmup_epochs=4),
+                                                          Level("fc", "fc", "dkd", warmup_epochs=4)], input_shape=(3, 64, 64))
+    for epoch, ramp in [(0.0, 0.25), (0.9, 0.25), (1.0, 0.5), (2.5, 0.75), (3.99, 1.0), (7.0, 1.0)]:
+        d.set_progress(epoch, 10)
+        assert [m.ramp for m in d.methods.values()] == [ramp, ramp], epoch
+
+
+def test_a_method_with_the_old_hook_name_is_refused_when_defined():
+    with pytest.raises(TypeError, match=r"Old defines set_epoch\(epoch, epochs\); the hook is now set_progress"):
+        class Old(Method):
+            def set_epoch(self, epoch, epochs):
+                pass
+
+
 def test_reviewkd_errors_name_the_taps():
     t, s = fresh("resnet34"), fresh("resnet18")
     with pytest.raises(ValueError) as info:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,18 @@ class Method(nn.Module):
 
         `epoch` is fractional: 2.25 is a quarter into the third epoch (0-based); `epochs` the run's total.
         """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "set_epoch" in vars(cls):  # the hook's earlier name: nothing calls it, so its schedule would never move
+            raise TypeError(f"{cls.__name__} defines set_epoch(epoch, epochs); the hook is now set_progress(epoch, epochs), "
+                            "called before every step with a fractional epoch: rename it")
+
+
+def epoch_ramp(epoch: float, warmup_epochs: float) -> float:
+    """A loss weight ramp that moves once per whole epoch, as DKD's and ReviewKD's reference code do:
+    min(1, (e + 1) / warmup_epochs) with e the 0-based index of the epoch `epoch` (fractional) lies in."""
+    return min(1.0, (math.floor(epoch) + 1) / warmup_epochs) if warmup_epochs > 0 else 1.0
 
 
 def require_same_shape(

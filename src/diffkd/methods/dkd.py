@@ -1,13 +1,11 @@
 """DKD: decoupled target-class and non-target-class KD, with a linear warm-up of its weight."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..losses import dkd_loss
-from .base import Method, MethodOutput, require_same_shape
+from .base import Method, MethodOutput, epoch_ramp, require_same_shape
 
 
 class DKD(Method):
@@ -33,8 +31,7 @@ class DKD(Method):
         return cls(**options)
 
     def set_progress(self, epoch: float, epochs: int) -> None:
-        # the ramp moves once per epoch, as in DKD's reference: only the epoch's index counts
-        self.ramp = min(1.0, (math.floor(epoch) + 1) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
+        self.ramp = epoch_ramp(epoch, self.warmup_epochs)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         if targets is None:

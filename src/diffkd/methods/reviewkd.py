@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Method, MethodOutput, paired_shapes, require_maps
+from .base import Method, MethodOutput, epoch_ramp, paired_shapes, require_maps
 
 POOLED_SIZES = (4, 2, 1)  # HCL's pyramid, weights 1/2, 1/4, 1/8
 
@@ -99,8 +99,8 @@ class ReviewKD(Method):
     def option_names(cls) -> list[str]:
         return ["max_mid_channels", "warmup_epochs"]  # the ABFs are sized from the taps
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        self.ramp = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
+    def set_progress(self, epoch: float, epochs: int) -> None:
+        self.ramp = epoch_ramp(epoch, self.warmup_epochs)
 
     def forward(self, student, teacher, targets: Tensor | None = None) -> MethodOutput:
         student, teacher = (x if isinstance(x, list) else [x] for x in (student, teacher))
