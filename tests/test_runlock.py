@@ -101,3 +101,20 @@ def test_the_lock_is_held_while_training_and_released_when_the_run_fails(tmp_pat
     with pytest.raises(Stop):
         run(cfg, mode="train", on_epoch_end=hook)
     assert seen == [os.getpid()] and not lock.exists()
+
+
+def test_a_lock_that_keeps_coming_back_is_not_taken_silently(tmp_path: Path, monkeypatch) -> None:
+    """If the lock file reappears on every try (other processes racing for it), acquire refuses, never
+    returning without the lock."""
+    lock = RunLock(tmp_path / "run")
+    real_open = os.open
+
+    def contested(path, *args, **kwargs):
+        if Path(path) == lock.path:
+            raise FileExistsError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", contested)
+    with pytest.raises(RunDirError, match=r"could not take the lock .*\.run\.lock of run directory"):
+        lock.acquire()
+    assert not lock.held

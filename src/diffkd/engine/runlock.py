@@ -111,6 +111,7 @@ class RunLock:
             self.held = True
             return
         check_unlocked(self.run_dir)  # another process took it in between: say who
+        raise RunDirError(f"could not take the lock {self.path} of run directory {self.run_dir}; rerun")
 
     def release(self) -> None:
         """Drop the lock if this process still holds it."""
