@@ -98,6 +98,8 @@ class Distiller(nn.Module):
         student_specs = {n: spec for lv in levels for n, spec in zip(self._tap_names[lv.name][0], _as_list(lv.student))}
         teacher_specs = {n: spec for lv in levels for n, spec in zip(self._tap_names[lv.name][1], _as_list(lv.teacher))}
         student_specs = resolve_aliases(student_specs, student, example_input, input_shape=input_shape, role="student")
+        student_specs.update({f"{lv.name}/targets": replace(Tap.parse(lv.targets), layout="object")
+                              for lv in levels if lv.targets is not None})  # captured as produced: see Level
         teacher_specs = resolve_aliases(teacher_specs, teacher, example_input, input_shape=input_shape, role="teacher")
         student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
         teacher_probe = probe_features(teacher, teacher_specs, example_input, input_shape=input_shape)
@@ -114,8 +116,6 @@ class Distiller(nn.Module):
                 raise ValueError(f"level {lv.name!r} ({lv.student!r} -> {lv.teacher!r}): {exc}") from None
         self.student_taps = FeatureTaps(student, student_specs)
         self.teacher_taps = FeatureTaps(teacher, teacher_specs)
-        target_specs = {f"{lv.name}/targets": replace(Tap.parse(lv.targets), layout="object") for lv in levels if lv.targets is not None}
-        self.target_taps = FeatureTaps(student, target_specs)
 
     # ----------------------------------------------------------------------------- modes, devices
     def train(self, mode: bool = True) -> "Distiller":
@@ -156,7 +156,7 @@ class Distiller(nn.Module):
             student_names, teacher_names = self._tap_names[level.name]
             student = _captures(level.student, student_names, self.student_taps)
             teacher = _captures(level.teacher, teacher_names, self.teacher_taps)
-            level_targets = targets if level.targets is None else self.target_taps[f"{level.name}/targets"]
+            level_targets = targets if level.targets is None else self.student_taps[f"{level.name}/targets"]
             extra = {"indices": indices} if method.needs_indices else {}
             out = method(student, teacher, level_targets, **extra)
             for term, value in out.terms.items():
@@ -197,7 +197,6 @@ class Distiller(nn.Module):
         """Remove the feature hooks from both models."""
         self.student_taps.close()
         self.teacher_taps.close()
-        self.target_taps.close()
 
 
 def _as_list(spec: Any) -> list[Any]:
