@@ -55,7 +55,8 @@ BASELINES: dict[str, list[dict]] = {
     "PKT": [{**FEATURE, "method": "pkt", "weight": 30000.0}],
     "VID": [{"student": STUDENT_STAGES, "teacher": TEACHER_STAGES, "method": "vid"}],
     "CRD": [{**FEATURE, "method": "crd", "weight": 0.8}],  # 16384 negatives of other classes, T 0.07
-    # CIFAR weight 5; its 20-epoch ramp shortened to 1 epoch on this 5-epoch recipe, as DKD's above
+    # CIFAR weight 5; its 20-epoch ramp shortened to 1 epoch on this 5-epoch recipe, as DKD's above (a per-epoch
+    # ramp (epoch + 1) / 1: the full weight from the first step)
     "ReviewKD": [{"student": STUDENT_STAGES, "teacher": TEACHER_STAGES, "method": "reviewkd", "weight": 5.0,
                   "options": {"warmup_epochs": 1}}],
     "SRRL": [{**FEATURE, "method": "srrl", "options": {"teacher_head": "fc"}}],
@@ -81,7 +82,7 @@ LS_RECIPE = {"tau": 2.0, "standardize": True}  # logit standardization's recipe:
 ABLATIONS.update({
     "warmup": {**DEFAULT, **{f"warm-up {e} epoch{'s' if e > 1 else ''}": [diffkd_level(FEATURE, kd_warmup_epochs=e, **FEATURE_DIFFKD)]
                              for e in (1, 2)}},
-    "normalize": {**DEFAULT, "normalised target": [diffkd_level(FEATURE, normalize_target=True, **FEATURE_DIFFKD)]},
+    "normalize": {**DEFAULT, "normalised target": LADDER["DiffKD normalised"]},
     "sampler": {  # DiffKD feature is DDIM at NFE 5
         **DEFAULT,
         **{f"DDIM NFE {k}": [diffkd_level(FEATURE, inference_steps=k, **FEATURE_DIFFKD)] for k in (1, 2, 3)},
