@@ -6,11 +6,10 @@ import inspect
 import torch
 from torch import Tensor
 
+from ..losses import compares_distributions
 from ..module import DiffKD as DiffKDModule
 from .base import Method, MethodOutput, require_same_shape
 
-# Distances between softmaxes: a level using one compares class scores (logits), not features.
-CLASS_SCORE_DISTANCES = ("kl", "dist")
 _MEANT = (
     "check the taps and num_classes, or pass allow_class_mismatch=True if mapping one class set onto the other is meant"
 )
@@ -18,7 +17,7 @@ _MEANT = (
 
 class DiffKD(Method):
     """Maps (B,C,H,W) get the conv kind with MSE, sequences (B,C,L) its 1-D form; vectors (B,K) the
-    mlp kind with KL (tau 1).
+    mlp kind with KL (at the distance's own temperature, 1, unless tau is given).
 
     A level whose distance compares softmaxes (kl, dist; the default for vectors) holds logits, so
     student and teacher must have the same class count, as for kd: a projector from 10 classes to 5
@@ -48,7 +47,7 @@ class DiffKD(Method):
             options.setdefault("dims", spatial)
         allowed = options.pop("allow_class_mismatch", False)
         distance = options["distance"]
-        if distance in CLASS_SCORE_DISTANCES and student_shape[1] != teacher_shape[1] and not allowed:
+        if compares_distributions(distance) and student_shape[1] != teacher_shape[1] and not allowed:
             if not spatial:
                 require_same_shape("diffkd", student_shape, teacher_shape, _MEANT)
             raise ValueError(
