@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd import DiffKD
-from diffkd.diffusion import NoiseSchedule, denoise
+from diffkd.diffusion import DDIM, NoiseSchedule
 from diffkd.distiller import Distiller, Level
 from diffkd.methods import build_method
 from diffkd.visualize import choose_level
@@ -121,11 +121,11 @@ def test_ddim_chain_with_an_oracle_recovers_x0_on_a_sequence(steps):
     level = DiffKD(8, 8, dims=1, inference_steps=steps)
     x0, eps = torch.randn(2, 8, 20), torch.randn(2, 8, 20)
     betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
-    t_start = level.chain[0][0]
+    t_start = level.sampler.timesteps[0]
     abar = math.prod(1 - b for b in betas[: t_start + 1])
     x_start = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
-    assert torch.allclose(denoise(x_start, lambda x, t: eps, level.chain), x0, atol=1e-4)
-    assert level.chain == NoiseSchedule().ddim_coefficients(steps)
+    assert torch.allclose(level.sampler(x_start, lambda x, t: eps), x0, atol=1e-4)
+    assert level.sampler.linear_steps() == DDIM(NoiseSchedule(), steps).linear_steps()
 
 
 # ------------------------------------------------------------------ fast path vs reference, on sequences

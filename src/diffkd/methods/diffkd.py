@@ -7,10 +7,9 @@ import torch
 from torch import Tensor
 
 from ..module import DiffKD as DiffKDModule
+from ..normalizer import compares_distributions
 from .base import Method, MethodOutput, require_same_shape
 
-# Distances between softmaxes: a level using one compares class scores (logits), not features.
-CLASS_SCORE_DISTANCES = ("kl", "dist")
 _MEANT = (
     "check the taps and num_classes, or pass allow_class_mismatch=True if mapping one class set onto the other is meant"
 )
@@ -46,7 +45,7 @@ class DiffKD(Method):
             options.setdefault("dims", spatial)
         allowed = options.pop("allow_class_mismatch", False)
         distance = options["distance"]
-        if distance in CLASS_SCORE_DISTANCES and student_shape[1] != teacher_shape[1] and not allowed:
+        if compares_distributions(distance) and student_shape[1] != teacher_shape[1] and not allowed:
             if not spatial:
                 require_same_shape("diffkd", student_shape, teacher_shape, _MEANT)
             raise ValueError(
