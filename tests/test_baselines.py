@@ -569,6 +569,7 @@ def _crd_ddp_worker(rank: int, world: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_crd_under_ddp_updates_every_process_bank_with_the_global_batch():
     results = spawn_processes(_crd_ddp_worker)
     (same0, rows0, labels0, z0), (same1, rows1, labels1, z1) = results[0], results[1]

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import accuracy, cost, gpu_cost  # noqa: E402
-from test_cli import needs_fmnist  # noqa: E402  (the CLI tests' Fashion-MNIST availability check)
+from conftest import needs_fmnist  # noqa: E402
 
 
 def test_accuracy_summary_and_outputs(tmp_path):
@@ -53,6 +53,7 @@ def test_tab8_flops_rows_are_counted():
     assert flops > 0
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_accuracy_ladder_end_to_end_then_a_rerun_rereads_every_run(tmp_path, monkeypatch):
     """The whole harness at a tiny size on real Fashion-MNIST: CSV, table and PNG; the students'

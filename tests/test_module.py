@@ -204,6 +204,7 @@ def test_autoencoder_reads_the_teacher_map_in_its_own_layout():
     assert seen == [True] and out.target.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["conv", "mlp"])
 def test_torch_compile_sees_one_graph_without_breaks(kind):
     """The chain's schedule constants are Python floats fixed at construction, so dynamo traces a
@@ -430,6 +431,7 @@ def test_recompute_gives_the_same_step_with_a_fraction_of_the_saved_activations(
     assert bytes_r < 0.4 * bytes_p, (bytes_r, bytes_p)
 
 
+@pytest.mark.integration
 def test_recompute_under_torch_compile_matches_eager():
     """Compiled, the checkpoint takes no buffer-restoring context (dynamo cannot trace one); the
     compiled rerun must still leave BatchNorm statistics and gradients as the eager level does."""

@@ -299,6 +299,7 @@ STEPPED = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", STEPPED)
 def test_recipe_builds_and_takes_one_step(path: Path, recorded_teacher_loads: list[TeacherConfig]):
     torch.manual_seed(0)

@@ -381,6 +381,7 @@ def test_fast_path_matches_reference_with_every_option_on(dtype, tolerance, case
         assert close(buffers_f[name], buffer), name
 
 
+@pytest.mark.integration
 def test_torch_compile_sees_one_graph_with_the_variants_on():
     import torch._dynamo
 
