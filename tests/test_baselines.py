@@ -1,6 +1,6 @@
 """The paper's baselines RKD, PKT, VID, CRD, ReviewKD and SRRL.
 
-Each loss is checked against its formula written out here with plain loops (DESIGN.md section 4b),
+Each loss is checked against its formula written out here with plain loops (docs/design.md §5),
 and on a case small enough to work out by hand. Each method is built from the probed taps of a
 torchvision pair by names alone and takes one optimizer step. Plus the general interfaces they
 brought: levels with several taps, a frozen teacher module by path, sample indices.

@@ -160,7 +160,7 @@ def test_regression_l1_is_mean_absolute_difference():
 def test_fpn_level_diffkd_uses_attention_mse():
     torch.manual_seed(0)
     level = DiffKD(256, 256, distance="attention_mse", tau=0.5)
-    assert sum(p.numel() for p in level.parameters()) == 694_722  # one FPN level, no AE (DESIGN.md)
+    assert sum(p.numel() for p in level.parameters()) == 694_722  # one FPN level, no AE (docs/design.md §2)
     out = level(torch.randn(2, 256, 8, 8), torch.randn(2, 256, 8, 8))
     assert out.kd_loss.item() == pytest.approx(attention_mse_loss(out.denoised, out.target, tau=0.5).item(), rel=1e-6)
 

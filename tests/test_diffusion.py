@@ -14,7 +14,7 @@ from diffkd.diffusion import (
 )
 from diffkd.folded import folded_chain, scaled_prediction
 
-# docs/design.md, "The method": abar at t = 400, 300, 200, 100, 0
+# docs/design.md §3: abar at t = 400, 300, 200, 100, 0
 EXPECTED_ABAR = {400: 0.193572, 300: 0.394011, 200: 0.656347, 100: 0.895141, 0: 0.9999}
 
 

@@ -45,7 +45,7 @@ def test_one_step_trains_student_and_methods_not_teacher(teacher, student):
 
 
 def mlp_level_params_by_hand(k: int) -> int:
-    """A DiffKD logits level (mlp kind, k classes, no AE) box by box (docs/design.md, "Parameter fingerprints")."""
+    """A DiffKD logits level (mlp kind, k classes, no AE) box by box (docs/design.md §2)."""
     def pointwise(cin, cout):  # 1x1 conv with bias
         return cin * cout + cout
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from diffkd import DiffKD
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"  # the layouts of DESIGN.md section 5
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # the layouts of docs/design.md §7
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -32,7 +32,7 @@ def test_parameter_fingerprints(args, kwargs, expected):
     assert n_params(DiffKD(*args, **kwargs)) == expected
 
 
-# ------------------------------------------------------------------ gradient routes (DESIGN.md §1)
+# ------------------------------------------------------------------ gradient routes (docs/design.md §1)
 def grads_of(loss, params):
     gs = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
     return [g for g in gs if g is not None and g.abs().sum() > 0]

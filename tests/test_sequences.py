@@ -18,7 +18,7 @@ def n_params(m: nn.Module) -> int:
 
 
 def level_params_by_hand(student: int, teacher: int, latent: int | None = None, taps: int = 3) -> int:
-    """DESIGN.md section 1 box by box; `taps` is the spatial kernel size of the bottlenecks' middle
+    """docs/design.md §2 box by box; `taps` is the spatial kernel size of the bottlenecks' middle
     conv: 3 for the 1-D kind (kernel 3), 9 for the 2-D kind (3x3)."""
     c = latent or teacher
 
@@ -43,7 +43,7 @@ def level_params_by_hand(student: int, teacher: int, latent: int | None = None, 
 @pytest.mark.parametrize("args", [(64, 128), (256, 256), (8, 12, 16), (512, 512, 1024)])
 def test_parameter_count_of_a_1d_level(args):
     assert n_params(DiffKD(*args, dims=1)) == level_params_by_hand(*args)
-    # the same formula with a 3x3 kernel gives the 2-D kind's counts (DESIGN.md's fingerprints)
+    # the same formula with a 3x3 kernel gives the 2-D kind's counts (docs/design.md §2's fingerprints)
     assert n_params(DiffKD(*args)) == level_params_by_hand(*args, taps=9)
     assert level_params_by_hand(64, 128, taps=9) == 248_802 and level_params_by_hand(512, 512, 1024, taps=9) == 7_644_418
 

@@ -156,7 +156,7 @@ def test_normalized_target_makes_the_kd_loss_free_of_the_teacher_scale():
 
 # ------------------------------------------------------------------ 3. DPM-Solver++(2M)
 def _solver_by_design(x, predictor, timesteps, abar):
-    """docs/design.md, "Samplers", written out: DDIM first step, the 2M update after, the data prediction to sigma 0."""
+    """docs/design.md §3 written out: DDIM first step, the 2M update after, the data prediction to sigma 0."""
     alpha = [math.sqrt(abar[t]) for t in timesteps] + [1.0]
     sigma = [math.sqrt(1 - abar[t]) for t in timesteps] + [0.0]
     lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])]

@@ -1,6 +1,6 @@
 """The diffusion half of DiffKD: noise schedule, samplers (DDIM, DPM-Solver++(2M)) and the networks.
 
-Every formula here is the reference form (docs/design.md, "The method" and "Samplers"); the folded
+Every formula here is the reference form (docs/design.md §1 and §3); the folded
 fast path (folded.py) computes the same in fewer passes. All schedule arithmetic is float32 (sampler
 coefficients are float64 Python scalars), so it survives bf16/fp16 autocast, where the official
 release's `1 - abar_0` rounds to 0 and NaNs.
@@ -118,7 +118,7 @@ class DDIM:
 
 
 class DPMSolver2M(DDIM):
-    """DPM-Solver++(2M) over DDIM's timesteps, one evaluation per step (docs/design.md, "Samplers").
+    """DPM-Solver++(2M) over DDIM's timesteps, one evaluation per step (docs/design.md §3).
 
     With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and the data prediction
     x0_hat = (x - sigma eps) / alpha: the first step is DDIM; step i >= 2, with h = lambda_i - lambda_{i-1}

@@ -1,4 +1,5 @@
-"""The fast path of a DiffKD level: the reference's maths (module.py, diffusion.py) in fewer passes.
+"""The fast path of a DiffKD level (docs/design.md §4): the reference maths of module.py and
+diffusion.py in fewer passes.
 
 Chosen once, when a level is built (`DiffKD(fast=True)`, the default). Three folds, each held to the
 reference by tests (outputs, gradients and BatchNorm statistics; tests/test_module.py, test_variants.py,

@@ -1,6 +1,6 @@
 """DiffKD for one distilled feature pair ("a level"): the boxes of the paper's Fig. 3 in one module.
 
-`DiffKD.forward` reads as the method does (docs/design.md, "The method"): projector -> autoencoder ->
+`DiffKD.forward` reads as the method does (docs/design.md §1): projector -> autoencoder ->
 adaptive noise matching start (Eq. 8) -> denoising chain (a sampler from diffusion.py) -> output
 projection -> L_kd, L_diff, L_ae. Each step is a method written as its formula; the folded fast
 path (folded.py) replaces the chain and the noise prediction as a whole, chosen once at construction.
