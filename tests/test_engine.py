@@ -718,6 +718,8 @@ def test_a_negative_level_weight_in_the_config_names_the_level(tmp_path: Path) -
     cfg = tiny(tmp_path, *distill_overrides(random_teacher(tmp_path)), "levels.0.weight=-1", mode="distill")
     with pytest.raises(ConfigError, match=r"^levels.0: Level weight must be a finite number >= 0 or 'auto', got -1.0$"):
         run(cfg, mode="distill")
+
+
 def _spatial_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The 4-D weights whose layout differs between the two formats (more than one input channel, k > 1)."""
     return {k: v for k, v in state.items() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1}
@@ -731,7 +733,7 @@ def test_channels_last_lays_out_weights_and_batches(tmp_path: Path, monkeypatch)
     from diffkd.engine import evaluation, learner
 
     seen: dict[str, list[bool]] = {"train": [], "test": [], "teacher": []}
-    compute, forward = learner.DistillLearner.compute, evaluation.forward
+    compute, call_model = learner.DistillLearner.compute, evaluation.call_model
 
     def recording_compute(self, call, inputs, targets, indices=None):
         seen["train"].append(inputs.is_contiguous(memory_format=torch.channels_last))
@@ -741,12 +743,12 @@ def test_channels_last_lays_out_weights_and_batches(tmp_path: Path, monkeypatch)
 
     def recording_forward(model, inputs):
         seen["test"].append(inputs.is_contiguous(memory_format=torch.channels_last))
-        return forward(model, inputs)
+        return call_model(model, inputs)
 
     extra = [*distill_overrides(random_teacher(tmp_path)), "train.epochs=1", "data.limit_train=64", "data.limit_test=32"]
     plain = run(tiny(tmp_path, *extra, name="plain", mode="distill"), mode="distill")
     monkeypatch.setattr(learner.DistillLearner, "compute", recording_compute)
-    monkeypatch.setattr(evaluation, "forward", recording_forward)
+    monkeypatch.setattr(evaluation, "call_model", recording_forward)
     result = run(tiny(tmp_path, *extra, "train.channels_last=true", name="nhwc", mode="distill"), mode="distill")
 
     assert seen["train"] == [True, True] and seen["test"] == [True] and seen["teacher"] and all(seen["teacher"])

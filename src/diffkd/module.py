@@ -144,9 +144,9 @@ class DiffKD(nn.Module):
         check_level(kind, dims, student_channels, teacher_channels, latent_channels)
         if not kd_warmup_epochs >= 0:
             raise ValueError(f"kd_warmup_epochs must be >= 0 (0: no warm-up), got {kd_warmup_epochs}")
-        self.kind, self.dims, self.fast = kind, dims, fast
-        self.student_channels, self.teacher_channels, self.latent_channels = student_channels, teacher_channels, latent_channels
-        self.inference_steps = inference_steps
+        self.kind, self.dims = kind, dims
+        self.student_channels, self.teacher_channels = student_channels, teacher_channels
+        self.latent_channels = latent_channels
         width = latent_channels or teacher_channels
         schedule = NoiseSchedule(num_train_timesteps)
         self.sampler = make_sampler(sampler, schedule, inference_steps)
