@@ -411,6 +411,7 @@ def named_levels(levels: list[Level], teacher: str, student: str) -> list[Level]
             for lv in levels]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", list(BY_NAME))
 def test_built_from_torchvision_names_one_step_trains_student_and_method_only(method):
     teacher, student = fresh("resnet34"), fresh("resnet18")

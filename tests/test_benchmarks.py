@@ -26,6 +26,7 @@ def test_accuracy_summary_and_outputs(tmp_path):
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.integration
 def test_every_ladder_and_ablation_entry_builds_a_distiller(tmp_path):
     """Each configured method list is valid for the Fashion-MNIST pair (catches typos in options)."""
     from diffkd import models
@@ -120,6 +121,7 @@ def test_gpu_targets_are_checked_against_the_issue_limits():
     assert targets["B1 step, bf16, vs KD"] == {"value": 1.19, "limit": 1.20, "met": True}
 
 
+@pytest.mark.integration
 def test_activation_memory_counts_what_recomputation_saves():
     """R34->R18 at a tiny size: KD is the unit, DiffKD keeps more activations than KD, and the
     recomputing B1 level keeps fewer than the plain one (the same parameters)."""

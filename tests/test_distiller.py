@@ -25,6 +25,7 @@ def snapshot(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("teacher,student", [("resnet34", "resnet18"), ("resnet50", "mobilenet_v2")])
 def test_one_step_trains_student_and_methods_not_teacher(teacher, student):
     d = by_name(teacher, student)
@@ -126,6 +127,7 @@ def test_token_model_distilled_at_a_token_layer():
     assert student.patch.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.integration
 def test_autocast_cpu_bf16():
     d = by_name("resnet34", "resnet18")
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -95,6 +95,7 @@ def test_transformers_vit_from_a_config_distils_by_aliases() -> None:
     distil_one_step(student, lambda x: student.vit(x).last_hidden_state, tokens_to_map(1))
 
 
+@pytest.mark.integration
 def test_timm_vit_default_taps_drop_the_class_token() -> None:
     taps = models.default_taps("timm:vit_small_patch16_224")
     assert taps == Taps({"path": "norm", **TOKENS, "prefix_tokens": 1}, "head")

@@ -301,6 +301,7 @@ def test_fmnist_models_shapes_and_cost(name: str, channels: int, max_macs: float
 # --- registry ---
 
 
+@pytest.mark.integration
 def test_every_name_has_taps_that_exist_and_an_input_size() -> None:
     for name in available():
         with torch.device("meta"):

@@ -32,6 +32,7 @@ def _same_tensor(model: nn.Module, a: object, b: object, x: torch.Tensor) -> boo
 # ---------------------------------------------------------------- the registry is the check
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(_SPECS))
 def test_probe_finds_the_registry_taps(name: str) -> None:
     with torch.device("meta"):  # no memory, no init cost: the check holds for the largest nets too
@@ -42,6 +43,7 @@ def test_probe_finds_the_registry_taps(name: str) -> None:
     assert _same_tensor(model, found.logits, written.logits, x), (found, written)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", seg_models.available())
 def test_probe_finds_the_segmentation_registry_taps(name: str) -> None:
     with torch.device("meta"):

@@ -94,6 +94,7 @@ def test_hf_folder_trains_and_reads_the_logits(tmp_path: Path) -> None:
     assert isinstance(model, transformers.ViTForImageClassification) and model.config.num_labels == 3
 
 
+@pytest.mark.integration
 def test_hf_folder_with_weights(tmp_path: Path) -> None:
     folder = tmp_path / "tiny-vit"
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import models
 from ..config import Config, ConfigError, ModelConfig, TeacherConfig
 from ..distiller import Distiller, Level
-from ..models.probe import resolve_alias
+from ..models.probe import ProbeError, resolve_alias
 from ..taps import call_model
 from ..tasks import Task
 from .teacher import load_teacher_weights
@@ -110,8 +110,11 @@ class DistillLearner(Learner):
         teacher_taps = functools.cache(lambda: task.default_taps(cfg.teacher.name, teacher))
         levels = []
         for i, lv in enumerate(cfg.levels):
-            student_tap = resolve_alias(lv.student, f"levels.{i}.student", student_taps)
-            teacher_tap = resolve_alias(lv.teacher, f"levels.{i}.teacher", teacher_taps)
+            try:
+                student_tap = resolve_alias(lv.student, f"levels.{i}.student", student_taps)
+                teacher_tap = resolve_alias(lv.teacher, f"levels.{i}.teacher", teacher_taps)
+            except ProbeError as err:  # its message already names the config key
+                raise ConfigError(str(err)) from None
             try:
                 levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, targets=lv.targets,
                                     ratio=lv.ratio, window=lv.window, calibrate=lv.calibrate, **lv.options))
