@@ -391,3 +391,15 @@ def test_torch_compile_sees_one_graph_with_the_variants_on():
     level.set_progress(0.5, 2)
     report = torch._dynamo.explain(level)(torch.randn(2, 6, 5, 5), torch.randn(2, 10, 5, 5))
     assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
+
+
+def test_the_normalized_distance_reads_the_statistics_its_level_holds_and_checkpoints():
+    """normalize_target wraps the distance; the statistics stay the level's buffers, also in a copy."""
+    level = DiffKD(4, 6, normalize_target=True)
+    assert level.distance.normalizer is level.target_normalizer
+    twin = copy.deepcopy(level)
+    assert twin.distance.normalizer is twin.target_normalizer and twin.target_normalizer is not level.target_normalizer
+    twin(torch.randn(3, 4, 2, 2), torch.randn(3, 6, 2, 2) * 5 + 3)  # a training step moves the copy's statistics only
+    assert not torch.equal(twin.target_normalizer.running_mean, level.target_normalizer.running_mean)
+    level.load_state_dict(twin.state_dict())
+    assert torch.equal(level.distance.normalizer.running_mean, twin.target_normalizer.running_mean)
