@@ -1,4 +1,4 @@
-"""Distillation distances: KD, DIST, DKD, MSE and attention-weighted MSE (docs/design.md, "Distances").
+"""Distillation distances: KD, DIST, DKD, MSE and attention-weighted MSE (docs/design.md §5).
 
 Every function computes in float32, whatever the autocast dtype of its inputs, so the losses stay
 finite under bf16/fp16. Dense maps (B,C,H,W) are treated as B*H*W samples of C classes, and
@@ -169,14 +169,11 @@ def compares_distributions(distance: str | Distance) -> bool:
     return not callable(distance) and distance_info(distance).compares_distributions
 
 
-def resolve_distance(distance: str | Distance, tau: float | None = None, standardize: bool = False) -> Distance:
+def resolve_distance(distance: str | Distance, tau: float | None = None) -> Distance:
     """A distance by name (mse, kl, dist, attention_mse) or any callable(student, teacher) -> loss.
 
     `tau` None takes the distance's own temperature; a distance without one refuses a tau.
-    standardize=True (logit standardization) is for distance="kl" only.
     """
-    if standardize and distance != "kl":
-        raise ValueError(f"standardize=True z-scores logits before the KL: it needs distance='kl', got {distance!r}")
     if callable(distance):
         if tau is not None:
             raise ValueError(f"tau={tau} is for a named distance; a callable distance takes no temperature: drop tau")
@@ -184,7 +181,4 @@ def resolve_distance(distance: str | Distance, tau: float | None = None, standar
     info = distance_info(distance)
     if info.tau is None and tau is not None:
         raise ValueError(f"distance {distance!r} has no temperature, but tau={tau} was given: drop tau")
-    options: dict[str, float | bool] = {} if info.tau is None else {"tau": info.tau if tau is None else tau}
-    if standardize:
-        options["standardize"] = True
-    return functools.partial(info.fn, **options) if options else info.fn
+    return info.fn if info.tau is None else functools.partial(info.fn, tau=info.tau if tau is None else tau)

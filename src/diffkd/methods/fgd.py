@@ -4,7 +4,7 @@ Yang et al., "Focal and Global Knowledge Distillation for Detectors", CVPR 2022.
 difference weighted by the teacher's spatial and channel attention, split into foreground (inside the
 ground-truth boxes, each box normalised by its area) and background, plus an L1 loss between the
 student's and the teacher's attention. Global: a GcBlock per side models the relation between
-pixels, and the two outputs are matched. Terms and defaults follow the authors' release (DESIGN.md 4b).
+pixels, and the two outputs are matched. Terms and defaults follow the authors' release (docs/design.md §5).
 
 The boxes have to be in the frame of the feature maps. A torchvision detector resizes and pads its
 images inside its `transform`, so the level takes its targets from there (`targets: transform`):
