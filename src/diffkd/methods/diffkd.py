@@ -69,9 +69,6 @@ class DiffKD(Method):
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         out = self.diffkd(student, teacher)
-        terms = {"kd": out.kd_loss, "diffusion": out.diffusion_loss}
-        weights = {"kd": self.diffkd.current_kd_weight(), "diffusion": self.diffkd.diffusion_weight}
-        if out.ae_loss is not None:
-            terms["ae"], weights["ae"] = out.ae_loss, self.diffkd.ae_weight
+        terms = out.terms
         stats = {"gamma": out.gamma.detach().mean()} if out.gamma is not None else {}
-        return MethodOutput(terms, stats, weights)
+        return MethodOutput(terms, stats, {k: out.weights[k] for k in terms})
