@@ -18,6 +18,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def have_fashion_mnist() -> bool:
+    """Whether the Fashion-MNIST files are installed (tests that train on a slice of it skip otherwise)."""
+    from diffkd.data import build_dataset
+
+    try:
+        build_dataset("fashion_mnist", "test", limit=1)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+
+
 def spawn_processes(worker: Callable, world: int = 2) -> dict:
     """Run `worker(rank, world, port, results)` in `world` processes on a free local port; return `results`."""
     with socket.socket() as sock:

@@ -17,9 +17,12 @@ from torch import Tensor, nn
 
 from .. import models
 from ..config import Config, ConfigError, ModelConfig, TeacherConfig
-from ..distiller import Distiller, Level
+from ..distiller import Distiller, Level, default_level_name
+from ..taps import Tap
 from ..models.probe import TAP_ALIASES
+from ..models.weights import file_sha256
 from ..tasks import Task
+from .identity import weights_digest
 from .teacher import load_teacher_weights
 
 
@@ -45,6 +48,7 @@ class Learner(ABC):
     module: nn.Module
     student: nn.Module
     needs_indices = False  # whether compute needs each sample's dataset index (the training data then yields them)
+    teacher_identity: dict[str, Any] | None = None  # the frozen teacher's weights digest and file (identity.py)
 
     @abstractmethod
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
@@ -64,6 +68,10 @@ class Learner(ABC):
     def extra_parameters(self) -> int:
         """Parameters trained besides the student's (method modules); 0 for plain training."""
         return 0
+
+    def describe(self) -> list[str]:
+        """Lines the run logs at its start about what it trains (a distillation's resolved taps); none by default."""
+        return []
 
 
 def build_model(task: Task, spec: ModelConfig | TeacherConfig, key: str) -> nn.Module:
@@ -124,7 +132,14 @@ class DistillLearner(Learner):
             raise ConfigError(f"{', '.join(missing)}: required for `diffkd distill`")
         self.task = task
         teacher = build_model(task, cfg.teacher, "teacher")
-        load_teacher_weights(teacher, cfg.teacher)
+        teacher_file = load_teacher_weights(teacher, cfg.teacher)
+        if teacher_file is not None:
+            task.check_run(teacher_file.parent, role="teacher")
+        self.teacher_identity = {
+            "weights_sha256": weights_digest(teacher),
+            "checkpoint": str(teacher_file) if teacher_file is not None else f"pretrained {cfg.teacher.name}",
+            "file_sha256": file_sha256(teacher_file) if teacher_file is not None else None,
+        }
         student = build_model(task, cfg.student, "student")
         student_taps = functools.cache(lambda: task.default_taps(cfg.student.name, student))
         teacher_taps = functools.cache(lambda: task.default_taps(cfg.teacher.name, teacher))
@@ -132,13 +147,24 @@ class DistillLearner(Learner):
         for i, lv in enumerate(cfg.levels):
             student_tap = resolve_tap(lv.student, f"levels.{i}.student", student_taps)
             teacher_tap = resolve_tap(lv.teacher, f"levels.{i}.teacher", teacher_taps)
+            name = lv.name or default_level_name(lv.method, lv.student)  # named by the taps as written, as the API does
             try:
-                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, targets=lv.targets, **lv.options))
+                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, name, targets=lv.targets, **lv.options))
             except ValueError as err:  # a bad weight: name the config entry
                 raise ConfigError(f"levels.{i}: {err}") from None
         self.module = Distiller(teacher, student, levels, input_shape=task.input_shape, dataset_size=dataset_size)
         self.student = self.module.student
         self.needs_indices = self.module.needs_indices
+        self.written = [(lv.student, lv.teacher) for lv in cfg.levels]
+
+    def describe(self) -> list[str]:
+        """Each level's taps as written and as resolved, with their probed shapes and layouts, e.g.
+        `level diffkd_feature: student @feature -> layer4 (B,512,7,7) map; teacher ...`."""
+        lines = []
+        for level, written in zip(self.module.levels, self.written):
+            sides = [_describe_side(self.module, level, side, spec) for side, spec in zip(("student", "teacher"), written)]
+            lines.append(f"level {level.name} ({level.method}): {'; '.join(sides)}")
+        return lines
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
         out = call(inputs, targets, indices)
@@ -154,6 +180,22 @@ class DistillLearner(Learner):
     @property
     def extra_parameters(self) -> int:
         return int(self.module.extra_parameters())
+
+
+def _describe_side(distiller: Distiller, level: Level, side: str, written: Any) -> str:
+    """One side of a level: each tap as written -> its module path (shape with B for the batch) layout."""
+    resolved = getattr(level, side)
+    specs = written if isinstance(written, list) else [written]
+    taps = resolved if isinstance(resolved, list) else [resolved]
+    names = distiller.tap_names(level.name, side)
+    shown = []
+    for name, spec, tap in zip(names, specs, taps):
+        probed = distiller.probed[side].get(name)
+        path = Tap.parse(tap).path or "<output>"
+        alias = f"{spec} -> " if isinstance(spec, str) and spec.startswith("@") else ""
+        shape = "(" + ",".join(["B", *map(str, probed.shape[1:])]) + ")" if probed is not None and len(probed.shape) else "()"
+        shown.append(f"{alias}{path} {shape} {probed.layout if probed is not None else '?'}")
+    return f"{side} {', '.join(shown)}"
 
 
 LEARNERS: Mapping[str, Callable[..., Learner]] = MappingProxyType(  # (cfg, task, dataset_size=None)

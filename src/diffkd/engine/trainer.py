@@ -9,6 +9,7 @@ to an uninterrupted one on CPU.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from .checkpoint import FORMAT, VERSION, load_checkpoint, load_into, saved_model
 from .ema import EMA
 from .errors import CheckpointError, NonFiniteLossError, RunInterrupted
 from .evaluation import evaluate, task_loader, test_loader
+from .identity import check_identity, dataset_identity, record_identity
 from .learner import LEARNERS, Learner, StepOutput
 from .meters import LossMeter
 from .optim import build_optimizer
@@ -41,11 +43,15 @@ from .schedules import LRSchedule, Timeline
 
 log = logging.getLogger("diffkd")
 
-# Config keys a resumed run may change; anything else would silently make it a different run.
+# Config keys a resumed run may change; anything else would silently make it a different run. The data
+# and the teacher may move (data.root, teacher.checkpoint and its file's sha256), as the run's identity
+# (identity.py: the teacher's weights, the training set's files) is checked instead.
 RESUMABLE_CHANGES = frozenset({
     "train.epochs", "train.device", "train.progress", "train.log_every", "data.root", "data.download",
-    "data.workers", "data.eval_batch_size", "output.dir", "output.tensorboard",
+    "data.workers", "data.eval_batch_size", "output.dir", "output.tensorboard", "teacher.checkpoint", "teacher.sha256",
 })  # fmt: skip
+# What best.pt leaves out of last.pt: the resume state, which eval, export, visualize and a teacher never read.
+RESUME_ONLY = ("optimizer", "scaler", "rng")
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Session:
     precision: MixedPrecision
     ema: EMA | None
     train_set: Dataset
+    identity: dict[str, Any]  # what the run trains on (identity.py), recorded in last.pt and identity.json
     sampler: DistributedSampler
     batch_size: int
     test_loader: Any
@@ -172,8 +179,9 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, lock: RunLock | Non
         session.task.check_run(run_dir)
         _restore(session, run_dir / "last.pt")
     if ctx.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(session.cfg, run_dir / "config.yaml")
         session.task.record_run(run_dir)
+        record_identity(session.identity, run_dir)
     session.reporter = Reporter(
         run_dir, enabled=ctx.is_main, tensorboard=cfg.output.tensorboard, main_metric=session.task.main_metric
     )
@@ -182,6 +190,8 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, lock: RunLock | Non
         steps = f"{session.schedule.timeline.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
         where = f"{ctx.world_size} process(es) on {ctx.device}"
         log.info("%s %s: %s, %s, %s, run dir %s", mode, cfg.task, sizes, steps, where, run_dir)
+        for line in session.learner.describe():
+            log.info("%s", line)
     return session
 
 
@@ -193,6 +203,10 @@ def _build(cfg: Config, mode: str, ctx: distributed.Context) -> Session:
     train_set = task.build_dataset("train", limit=cfg.data.limit_train)  # draws no random numbers
     rng.seed_everything(cfg.train.seed)  # identical initial weights in every process
     learner = LEARNERS[mode](cfg, task, dataset_size=len(train_set))
+    identity = {"teacher": learner.teacher_identity, "train_set": dataset_identity(train_set, task.class_names)}
+    if learner.teacher_identity is not None and cfg.teacher.sha256 is None:  # config.yaml names the teacher's file
+        cfg = copy.deepcopy(cfg)
+        cfg.teacher.sha256 = learner.teacher_identity["file_sha256"]
     learner.module.to(ctx.device)
     if cfg.train.channels_last:
         layout.module_to_channels_last(learner.module)
@@ -219,6 +233,7 @@ def _build(cfg: Config, mode: str, ctx: distributed.Context) -> Session:
         precision=precision,
         ema=EMA(learner.student, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,
         train_set=train_set,
+        identity=identity,
         sampler=sampler,
         batch_size=batch_size,
         test_loader=test_loader(task, ctx, eval_batch, cfg.data.workers, cfg.data.limit_test),
@@ -252,6 +267,11 @@ def _restore(s: Session, path: Path) -> None:
             f"cannot resume {path.parent}: the config differs from the run's in {', '.join(changed)}; resume with "
             f"the same config (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or start afresh with --force"
         )
+    saved_identity = ckpt.get("identity")
+    if saved_identity is None and "train_items" in ckpt:  # written before identities were: its size at least
+        saved_identity = {"train_set": {"items": ckpt["train_items"]}}
+    check_identity(saved_identity, s.identity, path)
+    _check_schedule_left(s, ckpt, path)
     load_into(s.learner.module, ckpt["model"], path, saved_model_name(ckpt), "this run's modules")
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.precision.load_state_dict(ckpt["scaler"])
@@ -267,6 +287,26 @@ def _restore(s: Session, path: Path) -> None:
         rng.seed_everything(s.cfg.train.seed + s.ctx.rank + 7919 * s.epoch)
     if s.ctx.is_main:
         log.info("resumed %s at epoch %d (global step %d)", path, s.epoch, s.step)
+
+
+def _check_schedule_left(s: Session, ckpt: dict[str, Any], path: Path) -> None:
+    """Refuse a resume whose schedule cannot go on from the checkpoint: fewer epochs than were done, or a
+    global step that this data's steps per epoch do not reach (the run would train at the wrong lr, or none)."""
+    epochs, done, step = s.cfg.train.epochs, ckpt["epoch"], ckpt["step"]
+    timeline = s.schedule.timeline
+    if done > epochs:
+        raise ConfigError(
+            f"cannot resume {path.parent}: train.epochs={epochs} but {path.name} already holds {done} epochs; "
+            f"give train.epochs={done} or more"
+        )
+    same_processes = len(ckpt["rng"]) == s.ctx.world_size  # another process count may change the steps per epoch
+    if done < epochs and (step >= timeline.steps_per_epoch * epochs
+                          or (same_processes and step != done * timeline.steps_per_epoch)):
+        raise ConfigError(
+            f"cannot resume {path.parent}: {path.name} stopped after {done} epoch(s) at global step {step}, but the "
+            f"training data now gives {timeline.steps_per_epoch} steps per epoch, so the schedule would not go on "
+            "from where it stopped; resume with the run's data and data.batch_size, or start afresh with --force"
+        )
 
 
 def _train(s: Session, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> RunResult:
@@ -426,9 +466,9 @@ def _save(s: Session, improved: bool) -> None:
         "rng": states,
         "history": s.history,
         "train_items": len(s.train_set),  # what methods with per-sample state (CRD) are sized by, to rebuild the run
+        "identity": s.identity,
     }
-    data = serialize(ckpt)
-    write_atomic(data, s.run_dir / "last.pt")
+    write_atomic(serialize(ckpt), s.run_dir / "last.pt")
     s.saved_epoch = s.epoch
     if improved:
-        write_atomic(data, s.run_dir / "best.pt")
+        write_atomic(serialize({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}), s.run_dir / "best.pt")
