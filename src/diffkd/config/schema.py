@@ -60,16 +60,27 @@ class TeacherConfig:
 @dataclass
 class LevelConfig:
     """One distilled pair of taps and its method; a tap is "@feature"/"@logits" (the model's default
-    taps), a module path such as "layer4" or "backbone['0']", or a mapping of `diffkd.taps.Tap` fields.
-    A side may be a list of taps for methods that take several (reviewkd, vid)."""
+    taps), a module path such as "layer4", "backbone['0']" or 8 (an nn.Sequential's child: integers are
+    kept as the path "8"), or a mapping of `diffkd.taps.Tap` fields. A side may be a list of taps for
+    methods that take several (reviewkd, vid)."""
 
-    student: str | dict[str, Any] | list[str | dict[str, Any]]
-    teacher: str | dict[str, Any] | list[str | dict[str, Any]]
+    student: str | int | dict[str, Any] | list[str | int | dict[str, Any]]
+    teacher: str | int | dict[str, Any] | list[str | int | dict[str, Any]]
     method: str
     weight: float = 1.0
     name: str | None = None
-    targets: str | dict[str, Any] | None = None  # what the method gets as targets: see diffkd.distiller.Level
+    targets: str | int | dict[str, Any] | None = None  # what the method gets as targets: see diffkd.distiller.Level
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.student, self.teacher, self.targets = (_int_as_path(v) for v in (self.student, self.teacher, self.targets))
+
+
+def _int_as_path(spec: Any) -> Any:
+    """An integer tap (YAML `student: 8`) as the module path it names ("8"), in a list too."""
+    if isinstance(spec, list):
+        return [_int_as_path(item) for item in spec]
+    return str(spec) if isinstance(spec, int) and not isinstance(spec, bool) else spec
 
 
 @dataclass

@@ -10,8 +10,10 @@ to an uninterrupted one on CPU.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from . import distributed, layout, rng
 from ..atomic import serialize, write_atomic
 from .checkpoint import FORMAT, VERSION, load_checkpoint, load_into, saved_model_name
 from .ema import EMA
-from .errors import CheckpointError, NonFiniteLossError, RunInterrupted
+from .errors import CheckpointError, NonFiniteLossError, RunInterrupted, RunWriteError
 from .evaluation import evaluate, task_loader, test_loader
 from .identity import check_identity, dataset_identity, record_identity
 from .learner import LEARNERS, Learner, StepOutput
@@ -38,7 +40,7 @@ from .optim import build_optimizer
 from .precision import MixedPrecision
 from .reporting import Reporter, progress_bar
 from .rundir import check_run_dir, prepare_run_dir
-from .runlock import RunLock, check_unlocked
+from .runlock import RunLock, check_unlocked, lock_path
 from .schedules import LRSchedule, Timeline
 
 log = logging.getLogger("diffkd")
@@ -122,15 +124,35 @@ def run(
     ctx = distributed.setup(cfg.train.device)
     session = None
     lock = RunLock(Path(cfg.output.dir).expanduser()) if ctx.is_main else None  # the process that writes the run
+    run_dir = Path(cfg.output.dir).expanduser()
     try:
         session = _setup(cfg, mode, ctx, lock, resume=resume, force=force)
         return _train(session, on_epoch_end)
     except KeyboardInterrupt:
-        raise RunInterrupted(_what_was_saved(session, Path(cfg.output.dir).expanduser())) from None
+        raise RunInterrupted(_what_was_saved(session, run_dir)) from None
+    except OSError as err:
+        if not _is_write_failure(err, run_dir):
+            raise
+        why = err.strerror or type(err).__name__
+        raise RunWriteError(f"cannot write {err.filename} ({why}); {_what_was_saved(session, run_dir)}") from None
     finally:
         if lock is not None:
             lock.release()
         distributed.teardown(ctx)
+
+
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})  # whichever file is written
+
+
+def _is_write_failure(err: OSError, run_dir: Path) -> bool:
+    """Whether err is the failure to write a file of the run (its directory, its lock), not to read the data."""
+    if err.filename is None:
+        return False
+    if err.errno in WRITE_FAILURES:
+        return True
+    path = Path(os.fsdecode(err.filename)).resolve()
+    ours = run_dir.resolve()
+    return err.errno in (errno.EACCES, errno.EPERM) and (path == lock_path(run_dir) or ours == path or ours in path.parents)
 
 
 def _what_was_saved(s: Session | None, run_dir: Path) -> str:
@@ -181,7 +203,6 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, lock: RunLock | Non
     if ctx.is_main:
         save_config(session.cfg, run_dir / "config.yaml")
         session.task.record_run(run_dir)
-        record_identity(session.identity, run_dir)
     session.reporter = Reporter(
         run_dir, enabled=ctx.is_main, tensorboard=cfg.output.tensorboard, main_metric=session.task.main_metric
     )
@@ -470,5 +491,6 @@ def _save(s: Session, improved: bool) -> None:
     }
     write_atomic(serialize(ckpt), s.run_dir / "last.pt")
     s.saved_epoch = s.epoch
+    record_identity(s.identity, s.run_dir)  # beside the checkpoint, so a run without one holds no outputs but config.yaml
     if improved:
         write_atomic(serialize({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}), s.run_dir / "best.pt")

@@ -40,7 +40,8 @@ def logits_of(outputs: Any) -> Tensor:
 
 
 class TopK(Metrics):
-    """Top-1 and top-5 accuracy (in %) from counts, so sums over processes give the exact global value.
+    """Top-k accuracy (in %) for each k in ks (default top-1 and top-5) from counts, so sums over processes
+    give the exact global value.
 
     Soft targets (B, K) from mixup/cutmix count as their largest class.
     """
@@ -62,7 +63,7 @@ class TopK(Metrics):
         self.count = count if self.count is None else self.count + count
 
     def compute(self, reduce: Reduce) -> dict[str, float]:
-        """{"top1": %, "top5": %} over all processes (nan before any update)."""
+        """{"top1": %, "top5": %, ...} for each k over all processes (nan before any update)."""
         if self.correct is None or self.count is None:
             return {f"top{k}": float("nan") for k in self.ks}
         totals = reduce(torch.cat([self.correct, self.count.view(1)])).tolist()
@@ -149,4 +150,5 @@ class ClassificationTask(Task):
         return F.cross_entropy(logits_of(outputs).float(), targets, label_smoothing=self.cfg.train.label_smoothing)
 
     def metrics(self) -> Metrics:
-        return TopK()
+        """Top-1, and top-5 where there are more than 5 classes (with 5 or fewer it is always 100)."""
+        return TopK(tuple(k for k in (1, 5) if k == 1 or k < self.info.num_classes))
