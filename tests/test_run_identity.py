@@ -47,7 +47,7 @@ def distill_sections(teacher: Path | str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ case 1: another training set
 
 
-def test_resume_on_another_training_set_is_refused_and_a_moved_one_accepted(tmp_path: Path) -> None:
+def test_resume_on_another_training_set_is_refused_and_a_moved_one_accepted(tmp_path: Path, caplog) -> None:
     big = write_image_folder(tmp_path / "big", per_class=4)  # 12 train images: 4 steps of 3
     small = write_image_folder(tmp_path / "small", per_class=1)  # 3 train images: 1 step
     run(folder_config(tmp_path, big), mode="train")
@@ -68,6 +68,11 @@ def test_resume_on_another_training_set_is_refused_and_a_moved_one_accepted(tmp_
     assert ckpt["step"] == 8 and ckpt["identity"]["train_set"]["items"] == 12
     recorded = json.loads((tmp_path / "run" / "identity.json").read_text())
     assert recorded == ckpt["identity"] and recorded["teacher"] is None
+
+    with caplog.at_level("INFO", logger="diffkd"):  # a finished run is reread (batch jobs do), saying so
+        again = run(folder_config(tmp_path, moved, epochs=2), mode="train", resume=True)
+    assert "the run already holds all 2 epochs: nothing left to train" in caplog.text
+    assert again.history == result.history and load_checkpoint(last)["step"] == 8
 
     (big / "train" / "fox" / "0.bmp").rename(big / "train" / "fox" / "9.bmp")  # same size, another file list
     with pytest.raises(ConfigError, match=r"the training set's file list \(digest\) \([0-9a-f]{12}, now [0-9a-f]{12}\)"):

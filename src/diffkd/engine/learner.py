@@ -155,13 +155,13 @@ class DistillLearner(Learner):
         self.module = Distiller(teacher, student, levels, input_shape=task.input_shape, dataset_size=dataset_size)
         self.student = self.module.student
         self.needs_indices = self.module.needs_indices
-        self.written = [(lv.student, lv.teacher) for lv in cfg.levels]
+        self.written_taps = [(lv.student, lv.teacher) for lv in cfg.levels]  # as in the config, for describe()
 
     def describe(self) -> list[str]:
         """Each level's taps as written and as resolved, with their probed shapes and layouts, e.g.
         `level diffkd_feature: student @feature -> layer4 (B,512,7,7) map; teacher ...`."""
         lines = []
-        for level, written in zip(self.module.levels, self.written):
+        for level, written in zip(self.module.levels, self.written_taps):
             sides = [_describe_side(self.module, level, side, spec) for side, spec in zip(("student", "teacher"), written)]
             lines.append(f"level {level.name} ({level.method}): {'; '.join(sides)}")
         return lines

@@ -308,6 +308,8 @@ def _restore(s: Session, path: Path) -> None:
         rng.seed_everything(s.cfg.train.seed + s.ctx.rank + 7919 * s.epoch)
     if s.ctx.is_main:
         log.info("resumed %s at epoch %d (global step %d)", path, s.epoch, s.step)
+        if s.epoch == s.cfg.train.epochs:  # a finished run, reread (batch jobs do): say that nothing is trained
+            log.info("the run already holds all %d epochs: nothing left to train (a larger train.epochs trains on)", s.epoch)
 
 
 def _check_schedule_left(s: Session, ckpt: dict[str, Any], path: Path) -> None:
