@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_fmnist
 from diffkd import models
 from diffkd.cli import COMMANDS, main
 from diffkd.engine import evaluated_weights, load_checkpoint
@@ -24,17 +25,6 @@ SMALL = [
 ]
 
 
-def _have_fashion_mnist() -> bool:
-    from diffkd.data import build_dataset
-
-    try:
-        build_dataset("fashion_mnist", "test", limit=1)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-needs_fmnist = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import needs_fmnist
 from diffkd import models
 from diffkd.config import ConfigError, OptimConfig, ScheduleConfig, apply_overrides, config_from_dict, load_config
 from diffkd.engine import CheckpointError, NonFiniteLossError, RunDirError, evaluate_checkpoint, load_checkpoint, run
@@ -26,17 +27,6 @@ from diffkd.engine.schedules import LRSchedule, Timeline
 from diffkd.tasks.classification import ClassificationTask
 
 
-def _have_fashion_mnist() -> bool:
-    from diffkd.data import build_dataset
-
-    try:
-        build_dataset("fashion_mnist", "test", limit=1)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-needs_fmnist = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
 
 
 def tiny(tmp_path: Path, *overrides: str, name: str = "run", mode: str = "train") -> Any:

@@ -2,9 +2,9 @@
 
 `run(cfg, mode=...)` is the Python entry point. One epoch = train on every batch (lr set per
 iteration, NaN/inf check, optimizer step, EMA), evaluate on the test split, write last.pt (and
-best.pt when the task's main metric improves), report. The data order, the augmentation and every
-RNG follow the seed and the epoch, and last.pt holds all state, so a resumed run is bit-identical
-to an uninterrupted one on CPU.
+best.pt, without the resume state, when the task's main metric improves), report. The data order,
+the augmentation and every RNG follow the seed and the epoch, and last.pt holds all state, so a
+resumed run is bit-identical to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def run(
         raise ValueError(f"mode must be one of {', '.join(LEARNERS)}, got {mode!r}")
     ctx = distributed.setup(cfg.train.device)
     session = None
-    lock = RunLock(Path(cfg.output.dir).expanduser()) if ctx.is_main else None  # the process that writes the run
     run_dir = Path(cfg.output.dir).expanduser()
+    lock = RunLock(run_dir) if ctx.is_main else None  # the process that writes the run
     try:
         session = _setup(cfg, mode, ctx, lock, resume=resume, force=force)
         return _train(session, on_epoch_end)
