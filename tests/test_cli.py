@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_fmnist
 from diffkd import models
 from diffkd.cli import COMMANDS, main
 from diffkd.engine import evaluated_weights, load_checkpoint

@@ -75,8 +75,8 @@ def test_a_level_side_may_list_several_taps_and_aliases_resolve_in_lists() -> No
     assert resolve_alias(cfg.levels[0].student, "levels.0.student", taps) == ["features.1", "features"]
     with pytest.raises(ProbeError, match=r"^levels\.0\.student\.1: unknown tap alias '@feat'; use @feature, @logits"):
         resolve_alias(["features.1", "@feat"], "levels.0.student", taps)
-    with pytest.raises(ConfigError, match=r"^levels\.0\.student: expected a string \(str\) or a mapping or a list"):
-        check({"levels": [{"student": 3, "teacher": "fc", "method": "kd"}]})
+    with pytest.raises(ConfigError, match=r"^levels\.0\.student: expected a string \(str\) or an integer \(int\) or a mapping"):
+        check({"levels": [{"student": True, "teacher": "fc", "method": "kd"}]})  # an integer is a path (issue 22), a bool not
 
 
 def test_yaml_1_2_exponent_floats_are_numbers(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import needs_fmnist
 from diffkd import models
 from diffkd.config import ConfigError, OptimConfig, ScheduleConfig, apply_overrides, config_from_dict, load_config
 from diffkd.engine import CheckpointError, NonFiniteLossError, RunDirError, evaluate_checkpoint, load_checkpoint, run
@@ -284,10 +285,10 @@ def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Pat
     first = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
     resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
     a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
-    bank = "methods.crd_features.memory_student"
+    bank = "methods.crd_feature.memory_student"
     assert a["model"][bank].shape == (64, 128)  # one row per training item
-    assert (a["model"]["methods.crd_features.normalizers"] > 0).all()
-    assert a["model"]["methods.crd_features.labels"].min() >= 0  # every item seen, its class learnt
+    assert (a["model"]["methods.crd_feature.normalizers"] > 0).all()
+    assert a["model"]["methods.crd_feature.labels"].min() >= 0  # every item seen, its class learnt
     assert not torch.equal(first[bank], a["model"][bank])  # the second epoch moved the bank
     ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
     assert ta.keys() == tb.keys() and [k for k in ta if not torch.equal(ta[k], tb[k])] == []
@@ -296,7 +297,7 @@ def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Pat
 
     rebuilt, _ = load_run(straight.run_dir, which="last")  # as `diffkd visualize` does: the bank sized from the checkpoint
     assert torch.equal(rebuilt.state_dict()[bank], a["model"][bank])
-    assert straight.history[-1]["loss_crd_features"] == resumed.history[-1]["loss_crd_features"]
+    assert straight.history[-1]["loss_crd_feature"] == resumed.history[-1]["loss_crd_feature"]
 
 
 @pytest.mark.integration

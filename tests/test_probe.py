@@ -245,8 +245,8 @@ def test_aliases_in_the_python_api() -> None:
     distiller = Distiller(teacher, student, [Level("@feature", "@feature", "mse"), Level("@logits", "@logits", "kd")],
                           input_shape=(3, 16, 16))
     out = distiller(torch.randn(2, 3, 16, 16))
-    assert set(out.losses) == {"mse__feature", "kd__logits"} and torch.isfinite(out.loss)
-    assert distiller.teacher_taps.taps["mse__feature"].prefix_tokens == 1
+    assert set(out.losses) == {"mse_feature", "kd_logits"} and torch.isfinite(out.loss)
+    assert distiller.teacher_taps.taps["mse_feature"].prefix_tokens == 1
     with pytest.raises(ProbeError, match=r"^level 'x' student: unknown tap alias '@features'; use @feature, @logits"):
         resolve_aliases({"x": "@features"}, student, input_shape=(3, 16, 16), role="student")
     with pytest.raises(ProbeError, match=r"^level 'mse_x' teacher: @feature: Flattening flattens"):

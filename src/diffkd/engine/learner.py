@@ -17,10 +17,12 @@ from torch import Tensor, nn
 
 from .. import models
 from ..config import Config, ConfigError, ModelConfig, TeacherConfig
-from ..distiller import Distiller, Level
+from ..distiller import Distiller, Level, default_level_name
 from ..models.probe import ProbeError, resolve_alias
-from ..taps import call_model
+from ..models.weights import file_sha256
+from ..taps import Tap, call_model
 from ..tasks import Task
+from .identity import weights_digest
 from .teacher import load_teacher_weights
 
 
@@ -41,6 +43,7 @@ class Learner(ABC):
     module: nn.Module
     student: nn.Module
     needs_indices = False  # whether compute needs each sample's dataset index (the training data then yields them)
+    teacher_identity: dict[str, Any] | None = None  # the frozen teacher's weights digest and file (identity.py)
 
     @abstractmethod
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
@@ -67,6 +70,10 @@ class Learner(ABC):
     def extra_parameters(self) -> int:
         """Parameters trained besides the student's (method modules); 0 for plain training."""
         return 0
+
+    def describe(self) -> list[str]:
+        """Lines the run logs at its start about what it trains (a distillation's resolved taps); none by default."""
+        return []
 
 
 def build_model(task: Task, spec: ModelConfig | TeacherConfig, key: str) -> nn.Module:
@@ -104,7 +111,14 @@ class DistillLearner(Learner):
             raise ConfigError(f"{', '.join(missing)}: required for `diffkd distill`")
         self.task = task
         teacher = build_model(task, cfg.teacher, "teacher")
-        load_teacher_weights(teacher, cfg.teacher)
+        teacher_file = load_teacher_weights(teacher, cfg.teacher)
+        if teacher_file is not None:
+            task.check_run(teacher_file.parent, role="teacher")
+        self.teacher_identity = {
+            "weights_sha256": weights_digest(teacher),
+            "checkpoint": str(teacher_file) if teacher_file is not None else f"pretrained {cfg.teacher.name}",
+            "file_sha256": file_sha256(teacher_file) if teacher_file is not None else None,
+        }
         student = build_model(task, cfg.student, "student")
         student_taps = functools.cache(lambda: task.default_taps(cfg.student.name, student))
         teacher_taps = functools.cache(lambda: task.default_taps(cfg.teacher.name, teacher))
@@ -115,8 +129,9 @@ class DistillLearner(Learner):
                 teacher_tap = resolve_alias(lv.teacher, f"levels.{i}.teacher", teacher_taps)
             except ProbeError as err:  # its message already names the config key
                 raise ConfigError(str(err)) from None
+            name = lv.name or default_level_name(lv.method, lv.student)  # named by the taps as written, as the API does
             try:
-                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, targets=lv.targets,
+                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, name, targets=lv.targets,
                                     ratio=lv.ratio, window=lv.window, calibrate=lv.calibrate, **lv.options))
             except ValueError as err:  # a bad weight: name the config entry
                 raise ConfigError(f"levels.{i}: {err}") from None
@@ -124,6 +139,16 @@ class DistillLearner(Learner):
                                 task_loss=task.loss)
         self.student = self.module.student
         self.needs_indices = self.module.needs_indices
+        self.written_taps = [(lv.student, lv.teacher) for lv in cfg.levels]  # as in the config, for describe()
+
+    def describe(self) -> list[str]:
+        """Each level's taps as written and as resolved, with their probed shapes and layouts, e.g.
+        `level diffkd_feature: student @feature -> layer4 (B,512,7,7) map; teacher ...`."""
+        lines = []
+        for level, written in zip(self.module.levels, self.written_taps):
+            sides = [_describe_side(self.module, level, side, spec) for side, spec in zip(("student", "teacher"), written)]
+            lines.append(f"level {level.name} ({level.method}): {'; '.join(sides)}")
+        return lines
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
         out = call(inputs, targets, indices)
@@ -150,6 +175,22 @@ class DistillLearner(Learner):
 def _is_one(weight: float | Tensor) -> bool:
     """Whether a weight is the constant 1 (its weighted term is the raw one), without reading a tensor."""
     return not isinstance(weight, Tensor) and weight == 1
+
+
+def _describe_side(distiller: Distiller, level: Level, side: str, written: Any) -> str:
+    """One side of a level: each tap as written -> its module path (shape with B for the batch) layout."""
+    resolved = getattr(level, side)
+    specs = written if isinstance(written, list) else [written]
+    taps = resolved if isinstance(resolved, list) else [resolved]
+    names = distiller.tap_names(level.name, side)
+    shown = []
+    for name, spec, tap in zip(names, specs, taps):
+        probed = distiller.probed[side].get(name)
+        path = Tap.parse(tap).path or "<output>"
+        alias = f"{spec} -> " if isinstance(spec, str) and spec.startswith("@") else ""
+        shape = "(" + ",".join(["B", *map(str, probed.shape[1:])]) + ")" if probed is not None and len(probed.shape) else "()"
+        shown.append(f"{alias}{path} {shape} {probed.layout if probed is not None else '?'}")
+    return f"{side} {', '.join(shown)}"
 
 
 LEARNERS: Mapping[str, Callable[..., Learner]] = MappingProxyType(  # (cfg, task, dataset_size=None)
