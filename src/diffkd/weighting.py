@@ -84,11 +84,30 @@ class WeightedTerms:
     weights: dict[str, float | Tensor]
 
 
+class WindowSums(nn.Module):
+    """Each process's own calibration sums (task loss, weighted unit) and step counts, per auto level.
+
+    Kept as the module's extra state, not as buffers: DDP copies every buffer from process 0 at each
+    forward, which would replace each process's sums with process 0's before they are reduced.
+    """
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.sums = torch.zeros(count, 2, dtype=torch.float64)
+        self.steps = [0] * count
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"sums": self.sums.clone(), "steps": list(self.steps)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.sums, self.steps = state["sums"].to(torch.float64).cpu().clone(), list(state["steps"])
+
+
 class LossWeights(nn.Module):
     """Applies every level's and term's weight once; calibrates and holds the automatic ones.
 
     `specs`: level name -> WeightSpec; `calibrated_terms`: level name -> the terms its method calibrates by
-    default (None: all). The automatic factors and the window's sums are buffers, so they travel with the
+    default (None: all). The automatic factors (buffers) and the window's sums (`WindowSums`) travel with the
     Distiller's state_dict into checkpoints: a resumed run keeps its factors and never recalibrates.
     """
 
@@ -98,12 +117,11 @@ class LossWeights(nn.Module):
         self.auto_levels = [name for name, spec in self.specs.items() if spec.auto]
         self.units = {name: self.specs[name].calibrate or calibrated_terms.get(name) for name in self.auto_levels}
         count = len(self.auto_levels)
-        # Per auto level: its factor (0 until calibrated) and the window's sums (task loss, weighted unit).
-        # None without auto levels, so a run of fixed weights checkpoints exactly what it did before.
-        buffers = {"factors": torch.zeros(count), "sums": torch.zeros(count, 2, dtype=torch.float64),
-                   "steps": torch.zeros(count, dtype=torch.long), "fixed": torch.zeros(count, dtype=torch.bool)}
-        for key, value in buffers.items():
-            self.register_buffer(key, value if count else None)
+        # Per auto level: its factor (0 until calibrated) and whether it is fixed; none without auto levels,
+        # so a run of fixed weights checkpoints exactly what it did before.
+        self.register_buffer("factors", torch.zeros(count) if count else None)
+        self.register_buffer("fixed", torch.zeros(count, dtype=torch.bool) if count else None)
+        self.window = WindowSums(count) if count else None
         self._fixed: list[bool] | None = None  # host copy of `fixed`, read once after (re)loading
         self._checked: set[str] = set()
 
@@ -165,21 +183,22 @@ class LossWeights(nn.Module):
         i = self.auto_levels.index(name)
         with torch.no_grad():
             step = torch.stack([task_loss.detach().double().reshape(()), unit_sum.double().reshape(())])
-            self.sums[i] += step.to(self.sums.device)
-            self.steps[i] += 1
-        if int(self.steps[i]) >= self.specs[name].window:
+            self.window.sums[i] += step.cpu()
+        self.window.steps[i] += 1
+        if self.window.steps[i] >= self.specs[name].window:
             self.close(name)
 
     def end_windows(self) -> None:
         """Fix every open window now (the engine calls it when the first epoch ends before the window does)."""
         for name in self.auto_levels:
-            if not self._host_fixed()[self.auto_levels.index(name)] and int(self.steps[self.auto_levels.index(name)]):
+            i = self.auto_levels.index(name)
+            if not self._host_fixed()[i] and self.window.steps[i]:
                 self.close(name)
 
     def close(self, name: str) -> None:
         """Fix a level's factor from its window: ratio x mean task loss / mean unit, reduced over processes."""
         i = self.auto_levels.index(name)
-        totals = torch.cat([self.sums[i], self.steps[i:i + 1].double()])
+        totals = torch.cat([self.window.sums[i], torch.tensor([float(self.window.steps[i])], dtype=torch.float64)])
         if dist.is_available() and dist.is_initialized():
             totals = totals.to(self._reduce_device())
             dist.all_reduce(totals)

@@ -74,8 +74,8 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], stric
         unexpected = [k for k in state if k not in expected]
         problems += [f"missing {_listed(missing)}"] if missing else []
         problems += [f"unexpected {_listed(unexpected)}"] if unexpected else []
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()  # tensors: not extra states
+             if torch.is_tensor(v) and torch.is_tensor(state.get(k)) and state[k].shape != v.shape]
     problems += [f"wrong shape (file vs model): {_listed(wrong)}"] if wrong else []
     return "; ".join(problems) or None
 
