@@ -173,7 +173,7 @@ class Distiller(nn.Module):
         with torch.no_grad():
             call_model(self.teacher, inputs)
         student_output = call_model(self.student, inputs)
-        if task_loss is None and self.task_loss is not None:
+        if task_loss is None and self.task_loss is not None and targets is not None:  # none without targets (visualize)
             task_loss = self.task_loss(student_output, targets)
         outputs = {}
         stats: dict[str, Tensor] = {}
