@@ -63,6 +63,7 @@ def tiny_vit_config(**overrides: object) -> transformers.ViTConfig:
     return transformers.ViTConfig(**{**fields, **overrides})
 
 
+@pytest.mark.integration
 def test_import_path_student_and_timm_teacher_distil_by_aliases(tmp_path: Path, mynets: str) -> None:
     root = write_image_folder(tmp_path / "pets")
     torch.manual_seed(0)
@@ -81,6 +82,7 @@ def test_import_path_student_and_timm_teacher_distil_by_aliases(tmp_path: Path, 
     assert student["student.8.weight"].shape == (3, 8)  # width 4 (options) x 2, three classes from the folder
 
 
+@pytest.mark.integration
 def test_hf_folder_trains_and_reads_the_logits(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "pets")
     folder = tmp_path / "tiny-vit"
@@ -92,6 +94,7 @@ def test_hf_folder_trains_and_reads_the_logits(tmp_path: Path) -> None:
     assert isinstance(model, transformers.ViTForImageClassification) and model.config.num_labels == 3
 
 
+@pytest.mark.integration
 def test_hf_folder_with_weights(tmp_path: Path) -> None:
     folder = tmp_path / "tiny-vit"
     torch.manual_seed(0)
@@ -154,6 +157,7 @@ def test_bad_model_names_fail_in_one_line_before_writing(
     assert not (tmp_path / "cli-run").exists()
 
 
+@pytest.mark.integration
 def test_feature_alias_on_a_model_without_a_pooled_feature(tmp_path: Path, mynets: str) -> None:
     root = write_image_folder(tmp_path / "pets", per_class=1)
     teacher = tmp_path / "teacher.pt"

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from .. import models
 from ..config import Config, ConfigError, ModelConfig, TeacherConfig
 from ..distiller import Distiller, Level, default_level_name
-from ..taps import Tap
-from ..models.probe import TAP_ALIASES
+from ..models.probe import ProbeError, resolve_alias
 from ..models.weights import file_sha256
+from ..taps import Tap, call_model
 from ..tasks import Task
 from .identity import weights_digest
 from .teacher import load_teacher_weights
@@ -35,11 +35,6 @@ class StepOutput:
     terms: dict[str, Tensor]
     total: Tensor
     stats: Mapping[str, Any] = field(default_factory=dict)
-
-
-def forward(model: Callable[..., Any], inputs: Any) -> Any:
-    """Call a model on a batch's inputs; a tuple (a detector's (images, targets)) is spread as arguments."""
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
 class Learner(ABC):
@@ -99,32 +94,9 @@ class PlainLearner(Learner):
         self.module = self.student = build_model(task, cfg.model, "model")
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
-        outputs = forward(call, inputs)
+        outputs = call_model(call, inputs)
         loss = self.task.loss(outputs, targets)
         return StepOutput(outputs, {"task": loss}, loss)
-
-
-def resolve_tap(
-    spec: str | dict[str, Any] | list[str | dict[str, Any]], where: str,
-    default_taps: Callable[[], models.Taps | models.Probe],
-) -> str | dict[str, Any] | list[str | dict[str, Any]]:
-    """'@feature' / '@logits' -> the model's default tap (from `default_taps()`, called only then); others unchanged.
-
-    A list of taps is resolved item by item.
-    """
-    if isinstance(spec, list):
-        return [resolve_tap(item, f"{where}.{i}", default_taps) for i, item in enumerate(spec)]
-    if not isinstance(spec, str) or not spec.startswith("@"):
-        return spec
-    alias = spec[1:]
-    if alias not in TAP_ALIASES:
-        raise ConfigError(
-            f"{where}: unknown tap alias {spec!r}; use {', '.join('@' + a for a in TAP_ALIASES)} or a module path"
-        )
-    try:
-        return getattr(default_taps(), alias)
-    except models.ProbeError as err:
-        raise ConfigError(f"{where}: {err}") from None
 
 
 class DistillLearner(Learner):
@@ -152,8 +124,11 @@ class DistillLearner(Learner):
         teacher_taps = functools.cache(lambda: task.default_taps(cfg.teacher.name, teacher))
         levels = []
         for i, lv in enumerate(cfg.levels):
-            student_tap = resolve_tap(lv.student, f"levels.{i}.student", student_taps)
-            teacher_tap = resolve_tap(lv.teacher, f"levels.{i}.teacher", teacher_taps)
+            try:
+                student_tap = resolve_alias(lv.student, f"levels.{i}.student", student_taps)
+                teacher_tap = resolve_alias(lv.teacher, f"levels.{i}.teacher", teacher_taps)
+            except ProbeError as err:  # its message already names the config key
+                raise ConfigError(str(err)) from None
             name = lv.name or default_level_name(lv.method, lv.student)  # named by the taps as written, as the API does
             try:
                 levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, name, targets=lv.targets,

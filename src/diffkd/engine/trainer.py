@@ -34,6 +34,7 @@ from .ema import EMA
 from .errors import CheckpointError, NonFiniteLossError, RunInterrupted, RunWriteError
 from .evaluation import evaluate, task_loader, test_loader
 from .identity import check_identity, dataset_identity, record_identity
+from .interrupts import interrupts_held
 from .learner import LEARNERS, Learner, StepOutput
 from .meters import LossMeter
 from .optim import build_optimizer
@@ -493,8 +494,9 @@ def _save(s: Session, improved: bool) -> None:
         "train_items": len(s.train_set),  # what methods with per-sample state (CRD) are sized by, to rebuild the run
         "identity": s.identity,
     }
-    write_atomic(serialize(ckpt), s.run_dir / "last.pt")
-    s.saved_epoch = s.epoch
+    with interrupts_held():  # a Ctrl-C between the write and the record would report the epoch before
+        write_atomic(serialize(ckpt), s.run_dir / "last.pt")
+        s.saved_epoch = s.epoch
     record_identity(s.identity, s.run_dir)  # beside the checkpoint, so a run without one holds no outputs but config.yaml
     if improved:
         write_atomic(serialize({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}), s.run_dir / "best.pt")
