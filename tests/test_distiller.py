@@ -317,3 +317,23 @@ def test_a_level_takes_its_targets_from_a_raw_capture_of_the_student(monkeypatch
     assert "targets='split'" in repr(d.levels[1])
     with pytest.raises(ValueError, match=r"tap 'bad/targets': unknown module path 'splt' .* closest paths: 'split'"):
         Distiller(Halves(), Halves(), [Level("head", "head", "record", name="bad", targets="splt")], input_shape=(4,))
+
+
+def test_a_type_error_inside_a_method_is_its_own_not_blamed_on_the_options(monkeypatch):
+    """Unknown options are found from the method's declared options, so a TypeError raised while building
+    (whatever its text) reaches the caller unchanged."""
+    from diffkd.methods import build_method
+
+    class Broken(Method):
+        def __init__(self, scale: float = 1.0):
+            super().__init__()
+
+        @classmethod
+        def build(cls, student_shape, teacher_shape, **options):
+            raise TypeError("f() got an unexpected keyword argument 'scale'")
+
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scale'"):
+        build_method("broken", torch.Size([2, 3]), torch.Size([2, 3]), scale=2.0)
+    with pytest.raises(ValueError, match="method 'broken' got an unknown option 'scal' \\(did you mean 'scale'\\?\\)"):
+        build_method("broken", torch.Size([2, 3]), torch.Size([2, 3]), scal=2.0)

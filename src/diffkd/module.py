@@ -35,7 +35,11 @@ from .normalizer import NormalizedDistance, StandardizedDistance, TargetNormaliz
 
 @dataclass
 class DiffKDOutput:
-    """What one DiffKD level returns; `loss` is the weighted sum of the three terms."""
+    """What one DiffKD level returns: the three terms unweighted, and their weights as data.
+
+    `loss` weighs them when asked, for the level used alone; a Distiller weighs `terms` with `weights`
+    itself (diffkd.weighting), so inside one the weights are applied in that one place.
+    """
 
     denoised: Tensor
     target: Tensor
@@ -43,7 +47,18 @@ class DiffKDOutput:
     diffusion_loss: Tensor
     ae_loss: Tensor | None
     gamma: Tensor | None
-    loss: Tensor
+    weights: dict[str, float | Tensor]
+
+    @property
+    def terms(self) -> dict[str, Tensor]:
+        """kd, diffusion and (with the AE) ae, unweighted."""
+        terms = {"kd": self.kd_loss, "diffusion": self.diffusion_loss}
+        return terms if self.ae_loss is None else {**terms, "ae": self.ae_loss}
+
+    @property
+    def loss(self) -> Tensor:
+        """kd_weight * L_kd + diffusion_weight * L_diff (+ ae_weight * L_ae)."""
+        return sum(self.weights[k] * v for k, v in self.terms.items())  # type: ignore[return-value]
 
 
 class LinearAutoencoder(nn.Module):
@@ -128,7 +143,7 @@ class DiffKD(nn.Module):
         inference_steps: int = 5,
         adaptive_noise: bool = True,
         distance: str | Distance = "mse",
-        tau: float = 1.0,
+        tau: float | None = None,
         kd_weight: float = 1.0,
         diffusion_weight: float = 1.0,
         ae_weight: float = 1.0,
@@ -150,7 +165,7 @@ class DiffKD(nn.Module):
         width = latent_channels or teacher_channels
         schedule = NoiseSchedule(num_train_timesteps)
         self.sampler = make_sampler(sampler, schedule, inference_steps)
-        self.distance = resolve_distance(distance, None if distance == "mse" else tau)
+        self.distance = resolve_distance(distance, tau)  # tau None: the distance's own temperature
         if standardize:
             self.distance = StandardizedDistance(self.distance, distance)
 
@@ -198,10 +213,8 @@ class DiffKD(nn.Module):
         kd = self.distance(denoised, z_t)  # L_kd = d(z_s_hat, z_t)
         if student.dim() != denoised.dim():  # the mlp kind returns the rank it was given
             denoised, z_t = denoised.view(student.shape[0], -1, 1, 1), z_t.view(student.shape[0], -1, 1, 1)
-        loss = self.current_kd_weight() * kd + self.diffusion_weight * diffusion
-        if ae_loss is not None:
-            loss = loss + self.ae_weight * ae_loss
-        return DiffKDOutput(denoised, z_t, kd, diffusion, ae_loss, gamma, loss)
+        weights = {"kd": self.current_kd_weight(), "diffusion": self.diffusion_weight, "ae": self.ae_weight}
+        return DiffKDOutput(denoised, z_t, kd, diffusion, ae_loss, gamma, weights)
 
     def project_student(self, student: Tensor, size: torch.Size) -> Tensor:
         """z_s: the student feature in the latent space, resized to the teacher's spatial size (length)."""

@@ -7,14 +7,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .losses import as_rows, standardize_logits
+from .losses import as_rows, compares_distributions, standardize_logits
 
 Distance = Callable[[Tensor, Tensor], Tensor]
-
-
-def compares_distributions(distance: object) -> bool:
-    """Whether a distance (by name) compares class distributions (softmaxes): its inputs are logits."""
-    return distance in ("kl", "dist")
 
 
 class TargetNormalizer(nn.Module):

@@ -127,9 +127,6 @@ class FGD(Method):
                 f"fgd distils two feature maps (B,C,H,W) of the same size, got student {tuple(student_shape)} and "
                 f"teacher {tuple(teacher_shape)} (tap the same FPN level of both detectors)"
             )
-        unknown = sorted(set(weights) - set(WEIGHT_NAMES))
-        if unknown:
-            raise ValueError(f"fgd: unknown option(s) {unknown}; options are family and {', '.join(WEIGHT_NAMES)}")
         if family is not None:
             if family not in FAMILY_WEIGHTS:
                 raise ValueError(f"fgd: family must be one of {', '.join(FAMILY_WEIGHTS)}, got {family!r}")
