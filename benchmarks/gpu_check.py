@@ -368,8 +368,10 @@ def level_step(level: Callable[..., Any], student: torch.Tensor, teacher: torch.
     x = student.detach().clone().requires_grad_()
     with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         out = level(x, teacher, **noises)
-    out.loss.backward()
-    named = {f"out.{k}": v for k, v in vars(out).items() if v is not None}
+    loss = out.loss
+    loss.backward()
+    named = {f"out.{k}": v for k, v in vars(out).items() if isinstance(v, torch.Tensor)}  # the weights are data
+    named["out.loss"] = loss
     named["grad.student"] = x.grad
     named.update({f"grad.{k}": p.grad for k, p in module.named_parameters() if p.grad is not None})
     named.update({f"buffer.{k}": b for k, b in module.named_buffers()})

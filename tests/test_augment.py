@@ -18,6 +18,8 @@ from diffkd.engine import run
 from diffkd.tasks import build_task
 from diffkd.tasks.classification import TopK
 
+from conftest import needs_fmnist
+
 CLASSES = 10
 
 
@@ -122,11 +124,8 @@ def test_task_mixes_training_batches_only_when_configured():
 
 
 @pytest.mark.integration
+@needs_fmnist
 def test_a_training_run_mixes_its_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    try:
-        build_dataset("fashion_mnist", "test", limit=1)
-    except (FileNotFoundError, ValueError):
-        pytest.skip("Fashion-MNIST is not installed")
     calls = []
     mix = BatchMixer.__call__
     monkeypatch.setattr(BatchMixer, "__call__", lambda self, x, y: calls.append(len(x)) or mix(self, x, y))

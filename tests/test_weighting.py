@@ -1,7 +1,6 @@
 """Every loss weight applied once (diffkd.weighting), and weight="auto" checked against sums done here by hand."""
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import spawn_processes
+from conftest import needs_fmnist, spawn_processes
 from diffkd.distiller import Distiller, Level
 
 
@@ -205,8 +204,7 @@ def test_ddp_processes_calibrate_on_every_process_statistics_and_agree():
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir() and not os.environ.get("DIFFKD_DATA"),
-                    reason="Fashion-MNIST is not installed")
+@needs_fmnist
 def test_engine_logs_checkpoints_and_resumes_auto_weights_without_recalibrating(tmp_path, caplog):
     from test_engine import Stop, all_tensors, distill_overrides, random_teacher, stop_after, tiny
 

@@ -8,7 +8,6 @@ from torch import Tensor
 
 from ..losses import compares_distributions
 from ..module import DiffKD as DiffKDModule
-from ..normalizer import compares_distributions
 from .base import Method, MethodOutput, require_same_shape
 
 _MEANT = (
