@@ -86,7 +86,7 @@ class Distiller(nn.Module):
     model's pooled feature and logits, found by probing it (`diffkd.models.find_taps`).
     `dataset_size` (the training set's size) is needed by methods that use each sample's dataset
     index (CRD); they then need `indices` in `forward`. `task_loss(student_output, targets)` computes the
-    task loss in `forward` (then in `DistillOutput.task_loss`): levels with weight "auto" calibrate
+    task loss in `forward` when it gets targets (then in `DistillOutput.task_loss`): levels with weight "auto" calibrate
     against it (or pass `task_loss=<tensor>` to `forward`).
     """
 
