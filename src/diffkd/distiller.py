@@ -74,12 +74,14 @@ class Distiller(nn.Module):
     the method modules are sized automatically. A level's tap may be "@feature" / "@logits": the
     model's pooled feature and logits, found by probing it (`diffkd.models.find_taps`).
     `dataset_size` (the training set's size) is needed by methods that use each sample's dataset
-    index (CRD); they then need `indices` in `forward`.
+    index (CRD); they then need `indices` in `forward`. A teacher that takes other inputs than the
+    student (a plain CNN taking a tensor, a Hugging Face student taking keywords and labels) is probed
+    with `teacher_example_input` and then called with `forward(..., teacher_inputs=...)`.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, levels: Sequence[Level],
                  example_input: Any = None, input_shape: tuple[int, ...] | None = None,
-                 dataset_size: int | None = None):
+                 dataset_size: int | None = None, teacher_example_input: Any = None):
         super().__init__()
         if not levels:
             raise ValueError("a Distiller needs at least one Level")
@@ -91,6 +93,7 @@ class Distiller(nn.Module):
             raise ValueError(f"level names must be unique, got {duplicates} twice; pass name=... to Level")
         self.levels = list(levels)
         self.student = student
+        self.separate_teacher_inputs = teacher_example_input is not None
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         teacher.requires_grad_(False).eval()
 
@@ -100,9 +103,11 @@ class Distiller(nn.Module):
         student_specs = resolve_aliases(student_specs, student, example_input, input_shape=input_shape, role="student")
         student_specs.update({f"{lv.name}/targets": replace(Tap.parse(lv.targets), layout="object")
                               for lv in levels if lv.targets is not None})  # captured as produced: see Level
-        teacher_specs = resolve_aliases(teacher_specs, teacher, example_input, input_shape=input_shape, role="teacher")
+        teacher_input, teacher_shape = ((example_input, input_shape) if teacher_example_input is None
+                                        else (teacher_example_input, None))
+        teacher_specs = resolve_aliases(teacher_specs, teacher, teacher_input, input_shape=teacher_shape, role="teacher")
         student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
-        teacher_probe = probe_features(teacher, teacher_specs, example_input, input_shape=input_shape)
+        teacher_probe = probe_features(teacher, teacher_specs, teacher_input, input_shape=teacher_shape)
         self.methods = nn.ModuleDict()
         for lv in levels:
             student_names, teacher_names = self._tap_names[lv.name]
@@ -134,12 +139,22 @@ class Distiller(nn.Module):
         return any(method.needs_indices for method in self.methods.values())
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, inputs: Any, targets: Tensor | None = None, indices: Tensor | None = None) -> DistillOutput:
+    def forward(self, inputs: Any, targets: Tensor | None = None, indices: Tensor | None = None, *,
+                teacher_inputs: Any = None) -> DistillOutput:
         """Run teacher (no grad) and student, then every level's method on the captured features.
 
-        A tuple `inputs` is spread as positional arguments (detectors take `(images, targets)`).
-        `indices` (B,) are the samples' dataset indices, passed to the methods that need them.
+        A tuple `inputs` is spread as positional arguments (detectors take `(images, targets)`), a
+        mapping as keywords. `indices` (B,) are the samples' dataset indices, passed to the methods
+        that need them. `teacher_inputs` is what the teacher is called with when it is not `inputs`
+        (required when the Distiller was built with `teacher_example_input`, refused otherwise).
         """
+        if (teacher_inputs is None) == self.separate_teacher_inputs:
+            raise ValueError(
+                "this Distiller was built with teacher_example_input: call it as d(inputs, ..., teacher_inputs=...)"
+                if self.separate_teacher_inputs else
+                "teacher_inputs was given, but this Distiller probed the teacher with the student's example input: "
+                "build it with teacher_example_input=... too"
+            )
         if indices is None and self.needs_indices:
             needing = [n for n, m in self.methods.items() if m.needs_indices]
             raise ValueError(
@@ -147,7 +162,7 @@ class Distiller(nn.Module):
                 "indices=...) with the (B,) indices of the batch's items (wrap the dataset in diffkd.data.WithIndices)"
             )
         with torch.no_grad():
-            call_model(self.teacher, inputs)
+            call_model(self.teacher, inputs if teacher_inputs is None else teacher_inputs)
         student_output = call_model(self.student, inputs)
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
