@@ -64,6 +64,7 @@ class DistillationTrainer(transformers.Trainer):
         self._refuse_unsupported_parallelism()
         warn_if_teacher_trainable(teacher, "DistillationTrainer")
         self.teacher_inputs = teacher_inputs
+        self._dropped_columns: list[str] = []  # the dataset's columns that remove_unused_columns drops
         from_dataset = example_input is None
         batch = self._example_batch() if from_dataset else self._prepare_inputs(dict(example_input))
         student_batch, _, _, teacher_batch = self._split(batch)
@@ -116,7 +117,11 @@ class DistillationTrainer(transformers.Trainer):
             items = [dataset[i] for i in range(min(_PROBE_ITEMS, len(dataset)))]
         if not items:
             raise ValueError("DistillationTrainer: train_dataset is empty; there is nothing to probe the taps with")
-        return self._prepare_inputs(collator(items))
+        batch = collator(items)
+        if isinstance(items[0], Mapping):  # what remove_unused_columns dropped ("label" becomes "labels")
+            renamed = {"label", "label_ids"} if "labels" in batch else set()
+            self._dropped_columns = sorted(set(items[0]) - set(batch) - renamed)
+        return self._prepare_inputs(batch)
 
     def _split(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor | None, Tensor | None, Any]:
         """(student inputs, targets, indices, teacher inputs) of a collated batch."""
@@ -138,15 +143,19 @@ class DistillationTrainer(transformers.Trainer):
             if column in batch:
                 continue
             self._set_signature_columns_if_needed()
-            kept = [c for c in self._signature_columns if c not in ("self", "kwargs")]
-            if self.args.remove_unused_columns and column not in kept:
-                why = (f"TrainingArguments(remove_unused_columns=True) dropped it (it keeps the student's forward "
-                       f"arguments and labels: {', '.join(kept)}); pass remove_unused_columns=False")
+            kept = [c for c in dict.fromkeys(self._signature_columns) if c not in ("self", "kwargs")]
+            if column == INDEX_COLUMN and self.args.remove_unused_columns and column not in kept:
+                why = (f"TrainingArguments(remove_unused_columns=True) drops it (it keeps the student's forward arguments "
+                       f"and labels: {', '.join(kept)}); pass remove_unused_columns=False")
+            elif column == INDEX_COLUMN:
+                why = f"add an {column!r} column (each item's index in train_dataset) to the dataset"
+            elif self._dropped_columns:
+                why = (f"TrainingArguments(remove_unused_columns=True) dropped the dataset's column(s) "
+                       f"{', '.join(map(repr, self._dropped_columns))} (not arguments of the student's forward); "
+                       f"name the label column {column!r}")
             else:
-                why = f"add a {column!r} column to the dataset"
-            index_hint = " (each item's index in train_dataset)" if column == INDEX_COLUMN else ""
-            raise ValueError(f"level {level!r} needs the batch's {what} in column {column!r}{index_hint}, "
-                             f"which the batch lacks: {why}")
+                why = f"name the dataset's label column {column!r}"
+            raise ValueError(f"level {level!r} needs the batch's {what} in column {column!r}, which the batch lacks: {why}")
 
     # ----------------------------------------------------------------------------- training
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
