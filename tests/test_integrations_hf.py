@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -17,10 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from conftest import one_line, torchrun_worker
 from diffkd import Level
 from diffkd.integrations.transformers import INDEX_COLUMN, METHODS_FILE, DistillationTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 3
 
 
@@ -67,12 +65,6 @@ def arguments(tmp_path: Path, **options) -> transformers.TrainingArguments:
 
 def frozen(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    message = str(exc.value)
-    assert "\n" not in message
-    return message
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -251,17 +243,6 @@ def test_resume_from_checkpoint_restores_the_method_modules(tmp_path):
                                                 "written by DistillationTrainer") as exc:
         cnn_trainer(tmp_path / "again", max_steps=4).train(resume_from_checkpoint=str(tmp_path / "whole" / "run" / "checkpoint-2"))
     one_line(exc)
-
-
-def torchrun_worker(kind: str, out: Path, processes: int, batch: int) -> list[dict]:
-    """Run tests/integration_workers.py in `processes` gloo processes; each one's result."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, str(ROOT / "tests" / "integration_workers.py"), kind, str(out), str(batch)]
-    if processes > 1:
-        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 
 
 @pytest.mark.integration
