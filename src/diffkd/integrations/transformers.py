@@ -177,7 +177,7 @@ class DistillationTrainer(transformers.Trainer):
         """For training, the Distiller (student + method modules; under DDP, wrapped whole); else the Trainer's way."""
         if not training or model is not self.model:
             return super()._wrap_model(model, training, dataloader)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if self.args.parallel_mode == transformers.training_args.ParallelMode.DISTRIBUTED:
             handler = self.accelerator.ddp_handler
             device = _device_of(self.model)
             return nn.parallel.DistributedDataParallel(
