@@ -150,6 +150,14 @@ def test_a_missing_framework_is_one_line_naming_the_extra(monkeypatch, module, e
     assert one_line(exc) == f"diffkd.integrations.{module} needs {module}: pip install {extra}"
 
 
+def test_a_transformers_older_than_the_trainer_api_it_relies_on_is_refused(monkeypatch):
+    monkeypatch.delattr(transformers.Trainer, "loss_is_scaled_for_ga")  # added in transformers 5.19
+    monkeypatch.delitem(sys.modules, "diffkd.integrations.transformers")
+    with pytest.raises(ImportError, match=r"needs transformers >= 5.19, found .*: pip install -U 'transformers>=5.19'$") as exc:
+        importlib.import_module("diffkd.integrations.transformers")
+    one_line(exc)
+
+
 # ----------------------------------------------------------------------------- the loss, by formula
 def test_the_loss_is_the_students_own_plus_the_weighted_terms_and_evaluation_sees_the_student_alone(tmp_path):
     torch.manual_seed(0)

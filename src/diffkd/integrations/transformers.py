@@ -26,6 +26,9 @@ try:
     from transformers.utils import is_datasets_available
 except ImportError:  # the extra is optional
     raise ImportError("diffkd.integrations.transformers needs transformers: pip install diffkd[hf]") from None
+if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):  # how the Trainer scales a loss under accumulation
+    raise ImportError(f"diffkd.integrations.transformers needs transformers >= 5.19, found {transformers.__version__}: "
+                      "pip install -U 'transformers>=5.19'")
 
 from ..atomic import save_atomic
 from ..distiller import Distiller, DistillOutput, Level
