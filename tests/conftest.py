@@ -49,3 +49,8 @@ def torchrun_worker(kind: str, out: Path, processes: int, batch: int) -> list[di
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
+
+
+def weighted_terms(out) -> dict:
+    """A MethodOutput's terms times the method's own weights (what a level of weight 1 optimises)."""
+    return {k: out.weights.get(k, 1.0) * v for k, v in out.terms.items()}

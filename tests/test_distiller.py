@@ -184,7 +184,7 @@ def test_ddp_two_processes_stay_in_sync():
 def test_level_weight_must_be_a_finite_number_at_least_zero(weight):
     with pytest.raises(ValueError) as info:
         Level("fc", "fc", "kd", weight=weight)
-    assert str(info.value) == f"Level weight must be a finite number >= 0, got {weight!r}"
+    assert str(info.value) == f"Level weight must be a finite number >= 0 or 'auto', got {weight!r}"
 
 
 def test_level_weights_that_are_numbers_are_kept():

@@ -27,6 +27,8 @@ class DiffKD(Method):
     may differ: the projector maps one onto the other.
     """
 
+    calibrated_terms = ("kd",)  # weight auto scales the distillation term; the diffusion model and AE learn as given
+
     def __init__(self, module: DiffKDModule):
         super().__init__()
         self.diffkd = module
@@ -67,8 +69,9 @@ class DiffKD(Method):
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         out = self.diffkd(student, teacher)
-        terms = {"kd": self.diffkd.current_kd_weight() * out.kd_loss, "diffusion": self.diffkd.diffusion_weight * out.diffusion_loss}
+        terms = {"kd": out.kd_loss, "diffusion": out.diffusion_loss}
+        weights = {"kd": self.diffkd.current_kd_weight(), "diffusion": self.diffkd.diffusion_weight}
         if out.ae_loss is not None:
-            terms["ae"] = self.diffkd.ae_weight * out.ae_loss
+            terms["ae"], weights["ae"] = out.ae_loss, self.diffkd.ae_weight
         stats = {"gamma": out.gamma.detach().mean()} if out.gamma is not None else {}
-        return MethodOutput(terms, stats)
+        return MethodOutput(terms, stats, weights)
