@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from conftest import one_line, torchrun_worker
 from diffkd import Level
-from diffkd.integrations.transformers import INDEX_COLUMN, METHODS_FILE, DistillationTrainer
+from diffkd.integrations.transformers import INDEX_COLUMN, DISTILLER_FILE, DistillationTrainer
 
 CLASSES = 3
 
@@ -209,11 +209,12 @@ def test_training_logs_each_term_checkpoints_the_methods_and_saves_the_student_a
     assert all(torch.equal(v, trainer.distiller.teacher.state_dict()[k]) for k, v in teacher_before.items())
     methods = trainer.distiller.methods.state_dict()
     assert any(not torch.equal(v, methods[k]) for k, v in methods_before.items())  # optimised
-    saved = torch.load(tmp_path / "run" / "checkpoint-4" / METHODS_FILE, weights_only=True)
-    assert saved.keys() == methods.keys() and all(torch.equal(saved[k], methods[k]) for k in saved)
+    saved = torch.load(tmp_path / "run" / "checkpoint-4" / DISTILLER_FILE, weights_only=True)
+    assert saved.keys() == {f"methods.{k}" for k in methods}  # fixed weights: no weighting state
+    assert all(torch.equal(saved[f"methods.{k}"], v) for k, v in methods.items())
 
     trainer.save_model(str(tmp_path / "student"))
-    assert not (tmp_path / "student" / METHODS_FILE).exists()
+    assert not (tmp_path / "student" / DISTILLER_FILE).exists()
     keys = set(load_file(tmp_path / "student" / "model.safetensors"))
     assert len(keys) == len(trainer.model.state_dict())  # the student's tensors alone (named as transformers saves them)
     assert not any(k.startswith(("methods.", "student.", "teacher")) for k in keys)
@@ -246,8 +247,8 @@ def test_resume_from_checkpoint_restores_the_method_modules(tmp_path):
         a, b = getattr(whole.distiller, part).state_dict(), getattr(resumed.distiller, part).state_dict()
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
 
-    (tmp_path / "whole" / "run" / "checkpoint-2" / METHODS_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=f"{METHODS_FILE} is missing: resume_from_checkpoint needs a checkpoint "
+    (tmp_path / "whole" / "run" / "checkpoint-2" / DISTILLER_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{DISTILLER_FILE} is missing: resume_from_checkpoint needs a checkpoint "
                                                 "written by DistillationTrainer") as exc:
         cnn_trainer(tmp_path / "again", max_steps=4).train(resume_from_checkpoint=str(tmp_path / "whole" / "run" / "checkpoint-2"))
     one_line(exc)
@@ -270,3 +271,32 @@ def test_two_gloo_processes_under_torchrun_match_one_process_with_the_same_globa
     for a, b in zip(logged, expected):  # each term averaged over both processes is the one-process term
         assert a == pytest.approx(b, rel=1e-5)
     json.dumps(logged)  # plain floats, as the Trainer's loggers need
+
+
+@pytest.mark.integration
+def test_weight_auto_calibrates_against_the_students_own_loss_and_resumes_its_factor(tmp_path):
+    torch.manual_seed(0)
+    student, teacher, data = Net(4), frozen(Net(8)), Pictures(8)
+    with torch.no_grad():  # the first step's batch is the whole set: the window (1 step) sees these
+        s, t = student(data.x)["logits"], teacher(data.x)["logits"]
+    task = F.cross_entropy(s, data.y)
+    kd = F.kl_div(F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean") * 4
+    levels = [Level("head", "head", "kd", tau=2.0, weight="auto", ratio=0.5, window=1, name="logits")]
+    options = dict(per_device_train_batch_size=8, max_steps=2, save_strategy="steps", save_steps=1, learning_rate=0.1)
+    trainer = DistillationTrainer(model=student, teacher=teacher, levels=levels, args=arguments(tmp_path, **options),
+                                  train_dataset=data)
+    trainer.train()
+    factor = trainer.distiller.auto_weights()["logits"]
+    assert factor == pytest.approx(0.5 * task.item() / kd.item(), rel=1e-4)
+    first, second = [h for h in trainer.state.log_history if "loss" in h]
+    assert first["distill/logits"] == 0.0 and first["loss"] == pytest.approx(first["task_loss"])  # the window counts 0
+    assert first["auto_weight/logits"] == second["auto_weight/logits"] == pytest.approx(factor)
+    assert second["distill/logits"] > 0
+    saved = torch.load(tmp_path / "run" / "checkpoint-1" / DISTILLER_FILE, weights_only=True)
+    assert saved["weighting.factors"].tolist() == pytest.approx([factor]) and saved["weighting.fixed"].tolist() == [True]
+
+    torch.manual_seed(0)
+    resumed = DistillationTrainer(model=Net(4), teacher=frozen(Net(8)), levels=levels, train_dataset=data,
+                                  args=arguments(tmp_path, **{**options, "output_dir": str(tmp_path / "resumed")}))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert resumed.distiller.auto_weights()["logits"] == pytest.approx(factor)  # kept, not recalibrated

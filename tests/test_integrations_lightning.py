@@ -137,7 +137,7 @@ def test_the_student_exports_alone(tmp_path):
     assert all(torch.equal(v, wrapped.student.state_dict()[k]) for k, v in fresh.state_dict().items())
     with pytest.raises(FileExistsError):
         wrapped.export_student(tmp_path / "student.pt")
-    assert {k.split(".")[0] for k in wrapped.state_dict()} == {"student", "methods"}  # no teacher
+    assert {k.split(".")[0] for k in wrapped.state_dict()} == {"student", "methods"}  # no teacher (nor auto weights)
 
 
 # ----------------------------------------------------------------------------- training end to end
@@ -191,3 +191,24 @@ def test_two_gloo_processes_under_torchrun_match_one_process_with_the_same_globa
     logged, expected = ranks[0]["history"][0], one["history"][0]
     assert {"train/task_loss_step", "train/feature_step", "train/logits_step", "train/loss_step"} <= logged.keys()
     assert logged == pytest.approx(expected, rel=1e-5)  # each term averaged over both processes (sync_dist)
+
+
+@pytest.mark.integration
+def test_weight_auto_calibrates_against_the_task_loss_and_checkpoints_its_factor(tmp_path):
+    levels = [Level("net.4", "4", "kd", tau=2.0, weight="auto", ratio=0.5, window=1, name="logits")]
+    wrapped = module(levels)
+    x, y = loader(16, batch=16).dataset.tensors
+    with torch.no_grad():  # the first step's batch is the whole set: the window (1 step) sees these
+        s, t = wrapped.student(x), wrapped.distiller.teacher(x)
+    task = F.cross_entropy(s, y)
+    kd = F.kl_div(F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean") * 4
+    run = trainer(tmp_path, max_steps=1)
+    run.fit(wrapped, loader(16, batch=16))
+    factor = wrapped.distiller.auto_weights()["logits"]
+    assert factor == pytest.approx(0.5 * task.item() / kd.item(), rel=1e-4)
+    logged = run.callback_metrics
+    assert logged["train/logits_step"].item() == 0.0  # the window counts 0
+    assert logged["train/auto_weight/logits"].item() == pytest.approx(factor)
+    run.save_checkpoint(tmp_path / "auto.ckpt")
+    state = torch.load(tmp_path / "auto.ckpt", weights_only=False)["state_dict"]
+    assert state["weighting.factors"].tolist() == pytest.approx([factor]) and state["weighting.fixed"].tolist() == [True]

@@ -6,9 +6,10 @@
 
 The wrapped module (the student) keeps its forward, `configure_optimizers` (run with the method
 modules attached, so an optimizer over `self.parameters()` covers them), validation, test and
-predict steps; training runs diffkd's `Distiller` and adds the levels' terms to `task_loss`. The
-module tree is `student` + `methods` (checkpoints and DDP hold both; the teacher stays outside,
-frozen, in eval mode, moved with the module). `export_student` writes the student's weights alone.
+predict steps; training runs diffkd's `Distiller`, which computes `task_loss` and adds the levels'
+terms (levels with `weight="auto"` calibrate against the task loss). The module tree is `student` +
+`methods` + `weighting` (the automatic weights): checkpoints and DDP hold them; the teacher stays
+outside, frozen, in eval mode, moved with the module. `export_student` writes the student alone.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ class DistillationModule(L.LightningModule):
     (inputs, targets, indices or None); by default a batch is (inputs, targets), or ((inputs, targets),
     indices) from `diffkd.data.WithIndices` when a method needs dataset indices. `teacher_inputs(inputs)`
     is what the teacher is called with when it takes other inputs than the student (then give
-    `teacher_example_input` too). Each term is logged with `self.log` as train/<level> (and
-    train/task_loss, train/loss).
+    `teacher_example_input` too). Each term is logged with `self.log` as train/<term> (and
+    train/task_loss, train/loss, train/auto_weight/<level> for automatic weights).
     """
 
     def __init__(self, student: L.LightningModule, teacher: nn.Module, levels: Sequence[Level], *,
@@ -60,11 +61,12 @@ class DistillationModule(L.LightningModule):
                              "(what it is probed with) together, or neither")
         warn_if_teacher_trainable(teacher, "DistillationModule")
         distiller = Distiller(teacher, student, levels, example_input=example_input, input_shape=input_shape,
-                              dataset_size=dataset_size, teacher_example_input=teacher_example_input)
-        object.__setattr__(self, "distiller", distiller)  # outside the module tree: the tree is student + methods
+                              dataset_size=dataset_size, task_loss=task_loss, teacher_example_input=teacher_example_input)
+        object.__setattr__(self, "distiller", distiller)  # outside the module tree, which holds its parts but the teacher
         self.student = student
         self.methods = distiller.methods
-        self.task_loss, self.split_batch, self.teacher_inputs = task_loss, split_batch, teacher_inputs
+        self.weighting = distiller.weighting
+        self.split_batch, self.teacher_inputs = split_batch, teacher_inputs
 
     # ----------------------------------------------------------------------------- modes, devices
     def train(self, mode: bool = True) -> "DistillationModule":
@@ -86,16 +88,21 @@ class DistillationModule(L.LightningModule):
         inputs, targets, indices = self.split_batch(batch) if self.split_batch else self._default_split(batch)
         self.distiller.set_progress(*self._progress(batch_idx))
         extra = {"teacher_inputs": self.teacher_inputs(inputs)} if self.teacher_inputs else {}
-        out = self.distiller(inputs, targets, indices, **extra)
-        task = self.task_loss(out.student, targets)
-        loss = task + out.loss
+        out = self.distiller(inputs, targets, indices, **extra)  # task_loss(output, targets) computed inside
+        loss = out.task_loss + out.loss
         batch_size = _batch_size(inputs)
-        terms = {"train/task_loss": task, **{f"train/{name}": value for name, value in out.losses.items()}}
+        terms = {"train/task_loss": out.task_loss, **{f"train/{name}": value for name, value in out.losses.items()}}
         self.log_dict({k: v.detach() for k, v in terms.items()}, on_step=True, on_epoch=True, sync_dist=True,
                       batch_size=batch_size)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=batch_size)
+        for level, weight in self.distiller.auto_weights().items():  # the same in every process
+            self.log(f"train/auto_weight/{level}", weight, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """A calibration window (weight "auto") still open ends with the first epoch."""
+        self.distiller.end_epoch()
 
     def _default_split(self, batch: Any) -> Batch:
         """(inputs, targets) batches, or ((inputs, targets), indices) from WithIndices when a method needs indices."""

@@ -5,8 +5,9 @@
 
 What is trained (optimised, wrapped in DDP under `torchrun`) is the student plus the levels' method
 modules, diffkd's `Distiller` (`trainer.distiller`); `trainer.model` stays the student, so evaluation,
-`save_model` and `push_to_hub` see the student alone. Checkpoints also hold the method modules'
-state (`diffkd_methods.pt`) so `train(resume_from_checkpoint=...)` resumes them. FSDP, DeepSpeed and
+`save_model` and `push_to_hub` see the student alone. Checkpoints also hold the Distiller's state
+without the student (`diffkd_distiller.pt`: method modules, automatic loss weights) so
+`train(resume_from_checkpoint=...)` resumes them. FSDP, DeepSpeed and
 DataParallel are refused in one line (not supported; nothing here can test them).
 """
 from __future__ import annotations
@@ -34,9 +35,9 @@ from ..atomic import save_atomic
 from ..distiller import Distiller, DistillOutput, Level
 from .checks import check_teacher_and_levels, warn_if_teacher_trainable
 
-__all__ = ["DistillationTrainer", "INDEX_COLUMN", "METHODS_FILE"]
+__all__ = ["DistillationTrainer", "INDEX_COLUMN", "DISTILLER_FILE"]
 
-METHODS_FILE = "diffkd_methods.pt"  # the method modules' state inside each Trainer checkpoint folder
+DISTILLER_FILE = "diffkd_distiller.pt"  # in each Trainer checkpoint folder: the Distiller's state without the student
 INDEX_COLUMN = "indices"  # the batch column with each sample's dataset index (CRD's memory bank)
 _PROBE_ITEMS = 2  # dataset items collated into the probe's example batch
 
@@ -45,7 +46,9 @@ class DistillationTrainer(transformers.Trainer):
     """A `transformers.Trainer` whose model (`model=`) is the student, distilled from `teacher` on `levels`.
 
     The loss is the student's own loss (the model's `loss`, or `compute_loss_func` / label smoothing as
-    the Trainer does) plus the levels' weighted terms; each term is logged with the Trainer's loss.
+    the Trainer does) plus the levels' weighted terms; it is the Distiller's task loss, so levels with
+    `weight="auto"` calibrate against it. Each term is logged with the Trainer's loss ("task_loss",
+    "distill/<term>", and "auto_weight/<level>" for automatic weights).
     `example_input`: a batch as the data collator makes it, to probe the taps; default the first
     items of `train_dataset`. The teacher is called with the batch's model inputs (the label columns
     and `indices` left out), or with `teacher_inputs(batch)` when given (e.g. `lambda b:
@@ -76,7 +79,7 @@ class DistillationTrainer(transformers.Trainer):
             _check_takes_keywords(teacher, teacher_batch)
         size = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         self.distiller = Distiller(teacher, model, levels, example_input=probe_batch, dataset_size=size,
-                                   teacher_example_input=teacher_batch)
+                                   task_loss=self._task_loss, teacher_example_input=teacher_batch)
         self.distiller.to(_device_of(model))
         if from_dataset:
             self._require_columns(batch)
@@ -199,11 +202,10 @@ class DistillationTrainer(transformers.Trainer):
             for key in self._label_keys:  # the loss is computed from the outputs, as the Trainer does
                 student_inputs.pop(key, None)
         self.distiller.set_progress(self.state.epoch or 0.0, max(1, math.ceil(self.state.num_train_epochs or 1)))
-        with self.accelerator.autocast():
+        with self.accelerator.autocast():  # the Distiller computes the task loss with _task_loss
             out: DistillOutput = model(student_inputs, targets, indices, teacher_inputs=teacher_inputs)
-            task = self._task_loss(out.student, targets)
-        self._add_terms({"task_loss": task, **{f"distill/{k}": v for k, v in out.losses.items()}})
-        loss = task + out.loss
+        self._add_terms({"task_loss": out.task_loss, **{f"distill/{k}": v for k, v in out.losses.items()}})
+        loss = out.task_loss + out.loss
         return (loss, out.student) if return_outputs else loss
 
     def _task_loss(self, outputs: Any, labels: Tensor | None) -> Tensor:
@@ -228,32 +230,39 @@ class DistillationTrainer(transformers.Trainer):
         self._term_batches += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Training logs (those with "loss") also get each term's mean since the last log, over all processes."""
+        """Training logs (those with "loss") also get each term's mean since the last log, over all processes,
+        and the automatic weights as they stand (0 while a level's calibration window is open)."""
         if "loss" in logs and self._term_batches:
             names = sorted(self._term_sums)
             means = torch.stack([self._term_sums[n] for n in names]) / self._term_batches
             means = self.accelerator.reduce(means, reduction="mean")
             logs.update(dict(zip(names, means.tolist())))
+            logs.update({f"auto_weight/{k}": v for k, v in self.distiller.auto_weights().items()})  # as they stand
             self._term_sums, self._term_batches = {}, 0
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- saving, resuming
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The student alone, in Hugging Face format; a checkpoint (an internal call) also gets the method modules."""
+        """The student alone, in Hugging Face format; a checkpoint (an internal call) also gets the rest of the
+        Distiller (method modules, automatic weights)."""
         super().save_model(output_dir, _internal_call)
         if _internal_call and self.args.should_save:
-            target = Path(output_dir or self.args.output_dir) / METHODS_FILE
-            save_atomic(self.distiller.methods.state_dict(), target, overwrite=True)  # the Trainer's own folder
+            state = {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("student.")}
+            save_atomic(state, Path(output_dir or self.args.output_dir) / DISTILLER_FILE, overwrite=True)  # the Trainer's folder
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """The student's weights as the Trainer loads them, then the method modules' state."""
+        """The student's weights as the Trainer loads them, then the rest of the Distiller."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / METHODS_FILE
+        path = Path(resume_from_checkpoint) / DISTILLER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: resume_from_checkpoint needs a checkpoint written by "
                                     "DistillationTrainer (it holds the method modules' state)")
         state = torch.load(path, map_location=_device_of(self.model), weights_only=True)
-        self.distiller.methods.load_state_dict(state)
+        missing, unexpected = self.distiller.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("student.")]
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit these levels (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                             "resume with the levels the checkpoint was trained with")
 
 
 def _check_takes_keywords(teacher: nn.Module, batch: Mapping[str, Any]) -> None:
