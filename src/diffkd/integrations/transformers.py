@@ -253,6 +253,10 @@ class DistillationTrainer(transformers.Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The student's weights as the Trainer loads them, then the rest of the Distiller."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if isinstance(self.model, transformers.PreTrainedModel):  # the Trainer's own load skips the renames that
+            # from_pretrained applies (transformers 5.25 leaves a ViT's layers unloaded, with a warning): load strictly
+            saved = type(self.model).from_pretrained(resume_from_checkpoint, config=self.model.config)
+            self.model.load_state_dict(saved.state_dict())
         path = Path(resume_from_checkpoint) / DISTILLER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: resume_from_checkpoint needs a checkpoint written by "
