@@ -212,3 +212,19 @@ def test_weight_auto_calibrates_against_the_task_loss_and_checkpoints_its_factor
     run.save_checkpoint(tmp_path / "auto.ckpt")
     state = torch.load(tmp_path / "auto.ckpt", weights_only=False)["state_dict"]
     assert state["weighting.factors"].tolist() == pytest.approx([factor]) and state["weighting.fixed"].tolist() == [True]
+
+
+def test_only_the_steps_the_student_has_are_steps_of_the_wrapper():
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    class TrainOnly(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = cnn(4)
+
+        def forward(self, x):
+            return self.net(x)
+
+    bare, full = module(student=TrainOnly()), module()
+    assert not is_overridden("validation_step", bare) and not is_overridden("test_step", bare)
+    assert is_overridden("validation_step", full) and is_overridden("training_step", bare)

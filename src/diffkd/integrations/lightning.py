@@ -24,6 +24,7 @@ try:
     import lightning as L
 except ImportError:  # the extra is optional
     raise ImportError("diffkd.integrations.lightning needs lightning: pip install diffkd[lightning]") from None
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..distiller import Distiller, Level
 from .checks import check_teacher_and_levels, warn_if_teacher_trainable
@@ -67,6 +68,9 @@ class DistillationModule(L.LightningModule):
         self.methods = distiller.methods
         self.weighting = distiller.weighting
         self.split_batch, self.teacher_inputs = split_batch, teacher_inputs
+        for step in ("validation_step", "test_step"):  # a step the student lacks: Lightning sees none here either
+            if not is_overridden(step, student, parent=L.LightningModule):
+                object.__setattr__(self, step, None)
 
     # ----------------------------------------------------------------------------- modes, devices
     def train(self, mode: bool = True) -> "DistillationModule":
