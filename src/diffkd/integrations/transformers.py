@@ -107,14 +107,10 @@ class DistillationTrainer(transformers.Trainer):
         if dataset is None:
             raise ValueError("DistillationTrainer needs train_dataset=... or example_input=... (a batch as the "
                              "data collator makes it) to probe the taps")
-        collator = self.data_collator
-        if is_datasets_available():
-            import datasets
-
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="training")
+        collator, columns = self.data_collator, None
+        if _is_datasets_dataset(dataset):  # the Trainer removes a datasets.Dataset's columns, else the collator does
+            columns = set(dataset.column_names)
+            dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
@@ -124,9 +120,10 @@ class DistillationTrainer(transformers.Trainer):
         if not items:
             raise ValueError("DistillationTrainer: train_dataset is empty; there is nothing to probe the taps with")
         batch = collator(items)
-        if isinstance(items[0], Mapping):  # what remove_unused_columns dropped ("label" becomes "labels")
-            renamed = {"label", "label_ids"} if "labels" in batch else set()
-            self._dropped_columns = sorted(set(items[0]) - set(batch) - renamed)
+        if columns is None and isinstance(items[0], Mapping):
+            columns = set(items[0])
+        renamed = {"label", "label_ids"} if "labels" in batch else set()  # the default collator renames them
+        self._dropped_columns = sorted((columns or set()) - set(batch) - renamed)  # what remove_unused_columns drops
         return self._prepare_inputs(batch)
 
     def _split(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor | None, Tensor | None, Any]:
@@ -267,6 +264,15 @@ class DistillationTrainer(transformers.Trainer):
         if missing or unexpected:
             raise ValueError(f"{path} does not fit these levels (missing {missing[:3]}, unexpected {unexpected[:3]}): "
                              "resume with the levels the checkpoint was trained with")
+
+
+def _is_datasets_dataset(dataset: Any) -> bool:
+    """Whether `dataset` is a Hugging Face `datasets.Dataset` (the library imported only when installed)."""
+    if not is_datasets_available():
+        return False
+    import datasets
+
+    return isinstance(dataset, datasets.Dataset)
 
 
 def _check_takes_keywords(teacher: nn.Module, batch: Mapping[str, Any]) -> None:
