@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?=
 
-.PHONY: venv data test test-all demo bench clean
+.PHONY: venv data test-quick test test-all demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,16 @@ data:
 		 (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
 		|| echo "warning: could not apt-get install dataset-fashion-mnist"; fi
 
+# Test tiers: test-quick is the edit loop (unit tests only), test is what CI runs (unit + integration),
+# test-all adds the slow end-to-end runs.
+test-quick: venv
+	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
 test: venv data
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: venv data
-	$(PY) -m pytest -m ""
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 demo: venv data
 	$(VENV)/bin/diffkd demo

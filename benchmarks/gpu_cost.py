@@ -4,7 +4,7 @@
     python benchmarks/gpu_cost.py --device cpu --batch 4 --size 64 --fmnist-batch 16 --steps 2 --warmup 1  # smoke test
     python benchmarks/gpu_cost.py --activations-only --device cpu --batch 16   # activation memory, any device
 
-Cases (DESIGN.md §2 and issue "Fast DiffKD"):
+Cases (docs/design.md §6 and issue "Fast DiffKD"):
 - ResNet-34 -> ResNet-18, batch 256, 224x224, random data, fp32 and bf16 autocast: plain KD (logits,
   tau 1), DiffKD without AE, DiffKD as in B1 (feature AE latent 1024 + logits) on its fast path, as
   the reference (fast=False) and with recompute=True on the feature level; step time (median of

@@ -22,6 +22,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def have_fashion_mnist() -> bool:
+    """Whether Fashion-MNIST is installed where the library looks for it (nothing is downloaded)."""
+    from diffkd.data import fashion_mnist
+
+    try:
+        fashion_mnist.locate("test", None, download=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+
+
 def spawn_processes(worker: Callable, world: int = 2) -> dict:
     """Run `worker(rank, world, port, results)` in `world` processes on a free local port; return `results`."""
     with socket.socket() as sock:

@@ -121,6 +121,7 @@ def test_task_mixes_training_batches_only_when_configured():
     assert soft.shape == (6, 10) and not torch.equal(mixed, images)
 
 
+@pytest.mark.integration
 def test_a_training_run_mixes_its_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     try:
         build_dataset("fashion_mnist", "test", limit=1)

@@ -1,6 +1,6 @@
 """The paper's baselines RKD, PKT, VID, CRD, ReviewKD and SRRL.
 
-Each loss is checked against its formula written out here with plain loops (DESIGN.md section 4b),
+Each loss is checked against its formula written out here with plain loops (docs/design.md §5),
 and on a case small enough to work out by hand. Each method is built from the probed taps of a
 torchvision pair by names alone and takes one optimizer step. Plus the general interfaces they
 brought: levels with several taps, a frozen teacher module by path, sample indices.
@@ -411,6 +411,7 @@ def named_levels(levels: list[Level], teacher: str, student: str) -> list[Level]
             for lv in levels]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", list(BY_NAME))
 def test_built_from_torchvision_names_one_step_trains_student_and_method_only(method):
     teacher, student = fresh("resnet34"), fresh("resnet18")
@@ -569,6 +570,7 @@ def _crd_ddp_worker(rank: int, world: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_crd_under_ddp_updates_every_process_bank_with_the_global_batch():
     results = spawn_processes(_crd_ddp_worker)
     (same0, rows0, labels0, z0), (same1, rows1, labels1, z1) = results[0], results[1]

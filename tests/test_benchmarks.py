@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import accuracy, cost, gpu_cost, integration_overhead  # noqa: E402
-from test_cli import needs_fmnist  # noqa: E402  (the CLI tests' Fashion-MNIST availability check)
+from conftest import needs_fmnist  # noqa: E402
 
 
 def test_accuracy_summary_and_outputs(tmp_path):
@@ -26,6 +26,7 @@ def test_accuracy_summary_and_outputs(tmp_path):
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.integration
 def test_every_ladder_and_ablation_entry_builds_a_distiller(tmp_path):
     """Each configured method list is valid for the Fashion-MNIST pair (catches typos in options)."""
     from diffkd import models
@@ -53,6 +54,7 @@ def test_tab8_flops_rows_are_counted():
     assert flops > 0
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_accuracy_ladder_end_to_end_then_a_rerun_rereads_every_run(tmp_path, monkeypatch):
     """The whole harness at a tiny size on real Fashion-MNIST: CSV, table and PNG; the students'
@@ -119,6 +121,7 @@ def test_gpu_targets_are_checked_against_the_issue_limits():
     assert targets["B1 step, bf16, vs KD"] == {"value": 1.19, "limit": 1.20, "met": True}
 
 
+@pytest.mark.integration
 def test_activation_memory_counts_what_recomputation_saves():
     """R34->R18 at a tiny size: KD is the unit, DiffKD keeps more activations than KD, and the
     recomputing B1 level keeps fewer than the plain one (the same parameters)."""

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_fmnist
 from diffkd import models
 from diffkd.cli import COMMANDS, main
 from diffkd.engine import evaluated_weights, load_checkpoint
+
+from conftest import needs_fmnist
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "fashion_mnist"
 SMALL = [
@@ -24,19 +27,6 @@ SMALL = [
 ]
 
 
-def _have_fashion_mnist() -> bool:
-    from diffkd.data import build_dataset
-
-    try:
-        build_dataset("fashion_mnist", "test", limit=1)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-needs_fmnist = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
-
-
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_each_command_has_useful_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -46,11 +36,13 @@ def test_each_command_has_useful_help(command: str, capsys) -> None:
     assert f"usage: diffkd {command}" in text and "example:" in text and f"diffkd {command} " in text
 
 
+@pytest.mark.integration
 def test_python_m_diffkd_lists_the_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "diffkd", "--help"], capture_output=True, text=True, check=True).stdout
     assert all(name in out for name in ("train", "distill", "eval", "export"))
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_train_distill_eval_export(tmp_path: Path, capsys) -> None:
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "diffkd"
@@ -102,6 +94,7 @@ def test_train_distill_eval_export(tmp_path: Path, capsys) -> None:
     )
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_run_dir_flags(tmp_path: Path, capsys) -> None:
     args = ["train", str(CONFIGS / "student.yaml"), "--out", str(tmp_path / "s"), *SMALL]
@@ -155,6 +148,7 @@ def test_eval_refuses_non_positive_sizes(tmp_path: Path, capsys, flag: str, valu
     assert f"diffkd eval: error: argument {flag}: must be a positive integer, got '{value}'" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tmp_path: Path, capsys, monkeypatch) -> None:
     from diffkd.tasks.classification import ClassificationTask
@@ -173,6 +167,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tmp_path: Pat
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.integration
 @needs_fmnist
 @pytest.mark.parametrize("signame,status", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_mid_training_exits_quietly_and_says_what_was_saved(tmp_path: Path, signame: str, status: int) -> None:

@@ -66,17 +66,17 @@ def test_full_config_round_trip(tmp_path: Path) -> None:
 
 def test_a_level_side_may_list_several_taps_and_aliases_resolve_in_lists() -> None:
     from diffkd import models
-    from diffkd.engine.learner import resolve_tap
+    from diffkd.models.probe import ProbeError, resolve_alias
 
     cfg = check({"levels": [{"student": ["features.1", "@feature"], "teacher": ["features.1", {"path": "features"}],
                              "method": "reviewkd"}]})
     assert cfg.levels[0].student == ["features.1", "@feature"]
     taps = lambda: models.default_taps("fmnist_student")  # noqa: E731
-    assert resolve_tap(cfg.levels[0].student, "levels.0.student", taps) == ["features.1", "features"]
-    with pytest.raises(ConfigError, match=r"^levels\.0\.student\.1: unknown tap alias '@feat'; use @feature, @logits"):
-        resolve_tap(["features.1", "@feat"], "levels.0.student", taps)
-    with pytest.raises(ConfigError, match=r"^levels\.0\.student: expected a string \(str\) or a mapping or a list"):
-        check({"levels": [{"student": 3, "teacher": "fc", "method": "kd"}]})
+    assert resolve_alias(cfg.levels[0].student, "levels.0.student", taps) == ["features.1", "features"]
+    with pytest.raises(ProbeError, match=r"^levels\.0\.student\.1: unknown tap alias '@feat'; use @feature, @logits"):
+        resolve_alias(["features.1", "@feat"], "levels.0.student", taps)
+    with pytest.raises(ConfigError, match=r"^levels\.0\.student: expected a string \(str\) or an integer \(int\) or a mapping"):
+        check({"levels": [{"student": True, "teacher": "fc", "method": "kd"}]})  # an integer is a path (issue 22), a bool not
 
 
 def test_yaml_1_2_exponent_floats_are_numbers(tmp_path: Path) -> None:

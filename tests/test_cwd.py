@@ -74,6 +74,7 @@ def test_cwd_errors_say_what_to_fix():
         build_method("cwd", torch.Size([2, 19, 8, 8]), torch.Size([2, 19, 8, 8]), tau=0)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", CWD_RECIPES, ids=lambda p: p.name)
 def test_cwd_recipes_use_the_authors_setting_and_take_a_step(path: Path):
     """Each CWD recipe: the logits map, tau 4, weight 3; its student and teacher built by name (width 1/8, 32 px),

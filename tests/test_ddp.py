@@ -20,17 +20,9 @@ import pytest
 from diffkd.config import apply_overrides, config_from_dict, save_config
 from diffkd.engine import load_checkpoint, run
 
+from conftest import needs_fmnist
+
 LOSS_RTOL, TOP1_ATOL = 0.02, 3.0
-
-
-def _have_fashion_mnist() -> bool:
-    from diffkd.data import build_dataset
-
-    try:
-        build_dataset("fashion_mnist", "test", limit=1)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -38,7 +30,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+@pytest.mark.integration
+@needs_fmnist
 @pytest.mark.timeout(300)
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     data = {

@@ -160,7 +160,7 @@ def test_regression_l1_is_mean_absolute_difference():
 def test_fpn_level_diffkd_uses_attention_mse():
     torch.manual_seed(0)
     level = DiffKD(256, 256, distance="attention_mse", tau=0.5)
-    assert sum(p.numel() for p in level.parameters()) == 694_722  # one FPN level, no AE (DESIGN.md)
+    assert sum(p.numel() for p in level.parameters()) == 694_722  # one FPN level, no AE (docs/design.md §2)
     out = level(torch.randn(2, 256, 8, 8), torch.randn(2, 256, 8, 8))
     assert out.kd_loss.item() == pytest.approx(attention_mse_loss(out.denoised, out.target, tau=0.5).item(), rel=1e-6)
 
@@ -352,6 +352,7 @@ def detection_config(root: Path, tmp_path: Path, family: str, **sections: Any) -
     return config_from_dict(data)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", ["fasterrcnn", "retinanet", "fcos"])
 def test_one_distillation_step_per_detector_family(coco_root: Path, tmp_path: Path, family: str):
     torch.manual_seed(0)
@@ -375,6 +376,7 @@ def test_one_distillation_step_per_detector_family(coco_root: Path, tmp_path: Pa
     assert level.noise_predictor.layers[-2].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.integration
 def test_fgd_step_through_the_engine_on_resized_images(coco_root: Path, tmp_path: Path):
     """The config's `targets: transform` reaches FGD through the learner; the 64 px images are resized to 32 px."""
     torch.manual_seed(0)

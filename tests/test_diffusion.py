@@ -6,16 +6,15 @@ import pytest
 import torch
 
 from diffkd.diffusion import (
+    DDIM,
     Bottleneck,
     NoisePredictor,
     NoiseSchedule,
     VectorBatchNorm,
-    ddim_step,
-    denoise,
-    denoise_folded,
 )
+from diffkd.folded import folded_chain, scaled_prediction
 
-# DESIGN.md §1: abar at t = 400, 300, 200, 100, 0
+# docs/design.md §3: abar at t = 400, 300, 200, 100, 0
 EXPECTED_ABAR = {400: 0.193572, 300: 0.394011, 200: 0.656347, 100: 0.895141, 0: 0.9999}
 
 
@@ -60,17 +59,21 @@ def test_add_noise_formula():
 
 def test_one_ddim_step_matches_formula_and_fused_coefficients():
     torch.manual_seed(0)
-    s = NoiseSchedule()
+    ddim = DDIM(NoiseSchedule(), 5)
     x, e = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     a_t, a_prev = abar_by_hand(300), abar_by_hand(200)
     x0_hat = (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
     expected = math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev) * e
-    assert torch.allclose(ddim_step(x, e, a_t, a_prev), expected, atol=1e-5)
-    t, a, b = s.ddim_coefficients(5)[1]
-    assert t == 300
+    by_hand = x
+    for t, t_prev in [(400, 300), (300, 200), (200, 100), (100, 0), (0, None)]:  # the whole chain, eps fixed
+        a_t, a_p = abar_by_hand(t), 1.0 if t_prev is None else abar_by_hand(t_prev)
+        by_hand = math.sqrt(a_p) * (by_hand - math.sqrt(1 - a_t) * e) / math.sqrt(a_t) + math.sqrt(1 - a_p) * e
+    assert torch.allclose(ddim(x, lambda x, t: e), by_hand, atol=1e-4)
+    t, a, b, c = ddim.linear_steps()[1][:4]
+    assert (t, c) == (300, 0.0)
     assert torch.allclose(a * x + b * e, expected, atol=1e-5)
     # after t = 0 the chain lands on x0_hat itself (abar_prev = 1)
-    t0, a0, b0 = s.ddim_coefficients(5)[-1]
+    t0, a0, b0 = ddim.linear_steps()[-1][:3]
     a_0 = abar_by_hand(0)
     assert t0 == 0
     assert torch.allclose(a0 * x + b0 * e, (x - math.sqrt(1 - a_0) * e) / math.sqrt(a_0), atol=1e-5)
@@ -84,7 +87,7 @@ def test_chain_recovers_x0_with_oracle_noise(steps):
     t_start = s.inference_timesteps(steps)[0]
     a = abar_by_hand(t_start)
     x_start = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
-    out = denoise(x_start, lambda x, t: eps, s.ddim_coefficients(steps))
+    out = DDIM(s, steps)(x_start, lambda x, t: eps)
     assert torch.allclose(out, x0, atol=1e-5)
 
 
@@ -111,12 +114,19 @@ def test_vector_path_equals_1x1_map_path():
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
-def test_add_noise_offset_joins_the_same_passes():
+def test_folded_noise_prediction_equals_the_reference():
+    """The fast path noises and adds the time embedding in the same passes: the same eps_hat."""
+    from diffkd.folded import FoldedPath
+    from diffkd.module import ReferencePath
+
     torch.manual_seed(0)
-    s = NoiseSchedule()
-    x0, eps, offset = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(1, 4, 1, 1)
-    t = torch.tensor([7, 400, 990])
-    assert torch.allclose(s.add_noise(x0, eps, t, offset=offset), s.add_noise(x0, eps, t) + offset, atol=1e-6)
+    s, predictor = NoiseSchedule(), NoisePredictor(4, "conv").eval()
+    x0, eps, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([7, 400, 990])
+    with torch.no_grad():
+        by_hand = predictor.layers(s.add_noise(x0, eps, t) + predictor.time_embedding(t).view(3, 4, 1, 1))
+        folded = FoldedPath(DDIM(s, 5), "conv", 2).predict_noise(predictor, s, x0, eps, t)
+        reference = ReferencePath(DDIM(s, 5)).predict_noise(predictor, s, x0, eps, t)
+    assert torch.allclose(folded, by_hand, atol=1e-5) and torch.allclose(reference, by_hand, atol=1e-5)
 
 
 # ------------------------------------------------------------------ the folded chain (fast path)
@@ -163,14 +173,14 @@ def _chain_pair(kind, last=None):
 
 @pytest.mark.parametrize("kind,last", [("conv", None), ("mlp", None), ("conv", torch.nn.BatchNorm2d(8))])
 def test_folded_chain_equals_reference_chain(kind, last):
-    """denoise_folded (state carries the next embedding, a*x + b*eps folded into the last layer)
+    """folded_chain (state carries the next embedding, a*x + b*eps folded into the last layer)
     gives the reference chain's output, input and parameter gradients and BN statistics. The third
     case has a last layer it cannot fold into (as after SyncBatchNorm conversion): applied after."""
     predictor, twin, x = _chain_pair(kind, last)
-    coefficients = NoiseSchedule().ddim_coefficients(5)
+    ddim = DDIM(NoiseSchedule(), 5)
     x_ref, x_fold = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref = denoise(x_ref, predictor, coefficients)
-    folded = denoise_folded(x_fold + twin.embed(coefficients[0][0], x.dim()), twin, coefficients)
+    ref = ddim(x_ref, predictor)
+    folded = folded_chain(x_fold + twin.embed(ddim.timesteps[0], x.dim()), twin, ddim.linear_steps())
     assert torch.allclose(folded, ref, atol=1e-5)
     (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
     (folded * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
@@ -186,7 +196,7 @@ def test_scaled_output_formula():
     predictor = NoisePredictor(8, "conv")
     h, shift = torch.randn(4, 8, 3, 3), torch.randn(1, 8, 1, 1)
     twin = copy.deepcopy(predictor)
-    assert torch.allclose(twin.scaled_output(h, -0.3, shift), -0.3 * predictor.layers(h) + shift, atol=1e-5)
+    assert torch.allclose(scaled_prediction(twin, h, -0.3, shift), -0.3 * predictor.layers(h) + shift, atol=1e-5)
 
 
 def test_bottleneck_residual_keeps_float32_under_autocast():

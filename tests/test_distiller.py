@@ -25,6 +25,7 @@ def snapshot(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("teacher,student", [("resnet34", "resnet18"), ("resnet50", "mobilenet_v2")])
 def test_one_step_trains_student_and_methods_not_teacher(teacher, student):
     d = by_name(teacher, student)
@@ -44,13 +45,28 @@ def test_one_step_trains_student_and_methods_not_teacher(teacher, student):
     assert any(".noise_predictor." in k for k in changed) and any(".projector." in k for k in changed)
 
 
+def mlp_level_params_by_hand(k: int) -> int:
+    """A DiffKD logits level (mlp kind, k classes, no AE) box by box (docs/design.md §2)."""
+    def pointwise(cin, cout):  # 1x1 conv with bias
+        return cin * cout + cout
+
+    projector = pointwise(k, k)
+    predictor = 1280 * k + pointwise(k, 4 * k) + 2 * 4 * k + pointwise(4 * k, k) + 2 * k \
+        + pointwise(k, 4 * k) + 2 * 4 * k + pointwise(4 * k, k)
+    anm = pointwise(k, 2 * k) + 2 * 2 * k + pointwise(2 * k, k) + 2 * k + (k * 2 + 2)
+    output = pointwise(k, k) + 2 * k
+    return projector + predictor + anm + output
+
+
 def test_state_dict_has_no_teacher_and_extra_parameters_counts_methods():
     d = by_name("resnet34", "resnet18")
     keys = list(d.state_dict())
     assert keys and all(k.startswith(("student.", "methods.")) for k in keys)
-    assert d.extra_parameters() == sum(p.numel() for p in d.methods.parameters())
-    n_student = sum(p.numel() for p in d.student.parameters())
-    assert sum(p.numel() for p in d.trainable_parameters()) == n_student + d.extra_parameters()
+    assert mlp_level_params_by_hand(100) == 352_302  # the published fingerprint of the 100-class level
+    feature_level = 2_112_386  # the published fingerprint of a 512 -> 512 map level without AE
+    assert d.extra_parameters() == feature_level + mlp_level_params_by_hand(10)
+    resnet18_10_classes = 11_689_512 - (512 * 1000 + 1000) + (512 * 10 + 10)  # torchvision's count, head for 10 classes
+    assert sum(p.numel() for p in d.trainable_parameters()) == resnet18_10_classes + feature_level + mlp_level_params_by_hand(10)
 
 
 def test_exported_student_loads_strictly_and_gives_same_logits(tmp_path):
@@ -111,6 +127,7 @@ def test_token_model_distilled_at_a_token_layer():
     assert student.patch.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.integration
 def test_autocast_cpu_bf16():
     d = by_name("resnet34", "resnet18")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -175,6 +192,7 @@ def _ddp_worker(rank: int, world: int, port: int, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_ddp_two_processes_stay_in_sync():
     assert spawn_processes(_ddp_worker) == {0: True, 1: True}
 
@@ -233,6 +251,7 @@ def test_unknown_method_option_names_the_closest_and_the_valid_ones(method, opti
         assert not {"student_channels", "teacher_channels", "module"} & set(valid)
 
 
+@pytest.mark.integration
 def test_torch_compile_traces_the_distiller_like_eager():
     """Dynamo traces the taps' hooks (backend "eager": no code generation, so it stays fast); a compiled
     Distiller gives the eager one's loss and gradients, on its first call and on a reused graph."""
@@ -341,3 +360,23 @@ def test_a_teacher_taking_other_inputs_than_the_student_gets_teacher_inputs():
                      [Level("2", "head", "kd")], example_input=x)
     with pytest.raises(ValueError, match="teacher_inputs was given, but this Distiller probed the teacher"):
         same(x, teacher_inputs=x)
+
+
+def test_a_type_error_inside_a_method_is_its_own_not_blamed_on_the_options(monkeypatch):
+    """Unknown options are found from the method's declared options, so a TypeError raised while building
+    (whatever its text) reaches the caller unchanged."""
+    from diffkd.methods import build_method
+
+    class Broken(Method):
+        def __init__(self, scale: float = 1.0):
+            super().__init__()
+
+        @classmethod
+        def build(cls, student_shape, teacher_shape, **options):
+            raise TypeError("f() got an unexpected keyword argument 'scale'")
+
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scale'"):
+        build_method("broken", torch.Size([2, 3]), torch.Size([2, 3]), scale=2.0)
+    with pytest.raises(ValueError, match="method 'broken' got an unknown option 'scal' \\(did you mean 'scale'\\?\\)"):
+        build_method("broken", torch.Size([2, 3]), torch.Size([2, 3]), scal=2.0)

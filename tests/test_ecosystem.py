@@ -75,6 +75,7 @@ def distil_one_step(student: nn.Module, features: Callable[[torch.Tensor], torch
     return distiller
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch, options, taps, layout", FAMILIES)
 def test_timm_family_distils_by_aliases(arch: str, options: dict, taps: Taps, layout: Callable) -> None:
     torch.manual_seed(0)
@@ -83,6 +84,7 @@ def test_timm_family_distils_by_aliases(arch: str, options: dict, taps: Taps, la
     distil_one_step(student, student.forward_features, layout)
 
 
+@pytest.mark.integration
 def test_transformers_vit_from_a_config_distils_by_aliases() -> None:
     torch.manual_seed(0)
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
@@ -93,6 +95,7 @@ def test_transformers_vit_from_a_config_distils_by_aliases() -> None:
     distil_one_step(student, lambda x: student.vit(x).last_hidden_state, tokens_to_map(1))
 
 
+@pytest.mark.integration
 def test_timm_vit_default_taps_drop_the_class_token() -> None:
     taps = models.default_taps("timm:vit_small_patch16_224")
     assert taps == Taps({"path": "norm", **TOKENS, "prefix_tokens": 1}, "head")

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import needs_fmnist
 from diffkd import models
 from diffkd.config import ConfigError, OptimConfig, ScheduleConfig, apply_overrides, config_from_dict, load_config
 from diffkd.engine import CheckpointError, NonFiniteLossError, RunDirError, evaluate_checkpoint, load_checkpoint, run
@@ -25,18 +26,7 @@ from diffkd.engine.precision import MixedPrecision
 from diffkd.engine.schedules import LRSchedule, Timeline
 from diffkd.tasks.classification import ClassificationTask
 
-
-def _have_fashion_mnist() -> bool:
-    from diffkd.data import build_dataset
-
-    try:
-        build_dataset("fashion_mnist", "test", limit=1)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-needs_fmnist = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+from conftest import needs_fmnist
 
 
 def tiny(tmp_path: Path, *overrides: str, name: str = "run", mode: str = "train") -> Any:
@@ -191,6 +181,7 @@ def test_topk_counts() -> None:
 # --------------------------------------------------------------------------------------- runs
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
     extra = [
@@ -216,6 +207,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None
     ]
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_distill_resume_is_bit_identical(tmp_path: Path) -> None:
     teacher = random_teacher(tmp_path)
@@ -246,6 +238,7 @@ def test_distill_resume_is_bit_identical(tmp_path: Path) -> None:
     assert straight.extra_parameters > 0
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_methods_hear_the_progress_before_every_step_and_variants_resume_bit_identical(tmp_path: Path, monkeypatch) -> None:
     """The engine calls set_progress(epoch + i / steps, epochs) before step i; a DiffKD level with the
@@ -276,6 +269,7 @@ def test_methods_hear_the_progress_before_every_step_and_variants_resume_bit_ide
     ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
     assert ta.keys() == tb.keys()
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+@pytest.mark.integration
 def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Path) -> None:
     """CRD (dataset indices from the engine's data wrapper, a memory bank per side) plus a multi-tap VID level."""
     teacher = random_teacher(tmp_path)
@@ -291,10 +285,10 @@ def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Pat
     first = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
     resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
     a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
-    bank = "methods.crd_features.memory_student"
+    bank = "methods.crd_feature.memory_student"
     assert a["model"][bank].shape == (64, 128)  # one row per training item
-    assert (a["model"]["methods.crd_features.normalizers"] > 0).all()
-    assert a["model"]["methods.crd_features.labels"].min() >= 0  # every item seen, its class learnt
+    assert (a["model"]["methods.crd_feature.normalizers"] > 0).all()
+    assert a["model"]["methods.crd_feature.labels"].min() >= 0  # every item seen, its class learnt
     assert not torch.equal(first[bank], a["model"][bank])  # the second epoch moved the bank
     ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
     assert ta.keys() == tb.keys() and [k for k in ta if not torch.equal(ta[k], tb[k])] == []
@@ -303,9 +297,10 @@ def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Pat
 
     rebuilt, _ = load_run(straight.run_dir, which="last")  # as `diffkd visualize` does: the bank sized from the checkpoint
     assert torch.equal(rebuilt.state_dict()[bank], a["model"][bank])
-    assert straight.history[-1]["loss_crd_features"] == resumed.history[-1]["loss_crd_features"]
+    assert straight.history[-1]["loss_crd_feature"] == resumed.history[-1]["loss_crd_feature"]
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_run_outputs(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "output.tensorboard=true")
@@ -326,6 +321,7 @@ def test_run_outputs(tmp_path: Path) -> None:
     assert ckpt["best"] == result.best_top1 and isinstance(ckpt["config"], dict)
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_existing_run_dir_is_refused_and_force_moves_it_aside(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "train.epochs=1")
@@ -345,6 +341,7 @@ def test_existing_run_dir_is_refused_and_force_moves_it_aside(tmp_path: Path) ->
         run(cfg, mode="train", force=True, resume=True)
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_corrupt_checkpoint_is_reported_with_its_name(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "train.epochs=1")
@@ -365,6 +362,7 @@ def test_corrupt_checkpoint_is_reported_with_its_name(tmp_path: Path) -> None:
         evaluate_checkpoint(plain)
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
     run(tiny(tmp_path, "train.epochs=1"), mode="train")
@@ -378,6 +376,7 @@ def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
     assert [r["epoch"] for r in result.history] == [1, 2]
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path: Path) -> None:
     """A checkpoint whose config lacks a key the schema gained later (at its default) resumes."""
@@ -394,6 +393,7 @@ def test_resume_of_a_run_saved_before_a_config_key_existed(tmp_path: Path) -> No
         run(tiny(tmp_path, "train.epochs=3"), mode="train", resume=True)
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_nan_loss_names_term_step_and_epoch_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
     original = ClassificationTask.loss
@@ -426,12 +426,14 @@ def test_nan_loss_names_term_step_and_epoch_and_keeps_last_checkpoint(tmp_path: 
     assert load_checkpoint(Path(cfg.output.dir) / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_huge_learning_rate_stops_with_a_named_term(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch \d+, global step \d+: task = (nan|inf)"):
         run(tiny(tmp_path, "optim.lr=1e12", "optim.momentum=0.0", "train.epochs=3"), mode="train")
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_ema_weights_are_evaluated_and_exported(tmp_path: Path) -> None:
     from diffkd.engine import export_weights
@@ -447,6 +449,7 @@ def test_ema_weights_are_evaluated_and_exported(tmp_path: Path) -> None:
     assert evaluated["main_metric"] == "top1" and evaluated["images"] == 64
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
     result = run(tiny(tmp_path, "train.amp=bf16", "train.epochs=1", "data.limit_train=64"), mode="train")
@@ -508,6 +511,7 @@ def poison_first_step(monkeypatch) -> None:
     monkeypatch.setattr(ClassificationTask, "loss", poisoned)
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_a_run_stopped_before_its_first_checkpoint_is_restarted_by_the_same_command(tmp_path: Path, monkeypatch) -> None:
     cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64")
@@ -521,6 +525,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_restarted_by_the_same_comm
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # a lone config.yaml is rewritten in place
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_a_failed_attempts_other_outputs_are_moved_aside_not_mixed_in(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64")
@@ -534,6 +539,7 @@ def test_a_failed_attempts_other_outputs_are_moved_aside_not_mixed_in(tmp_path: 
     assert (aside[0] / "config.yaml").read_text() == "old attempt" and not (run_dir / "tensorboard").exists()
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_resume_where_there_is_nothing_to_resume_starts_the_run(tmp_path: Path, caplog) -> None:
     cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64")
@@ -557,6 +563,7 @@ def test_resume_refuses_a_best_checkpoint_without_last(tmp_path: Path) -> None:
             check_run_dir(tmp_path / "run", resume=resume, force=False)
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_a_folder_with_files_the_run_did_not_write_is_refused(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "train.epochs=1", "data.limit_train=64", name="mine")
@@ -585,6 +592,7 @@ def test_a_folder_with_files_the_run_did_not_write_is_refused(tmp_path: Path) ->
     run(empty, mode="train")  # an empty existing folder is fine
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_stale_temporaries_are_removed_on_resume_and_restart(tmp_path: Path) -> None:
     from diffkd.atomic import open_temporary
@@ -662,6 +670,7 @@ def test_unreadable_checkpoints_get_a_fitting_message_from_every_loader(tmp_path
         assert not any(raw in message for raw in ("EOFError", "KeyError", "IndexError", "UnpicklingError"))
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_a_checkpoint_of_another_architecture_names_both_models_and_a_few_keys(tmp_path: Path) -> None:
     student_run = run(tiny(tmp_path, "train.epochs=1", "data.limit_train=64", name="student"), mode="train")
@@ -710,11 +719,14 @@ def test_a_negative_level_weight_in_the_config_names_the_level(tmp_path: Path) -
     cfg = tiny(tmp_path, *distill_overrides(random_teacher(tmp_path)), "levels.0.weight=-1", mode="distill")
     with pytest.raises(ConfigError, match=r"^levels.0: Level weight must be a finite number >= 0 or 'auto', got -1.0$"):
         run(cfg, mode="distill")
+
+
 def _spatial_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The 4-D weights whose layout differs between the two formats (more than one input channel, k > 1)."""
     return {k: v for k, v in state.items() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1}
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_channels_last_lays_out_weights_and_batches(tmp_path: Path, monkeypatch) -> None:
     """train.channels_last: the student's and the teacher's conv weights and every training and test batch
@@ -722,7 +734,7 @@ def test_channels_last_lays_out_weights_and_batches(tmp_path: Path, monkeypatch)
     from diffkd.engine import evaluation, learner
 
     seen: dict[str, list[bool]] = {"train": [], "test": [], "teacher": []}
-    compute, forward = learner.DistillLearner.compute, evaluation.forward
+    compute, call_model = learner.DistillLearner.compute, evaluation.call_model
 
     def recording_compute(self, call, inputs, targets, indices=None):
         seen["train"].append(inputs.is_contiguous(memory_format=torch.channels_last))
@@ -732,12 +744,12 @@ def test_channels_last_lays_out_weights_and_batches(tmp_path: Path, monkeypatch)
 
     def recording_forward(model, inputs):
         seen["test"].append(inputs.is_contiguous(memory_format=torch.channels_last))
-        return forward(model, inputs)
+        return call_model(model, inputs)
 
     extra = [*distill_overrides(random_teacher(tmp_path)), "train.epochs=1", "data.limit_train=64", "data.limit_test=32"]
     plain = run(tiny(tmp_path, *extra, name="plain", mode="distill"), mode="distill")
     monkeypatch.setattr(learner.DistillLearner, "compute", recording_compute)
-    monkeypatch.setattr(evaluation, "forward", recording_forward)
+    monkeypatch.setattr(evaluation, "call_model", recording_forward)
     result = run(tiny(tmp_path, *extra, "train.channels_last=true", name="nhwc", mode="distill"), mode="distill")
 
     assert seen["train"] == [True, True] and seen["test"] == [True] and seen["teacher"] and all(seen["teacher"])

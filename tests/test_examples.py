@@ -26,6 +26,7 @@ def test_every_example_is_tested() -> None:
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
+@pytest.mark.integration
 def test_own_loop_on_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = write_image_folder(tmp_path / "pets", per_class=4)
     accuracy = example("own_loop_image_folder")(["--data", str(root), "--tiny"])
@@ -34,6 +35,7 @@ def test_own_loop_on_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert 0 <= accuracy <= 100 and "on 12 images of 3 classes (cat, dog, fox)" in out
 
 
+@pytest.mark.integration
 def test_sequences_1d(capsys: pytest.CaptureFixture[str]) -> None:
     result = example("sequences_1d")(["--tiny"])
     out = capsys.readouterr().out
@@ -41,12 +43,14 @@ def test_sequences_1d(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(result) == {"teacher", "student"} and all(0 <= v <= 100 for v in result.values())
 
 
+@pytest.mark.integration
 def test_vit_teacher_cnn_student(capsys: pytest.CaptureFixture[str]) -> None:
     shapes = example("vit_teacher_cnn_student")(["--tiny"])
     assert shapes == {"teacher": (4, 192, 2, 2), "student": (4, 64, 8, 8)}  # 4 patch tokens folded 2x2
     assert "prefix_tokens=1" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_huggingface_model(capsys: pytest.CaptureFixture[str]) -> None:
     loss = example("huggingface_model")(["--tiny"])
     assert math.isfinite(loss)

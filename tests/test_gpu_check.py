@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import gpu_check  # noqa: E402
-from test_cli import needs_fmnist  # noqa: E402
+from conftest import needs_fmnist  # noqa: E402
 
 HEADER_KEYS = {"device", "device_name", "torch", "cuda", "python", "command", "started", "workdir"}
 

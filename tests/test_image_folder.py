@@ -99,6 +99,7 @@ def folder_run(tmp_path: Path, root: Path, **sections: object) -> dict:
     }
 
 
+@pytest.mark.integration
 def test_run_keeps_class_names_for_eval_and_visualize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = write_image_folder(tmp_path / "pets")
     torch.manual_seed(0)
@@ -138,6 +139,7 @@ def test_run_keeps_class_names_for_eval_and_visualize(tmp_path: Path, capsys: py
     assert json.loads((run_dir / "classes.json").read_text()) == list(CLASSES)
 
 
+@pytest.mark.integration
 def test_model_class_count_follows_the_folders(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "pets", classes=("a", "b", "c", "d"), per_class=1)
     cfg = config_from_dict(folder_run(tmp_path, root, model={"name": "resnet8"}))

@@ -17,9 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffkd.models import Taps, available, create, default_taps, input_size, load_weights
 from diffkd.models.weights import file_sha256
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cifar_zoo_state_dict.json"  # from DESIGN.md section 5
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cifar_zoo_state_dict.json"  # docs/design.md §7
 
-# registry name: (fixture key, parameter count from DESIGN.md section 2 or None, pre-pool map (C, H, W))
+# registry name: (fixture key, parameter count from docs/design.md §6 or None, pre-pool map (C, H, W))
 ZOO = {
     "resnet8": ("resnet8", 83_892, (64, 8, 8)),
     "resnet14": ("resnet14", 181_108, (64, 8, 8)),
@@ -301,6 +301,7 @@ def test_fmnist_models_shapes_and_cost(name: str, channels: int, max_macs: float
 # --- registry ---
 
 
+@pytest.mark.integration
 def test_every_name_has_taps_that_exist_and_an_input_size() -> None:
     for name in available():
         with torch.device("meta"):

@@ -33,7 +33,7 @@ RECIPES = sorted(p for root in ("cifar100", "imagenet") for p in (CONFIGS_DIR / 
 LOW_CAPACITY = {"mobile_half", "ShuffleV1", "ShuffleV2"}  # CIFAR students trained with lr 0.01
 TRAIN_ITEMS = {"cifar100": 50_000, "imagenet": 1_281_167}  # training set sizes (CRD's memory bank has a row each)
 
-# Parameters the methods add, from DESIGN.md's fingerprints of the official release.
+# Parameters the methods add, from the fingerprints of the official release (docs/design.md §2).
 CIFAR_LOGITS_LEVEL = 352_302
 IMAGENET_LOGITS_LEVEL = 23_323_002
 EXTRA_PARAMETERS = {
@@ -150,7 +150,7 @@ def test_imagenet_recipes_follow_their_strategy(parsed: dict[str, Config]):
     assert (b1.gamma, b1.step_size) == (0.1, 30)
 
 
-# Baseline options by (config prefix, method), from DESIGN.md section 4 and the issue.
+# Baseline options by (config prefix, method), from docs/design.md §5 and the issue.
 BASELINES = {
     ("cifar100/", "kd"): {"tau": 4.0},
     ("cifar100/", "dkd"): {"alpha": 1.0, "beta": 8.0, "tau": 4.0, "warmup_epochs": 20},
@@ -299,6 +299,7 @@ STEPPED = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", STEPPED)
 def test_recipe_builds_and_takes_one_step(path: Path, recorded_teacher_loads: list[TeacherConfig]):
     torch.manual_seed(0)

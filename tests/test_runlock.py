@@ -12,7 +12,8 @@ import pytest
 
 from diffkd.engine import RunDirError, run
 from diffkd.engine.runlock import RunLock, _start_time, lock_path
-from test_engine import Stop, needs_fmnist, tiny
+from conftest import needs_fmnist
+from test_engine import Stop, tiny
 
 SMALL = ("train.epochs=1", "data.limit_train=64")
 
@@ -38,6 +39,7 @@ def test_the_lock_lives_beside_the_directory_and_is_released_by_its_holder_only(
     lock.release()  # releasing twice is harmless
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_a_directory_held_by_a_live_run_is_refused_even_with_force_and_untouched(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, *SMALL)
@@ -64,6 +66,7 @@ def test_a_directory_held_by_a_live_run_is_refused_even_with_force_and_untouched
     assert [r["epoch"] for r in result.history] == [1] and not lock.exists()
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path: Path) -> None:
     """Our own pid with another start time: the lock of an earlier process that had this pid (a restarted
@@ -88,6 +91,7 @@ def test_a_lock_that_cannot_be_judged_here_is_refused_with_the_file_to_delete(tm
     assert str(lock) in str(err.value) and lock.read_text() == content and not Path(cfg.output.dir).exists()
 
 
+@pytest.mark.integration
 @needs_fmnist
 def test_the_lock_is_held_while_training_and_released_when_the_run_fails(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, *SMALL)

@@ -26,6 +26,8 @@ from diffkd.segmentation.transforms import train_transform
 from diffkd.tasks import build_task
 from diffkd.tasks.segmentation import MeanIoU
 
+from conftest import needs_fmnist
+
 # The 19 evaluated Cityscapes classes by label id, written out from the dataset's label definitions.
 TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
              26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
@@ -248,19 +250,6 @@ def test_mosaic_spec_rejects_impossible_sizes():
         mosaic.MosaicSpec(cell=20).check()
 
 
-def _have_fashion_mnist() -> bool:
-    from diffkd.data import fashion_mnist
-
-    try:
-        fashion_mnist.locate("test", None, download=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_fmnist = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
-
-
 @needs_fmnist
 def test_mosaic_set_is_deterministic_and_in_cityscapes_format(tmp_path):
     spec = mosaic.MosaicSpec(train=4, val=3)
@@ -350,6 +339,7 @@ def test_poly_schedule_follows_its_formula():
         assert schedule.lr(step) == pytest.approx(1e-4 + (0.02 - 1e-4) * (1 - step / 40) ** 0.9)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("student", ["deeplabv3_resnet18", "pspnet_resnet18", "deeplabv3_mobilenetv2"])
 def test_one_diffkd_training_step_of_each_student_on_cityscapes_files(tmp_path, student):
     from torch.utils.data import default_collate

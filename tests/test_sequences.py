@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd import DiffKD
-from diffkd.diffusion import NoiseSchedule, denoise
+from diffkd.diffusion import DDIM, NoiseSchedule
 from diffkd.distiller import Distiller, Level
 from diffkd.methods import build_method
 from diffkd.visualize import choose_level
@@ -18,7 +18,7 @@ def n_params(m: nn.Module) -> int:
 
 
 def level_params_by_hand(student: int, teacher: int, latent: int | None = None, taps: int = 3) -> int:
-    """DESIGN.md section 1 box by box; `taps` is the spatial kernel size of the bottlenecks' middle
+    """docs/design.md §2 box by box; `taps` is the spatial kernel size of the bottlenecks' middle
     conv: 3 for the 1-D kind (kernel 3), 9 for the 2-D kind (3x3)."""
     c = latent or teacher
 
@@ -43,7 +43,7 @@ def level_params_by_hand(student: int, teacher: int, latent: int | None = None, 
 @pytest.mark.parametrize("args", [(64, 128), (256, 256), (8, 12, 16), (512, 512, 1024)])
 def test_parameter_count_of_a_1d_level(args):
     assert n_params(DiffKD(*args, dims=1)) == level_params_by_hand(*args)
-    # the same formula with a 3x3 kernel gives the 2-D kind's counts (DESIGN.md's fingerprints)
+    # the same formula with a 3x3 kernel gives the 2-D kind's counts (docs/design.md §2's fingerprints)
     assert n_params(DiffKD(*args)) == level_params_by_hand(*args, taps=9)
     assert level_params_by_hand(64, 128, taps=9) == 248_802 and level_params_by_hand(512, 512, 1024, taps=9) == 7_644_418
 
@@ -121,11 +121,11 @@ def test_ddim_chain_with_an_oracle_recovers_x0_on_a_sequence(steps):
     level = DiffKD(8, 8, dims=1, inference_steps=steps)
     x0, eps = torch.randn(2, 8, 20), torch.randn(2, 8, 20)
     betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
-    t_start = level.chain[0][0]
+    t_start = level.sampler.timesteps[0]
     abar = math.prod(1 - b for b in betas[: t_start + 1])
     x_start = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
-    assert torch.allclose(denoise(x_start, lambda x, t: eps, level.chain), x0, atol=1e-4)
-    assert level.chain == NoiseSchedule().ddim_coefficients(steps)
+    assert torch.allclose(level.sampler(x_start, lambda x, t: eps), x0, atol=1e-4)
+    assert level.sampler.linear_steps() == DDIM(NoiseSchedule(), steps).linear_steps()
 
 
 # ------------------------------------------------------------------ fast path vs reference, on sequences

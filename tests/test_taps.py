@@ -621,3 +621,58 @@ def test_an_object_capture_of_none_is_not_mistaken_for_a_module_that_did_not_run
     with FeatureTaps(model, {"n": Tap("m", select=1, layout="object")}) as taps:
         model(torch.randn(1, 2))
         assert taps["n"] is None
+
+
+# ------------------------------------------------------------------ one way to call a model (issue 23)
+class KeywordNet(nn.Module):
+    """A model that takes its batch as keywords only (as a tokenizer's output is passed to a transformer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, *, pixels: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.head(torch.relu(self.body(pixels))) * scale
+
+
+def test_call_model_spreads_tuples_and_mappings_and_passes_anything_else_whole():
+    from diffkd.taps import call_model
+
+    seen = []
+
+    def model(*args, **kwargs):
+        seen.append((args, kwargs))
+
+    call_model(model, (1, 2))
+    call_model(model, {"a": 1})
+    call_model(model, [1, 2])
+    call_model(model, torch.zeros(1))
+    assert [(len(a), sorted(k)) for a, k in seen] == [(2, []), (0, ["a"]), (1, []), (1, [])]
+
+
+def test_a_mapping_batch_reaches_the_model_as_keywords_in_training_distillation_and_evaluation():
+    """The plain learner, the Distiller (and its shape probe) and evaluation call a model the same way."""
+    from types import SimpleNamespace
+
+    from diffkd import Distiller, Level
+    from diffkd.engine.evaluation import evaluate
+    from diffkd.engine.learner import PlainLearner
+    from diffkd.engine.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    teacher, student = KeywordNet(), KeywordNet()
+    batch = {"pixels": torch.randn(5, 4), "scale": 2.0}
+    expected = student(**batch)
+    learner = PlainLearner.__new__(PlainLearner)  # its compute only needs a task loss
+    learner.task = SimpleNamespace(loss=lambda out, targets: F.cross_entropy(out, targets))
+    step = learner.compute(student, batch, torch.tensor([0, 1, 2, 0, 1]))
+    assert torch.equal(step.outputs, expected)
+    distiller = Distiller(teacher, student, [Level("body", "body", "mse")], example_input=batch)
+    assert torch.equal(distiller(batch).student, expected)
+    seen = []
+    metrics = SimpleNamespace(update=lambda out, targets: seen.append(out), compute=lambda reduce: {})
+    task = SimpleNamespace(metrics=lambda: metrics, to_device=lambda b, device: b)
+    ctx = SimpleNamespace(sum=lambda x: x, device=torch.device("cpu"))
+    evaluate(student, [(batch, None)], task, ctx, MixedPrecision("none", torch.device("cpu")))
+    assert torch.equal(seen[0], expected)

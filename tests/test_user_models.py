@@ -63,6 +63,7 @@ def tiny_vit_config(**overrides: object) -> transformers.ViTConfig:
     return transformers.ViTConfig(**{**fields, **overrides})
 
 
+@pytest.mark.integration
 def test_import_path_student_and_timm_teacher_distil_by_aliases(tmp_path: Path, mynets: str) -> None:
     root = write_image_folder(tmp_path / "pets")
     torch.manual_seed(0)
@@ -76,11 +77,12 @@ def test_import_path_student_and_timm_teacher_distil_by_aliases(tmp_path: Path, 
                 {"student": "@logits", "teacher": "@logits", "method": "kd"}],
     ))
     result = run(cfg, mode="distill")
-    assert result.history[0]["loss_mse_5"] > 0 and result.history[0]["loss_kd_8"] > 0  # named by the found paths
+    assert result.history[0]["loss_mse_feature"] > 0 and result.history[0]["loss_kd_logits"] > 0  # named as written
     student = torch.load(result.run_dir / "last.pt", weights_only=True)["model"]
     assert student["student.8.weight"].shape == (3, 8)  # width 4 (options) x 2, three classes from the folder
 
 
+@pytest.mark.integration
 def test_hf_folder_trains_and_reads_the_logits(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "pets")
     folder = tmp_path / "tiny-vit"
@@ -92,6 +94,7 @@ def test_hf_folder_trains_and_reads_the_logits(tmp_path: Path) -> None:
     assert isinstance(model, transformers.ViTForImageClassification) and model.config.num_labels == 3
 
 
+@pytest.mark.integration
 def test_hf_folder_with_weights(tmp_path: Path) -> None:
     folder = tmp_path / "tiny-vit"
     torch.manual_seed(0)
@@ -122,7 +125,8 @@ def test_hf_model_by_import_path_in_the_python_api(tmp_path: Path, monkeypatch: 
 
 
 BAD_NAMES = [  # what follows "model.name: model '<name>'" in the error
-    ("nosuchpkg.nets:build", r": cannot import module 'nosuchpkg.nets' \(ModuleNotFoundError: No module named 'nosuchpkg'\)"),
+    ("nosuchpkg.nets:build", r": cannot import module 'nosuchpkg.nets' \(no module named 'nosuchpkg' in .+\); run from "
+                             r"the folder that holds nosuchpkg, or add that folder to PYTHONPATH"),
     ("brokennets:build", r": cannot import module 'brokennets' \(ModuleNotFoundError: No module named 'not_installed_anywhere'\)"),
     ("mynets:missing", r": mynets.missing not found \(module 'mynets' has no attribute 'missing'\)"),
     ("mynets:NUMBER", r" names an object of type 'int', not a callable that builds a model"),
@@ -153,6 +157,7 @@ def test_bad_model_names_fail_in_one_line_before_writing(
     assert not (tmp_path / "cli-run").exists()
 
 
+@pytest.mark.integration
 def test_feature_alias_on_a_model_without_a_pooled_feature(tmp_path: Path, mynets: str) -> None:
     root = write_image_folder(tmp_path / "pets", per_class=1)
     teacher = tmp_path / "teacher.pt"

@@ -10,12 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from diffkd import DiffKD, Distiller, Level
-from diffkd.diffusion import (
-    NoiseSchedule,
-    denoise,
-    denoise_multistep,
-    denoise_multistep_folded,
-)
+from diffkd.diffusion import DDIM, DPMSolver2M, NoiseSchedule
+from diffkd.folded import folded_chain
 from diffkd.losses import dkd_loss, kd_loss, standardize_logits
 from diffkd.methods import build_method
 from diffkd.methods.dkd import DKD
@@ -160,7 +156,7 @@ def test_normalized_target_makes_the_kd_loss_free_of_the_teacher_scale():
 
 # ------------------------------------------------------------------ 3. DPM-Solver++(2M)
 def _solver_by_design(x, predictor, timesteps, abar):
-    """DESIGN.md 4c written out: DDIM first step, the 2M update after, the data prediction to sigma 0."""
+    """docs/design.md §3 written out: DDIM first step, the 2M update after, the data prediction to sigma 0."""
     alpha = [math.sqrt(abar[t]) for t in timesteps] + [1.0]
     sigma = [math.sqrt(1 - abar[t]) for t in timesteps] + [0.0]
     lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])]
@@ -192,14 +188,14 @@ def test_dpm_solver_chain_matches_its_formulas(steps):
         calls.append(t)
         return _a_predictor(x, t)
 
-    got = denoise_multistep(x, counted, schedule.dpm_solver_coefficients(steps))
+    got = DPMSolver2M(schedule, steps)(x, counted)
     assert calls == schedule.inference_timesteps(steps)  # one evaluation per timestep: NFE = steps
     abar = [a for a in schedule.abar_values]
     expected = _solver_by_design(x, _a_predictor, schedule.inference_timesteps(steps), abar)
     assert torch.allclose(got.double(), expected, atol=1e-5)
-    ddim = denoise(x, _a_predictor, schedule.ddim_coefficients(steps))
-    if steps <= 2:  # no step has a second-order correction: DDIM exactly
-        assert torch.equal(got, ddim)
+    ddim = DDIM(schedule, steps)(x, _a_predictor)
+    if steps <= 2:  # no step has a second-order correction: DDIM, to float32 rounding (the chain's state)
+        assert torch.allclose(got, ddim, rtol=0, atol=1e-6)
     else:
         assert (got - ddim).abs().max() > 1e-3
 
@@ -218,7 +214,7 @@ def test_dpm_solver_with_an_oracle_stays_on_the_trajectory_and_recovers_x0(steps
 
     timesteps = schedule.inference_timesteps(steps)
     x_start = math.sqrt(abar[timesteps[0]]) * x0 + math.sqrt(1 - abar[timesteps[0]]) * eps
-    out = denoise_multistep(x_start, oracle, schedule.dpm_solver_coefficients(steps))
+    out = DPMSolver2M(schedule, steps)(x_start, oracle)
     assert torch.allclose(out, x0, atol=1e-5)
     assert [t for t, _ in seen] == timesteps
     for t, x in seen:  # every state is x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
@@ -228,10 +224,10 @@ def test_dpm_solver_with_an_oracle_stays_on_the_trajectory_and_recovers_x0(steps
 @pytest.mark.parametrize("kind,last", [("conv", None), ("mlp", None), ("conv", torch.nn.BatchNorm2d(8))])
 def test_folded_dpm_solver_chain_equals_reference_chain(kind, last):
     predictor, twin, x = _chain_pair(kind, last)
-    steps = NoiseSchedule().dpm_solver_coefficients(5)
+    solver = DPMSolver2M(NoiseSchedule(), 5)
     x_ref, x_fold = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref = denoise_multistep(x_ref, predictor, steps)
-    folded = denoise_multistep_folded(x_fold + twin.embed(steps[0].t, x.dim()), twin, steps)
+    ref = solver(x_ref, predictor)
+    folded = folded_chain(x_fold + twin.embed(solver.timesteps[0], x.dim()), twin, solver.linear_steps())
     assert torch.allclose(folded, ref, atol=1e-5)
     weights = torch.linspace(-1, 1, ref.numel()).view_as(ref)
     (ref * weights).sum().backward()
@@ -386,6 +382,7 @@ def test_fast_path_matches_reference_with_every_option_on(dtype, tolerance, case
         assert close(buffers_f[name], buffer), name
 
 
+@pytest.mark.integration
 def test_torch_compile_sees_one_graph_with_the_variants_on():
     import torch._dynamo
 
@@ -394,3 +391,15 @@ def test_torch_compile_sees_one_graph_with_the_variants_on():
     level.set_progress(0.5, 2)
     report = torch._dynamo.explain(level)(torch.randn(2, 6, 5, 5), torch.randn(2, 10, 5, 5))
     assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
+
+
+def test_the_normalized_distance_reads_the_statistics_its_level_holds_and_checkpoints():
+    """normalize_target wraps the distance; the statistics stay the level's buffers, also in a copy."""
+    level = DiffKD(4, 6, normalize_target=True)
+    assert level.distance.normalizer is level.target_normalizer
+    twin = copy.deepcopy(level)
+    assert twin.distance.normalizer is twin.target_normalizer and twin.target_normalizer is not level.target_normalizer
+    twin(torch.randn(3, 4, 2, 2), torch.randn(3, 6, 2, 2) * 5 + 3)  # a training step moves the copy's statistics only
+    assert not torch.equal(twin.target_normalizer.running_mean, level.target_normalizer.running_mean)
+    level.load_state_dict(twin.state_dict())
+    assert torch.equal(level.distance.normalizer.running_mean, twin.target_normalizer.running_mean)

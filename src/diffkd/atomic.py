@@ -24,19 +24,38 @@ def is_temporary_of(filename: str, name: str) -> bool:
     return re.fullmatch(re.escape(f".{name}.") + _TEMP_PART + re.escape(".tmp"), filename) is not None
 
 
+def _naming(err: OSError, path: Path) -> OSError:
+    """The same error (same errno, so the same OSError subclass) with the written file as its filename."""
+    return OSError(err.errno, err.strerror, str(path)) if err.errno is not None else err
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: POSIX has no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(data: bytes, path: str | os.PathLike) -> None:
     """Write bytes through a temporary file in the same folder, fsync'ed, then os.replace'd."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give the path of a file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = open_temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = open_temporary(path)
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it; mkstemp's file is 0600 whatever the umask
         os.replace(tmp, path)
+    except OSError as err:  # a full disk's write names no file: name the one being written
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(err, path) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

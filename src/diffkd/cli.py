@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from .config import ConfigError
 
 USER_ERRORS = (ConfigError, OSError, ValueError)  # plus EngineError, added where the engine is imported
+# torch re-raises an error of a DataLoader worker process with the worker's whole traceback as its message.
+_WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\n")
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(child)
-        child.set_defaults(action=command.run)
+        child.set_defaults(action=command.run, command_parser=child)
     return parser
 
 
@@ -243,12 +246,36 @@ def _sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _working_directory_importable() -> None:
+    """Put the working directory first on sys.path, as `python -m diffkd` does, so that a model given as an
+    import path (`mypkg.nets:small_cnn`) is found from the folder the command runs in."""
+    if not any(p in ("", ".", os.getcwd()) for p in sys.path):
+        sys.path.insert(0, os.getcwd())
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message as the user sees it: a DataLoader worker's error as the same process would give it
+    (its last traceback line, without the type), not the worker's traceback."""
+    text = str(err)
+    if not _WORKER_ERROR.match(text):
+        return text
+    last = text.strip().splitlines()[-1]
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `diffkd` command line; returns the exit status (see the module docstring)."""
     from .engine import EngineError
 
+    _working_directory_importable()
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "overrides"):  # a positional after an option (`export RUN --which last OUT`)
+        given = list(sys.argv[1:] if argv is None else argv)
+        rest = given[given.index(args.command) + 1 :]
+        args = argparse.Namespace(**{**vars(args), **vars(args.command_parser.parse_intermixed_args(rest))})
+        extra = []
     flags = [e for e in extra if e.startswith("-")]
     if extra and hasattr(args, "overrides") and not flags:
         args.overrides += extra  # overrides given after the flags; loading names any that is not key=value
@@ -259,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _progress_logs(), _sigterm_as_interrupt(received):
             return args.action(args)
     except (*USER_ERRORS, EngineError) as err:
-        print(f"diffkd {args.command}: error: {err}", file=sys.stderr)
+        print(f"diffkd {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was saved last, no traceback
         how = "interrupted by SIGTERM" if received else "interrupted"

@@ -1,7 +1,9 @@
-"""The diffusion half of DiffKD: noise schedule, denoising chains (DDIM, DPM-Solver++(2M)) and noise predictors.
+"""The diffusion half of DiffKD: noise schedule, samplers (DDIM, DPM-Solver++(2M)) and the networks.
 
-All schedule arithmetic is float32 (the chain coefficients are float64 Python scalars), so it
-survives bf16/fp16 autocast, where the official release's `1 - abar_0` rounds to 0 and NaNs.
+Every formula here is the reference form (docs/design.md §1 and §3); the folded
+fast path (folded.py) computes the same in fewer passes. All schedule arithmetic is float32 (sampler
+coefficients are float64 Python scalars), so it survives bf16/fp16 autocast, where the official
+release's `1 - abar_0` rounds to 0 and NaNs.
 """
 from __future__ import annotations
 
@@ -17,28 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 NUM_TRAIN_TIMESTEPS = 1000
 TIME_EMBEDDING_ROWS = 1280  # the official release's table size, kept for checkpoint compatibility
-SAMPLERS = ("ddim", "dpm_solver++")  # the denoising chain's update rule; both take one evaluation per step
-
-
-def check_sampler(sampler: str) -> str:
-    """The sampler's name, or a one-line error naming the closest known one."""
-    if sampler not in SAMPLERS:
-        close = difflib.get_close_matches(str(sampler), SAMPLERS, n=1, cutoff=0.3)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown sampler {sampler!r}{hint}; expected one of {list(SAMPLERS)}")
-    return sampler
-
-
-class SolverStep(NamedTuple):
-    """One step of DPM-Solver++(2M) written as DDIM plus a correction (see `dpm_solver_coefficients`):
-    x_next = a x + b eps + c (x0_hat - x0_hat_prev), x0_hat = (x - sigma eps) / alpha at timestep t."""
-
-    t: int
-    a: float
-    b: float
-    c: float
-    alpha: float
-    sigma: float
+NoiseModel = Callable[[Tensor, int], Tensor]  # eps(x, t)
 
 
 class NoiseSchedule(nn.Module):
@@ -56,7 +37,7 @@ class NoiseSchedule(nn.Module):
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
         abar = torch.cumprod(1.0 - betas, dim=0)
         self.register_buffer("alphas_cumprod", abar, persistent=False)
-        self.abar_values: list[float] = abar.double().tolist()  # host copy for the chain's scalars
+        self.abar_values: list[float] = abar.double().tolist()  # host copy for the samplers' scalars
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
         super()._apply(fn, *args, **kwargs)
@@ -65,14 +46,14 @@ class NoiseSchedule(nn.Module):
             self.alphas_cumprod = torch.tensor(self.abar_values, dtype=torch.float32, device=device)
         return self
 
-    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor, offset: Tensor | None = None) -> Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per sample t, in float32.
+    def abar(self, timesteps: Tensor, like: Tensor) -> Tensor:
+        """abar_t per sample (float32) on `like`'s device, shaped to broadcast over it."""
+        return self.alphas_cumprod.to(like.device)[timesteps].view(-1, *([1] * (like.dim() - 1)))
 
-        `offset` (broadcastable, e.g. the time embedding) is added in the same two passes.
-        """
-        abar = self.alphas_cumprod.to(x0.device)[timesteps].view(-1, *([1] * (x0.dim() - 1)))
-        noised = (1.0 - abar).sqrt() * noise.float() if offset is None else torch.addcmul(offset.float(), noise.float(), (1.0 - abar).sqrt())
-        return torch.addcmul(noised, x0.float(), abar.sqrt())
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per sample t, in float32."""
+        abar = self.abar(timesteps, x0)
+        return abar.sqrt() * x0.float() + (1.0 - abar).sqrt() * noise.float()
 
     def inference_timesteps(self, steps: int) -> list[int]:
         """The last `steps` timesteps of a 2*steps DDIM schedule of stride T // (2*steps).
@@ -86,124 +67,115 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"inference_steps={steps} is too many for {self.num_train_timesteps} timesteps")
         return [(steps - 1 - i) * stride for i in range(steps)]
 
-    def ddim_coefficients(self, steps: int) -> list[tuple[int, float, float]]:
-        """(t, a, b) per step so that x_prev = a * x + b * eps_hat (deterministic DDIM, eta = 0).
 
-        From x0_hat = (x - sqrt(1-abar_t) e) / sqrt(abar_t) and
-        x_prev = sqrt(abar_prev) x0_hat + sqrt(1-abar_prev) e, with abar_prev = 1 after t = 0.
-        """
-        timesteps = self.inference_timesteps(steps)
-        stride = self.num_train_timesteps // (2 * steps)
+# ----------------------------------------------------------------------------- samplers
+class LinearStep(NamedTuple):
+    """One sampler step as a linear recurrence: x_next = a x + b eps + c (x0_hat - x0_hat_prev), with
+    x0_hat = (x - sigma eps) / alpha at timestep t. The folded fast path runs this form."""
+
+    t: int
+    a: float
+    b: float
+    c: float
+    alpha: float
+    sigma: float
+
+
+class DDIM:
+    """Deterministic DDIM (eta = 0): the paper's denoising chain, one evaluation per timestep.
+
+    x0_hat = (x - sqrt(1 - abar_t) eps(x, t)) / sqrt(abar_t); x <- sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps,
+    where abar_prev is abar one stride earlier, and 1 after t = 0 (the chain ends on x0_hat).
+    """
+
+    name = "ddim"
+
+    def __init__(self, schedule: NoiseSchedule, steps: int):
+        self.timesteps = schedule.inference_timesteps(steps)
+        stride = schedule.num_train_timesteps // (2 * steps)
+        abar = schedule.abar_values
+        self.abar = [abar[t] for t in self.timesteps]
+        self.abar_prev = [abar[t - stride] if t - stride >= 0 else 1.0 for t in self.timesteps]
+
+    def __call__(self, x: Tensor, eps_model: NoiseModel) -> Tensor:
+        """The chain from x (float32 state); gradients flow through every step."""
+        x = x.float()
+        for t, abar_t, abar_prev in zip(self.timesteps, self.abar, self.abar_prev):
+            eps = eps_model(x, t).float()
+            x0_hat = (x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
+            x = math.sqrt(abar_prev) * x0_hat + math.sqrt(1.0 - abar_prev) * eps
+        return x
+
+    def linear_steps(self) -> list[LinearStep]:
+        """The same update as x_prev = a x + b eps: a = sqrt(abar_prev / abar_t),
+        b = sqrt(1 - abar_prev) - sqrt(abar_prev (1 - abar_t) / abar_t); no correction (c = 0)."""
         out = []
-        for t in timesteps:
-            abar_t = self.abar_values[t]
-            abar_prev = self.abar_values[t - stride] if t - stride >= 0 else 1.0
+        for t, abar_t, abar_prev in zip(self.timesteps, self.abar, self.abar_prev):
             a = math.sqrt(abar_prev / abar_t)
             b = math.sqrt(1.0 - abar_prev) - math.sqrt(abar_prev * (1.0 - abar_t) / abar_t)
-            out.append((t, a, b))
-        return out
-
-    def dpm_solver_coefficients(self, steps: int) -> list[SolverStep]:
-        """DPM-Solver++(2M) over the DDIM chain's timesteps, one evaluation per step (DESIGN.md 4c).
-
-        Its step i >= 2 is (sigma_i / sigma_{i-1}) x - alpha_i (e^-h - 1) [(1 + 1/2r) x0_{i-1} - x0_{i-2} / 2r]
-        = the DDIM step + c (x0_{i-1} - x0_{i-2}) with c = -alpha_i (e^-h - 1) / 2r, h = lambda_i - lambda_{i-1},
-        r = (lambda_{i-1} - lambda_{i-2}) / h, lambda = log(alpha / sigma). The first step is DDIM (c = 0);
-        so is the last, to sigma = 0, where the update is the data prediction itself. So with 1 or 2
-        steps the chain is DDIM's exactly.
-        """
-        ddim = self.ddim_coefficients(steps)
-        alphas = [math.sqrt(self.abar_values[t]) for t, _, _ in ddim]
-        sigmas = [math.sqrt(1.0 - self.abar_values[t]) for t, _, _ in ddim]
-        lambdas = [math.log(a / s) for a, s in zip(alphas, sigmas)]
-        out = []
-        for i, (t, a, b) in enumerate(ddim):
-            c = 0.0
-            if 0 < i < len(ddim) - 1:
-                h = lambdas[i + 1] - lambdas[i]
-                r = (lambdas[i] - lambdas[i - 1]) / h
-                c = -alphas[i + 1] * math.expm1(-h) / (2.0 * r)
-            out.append(SolverStep(t, a, b, c, alphas[i], sigmas[i]))
+            out.append(LinearStep(t, a, b, 0.0, math.sqrt(abar_t), math.sqrt(1.0 - abar_t)))
         return out
 
 
-def ddim_step(x: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float) -> Tensor:
-    """One deterministic DDIM update written the textbook way (reference for the fused form)."""
-    x0_hat = (x - math.sqrt(1.0 - abar_t) * eps_hat) / math.sqrt(abar_t)
-    return math.sqrt(abar_prev) * x0_hat + math.sqrt(1.0 - abar_prev) * eps_hat
+class DPMSolver2M(DDIM):
+    """DPM-Solver++(2M) over DDIM's timesteps, one evaluation per step (docs/design.md §3).
 
-
-def denoise(
-    x: Tensor, noise_predictor: Callable[[Tensor, int], Tensor], coefficients: list[tuple[int, float, float]]
-) -> Tensor:
-    """Run the DDIM chain from x (float32 state); gradients flow through every step (the reference)."""
-    x = x.float()
-    for t, a, b in coefficients:
-        x = a * x + b * noise_predictor(x, t).float()
-    return x
-
-
-def denoise_folded(h: Tensor, noise_predictor: NoisePredictor, coefficients: list[tuple[int, float, float]]) -> Tensor:
-    """The chain of `denoise` in fewer passes over the maps; h = x + the first step's time embedding.
-
-    The state carries the next step's embedding, so x_prev + emb_prev = a * (x + emb_t) + b * eps
-    + (emb_prev - a * emb_t): the scale b and that per-channel shift fold into the predictor's
-    last layer, and one in-place add finishes the step (no embedding add, no separate DDIM update).
+    With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and the data prediction
+    x0_hat = (x - sigma eps) / alpha: the first step is DDIM; step i >= 2, with h = lambda_i - lambda_{i-1}
+    and r = (lambda_{i-1} - lambda_{i-2}) / h, is
+    x_i = (sigma_i / sigma_{i-1}) x - alpha_i (e^-h - 1) [(1 + 1/2r) x0_hat_{i-1} - (1/2r) x0_hat_{i-2}];
+    the last step, to sigma = 0, returns the data prediction itself. With 1 or 2 steps it is DDIM.
     """
-    h = h.float()
-    for i, (t, a, b) in enumerate(coefficients):
-        shift = -a * noise_predictor.embed(t, h.dim())
-        if i + 1 < len(coefficients):
-            shift = shift + noise_predictor.embed(coefficients[i + 1][0], h.dim())
-        h = noise_predictor.scaled_output(h, b, shift).add_(h, alpha=a)
-    return h
+
+    name = "dpm_solver++"
+
+    def __init__(self, schedule: NoiseSchedule, steps: int):
+        super().__init__(schedule, steps)
+        self.alpha = [math.sqrt(a) for a in self.abar] + [1.0]  # the chain ends at sigma = 0
+        self.sigma = [math.sqrt(1.0 - a) for a in self.abar] + [0.0]
+        self.lam = [math.log(a / s) for a, s in zip(self.alpha[:-1], self.sigma[:-1])]
+
+    def __call__(self, x: Tensor, eps_model: NoiseModel) -> Tensor:
+        x, x0_prev = x.float(), None
+        for i in range(len(self.timesteps) - 1):
+            x0_hat = self.data_prediction(x, eps_model, i)
+            h = self.lam[i + 1] - self.lam[i]
+            if x0_prev is None:
+                data = x0_hat
+            else:
+                r = (self.lam[i] - self.lam[i - 1]) / h
+                data = (1.0 + 1.0 / (2.0 * r)) * x0_hat - (1.0 / (2.0 * r)) * x0_prev
+            x = (self.sigma[i + 1] / self.sigma[i]) * x - self.alpha[i + 1] * math.expm1(-h) * data
+            x0_prev = x0_hat
+        return self.data_prediction(x, eps_model, len(self.timesteps) - 1)  # the last step, to sigma = 0
+
+    def data_prediction(self, x: Tensor, eps_model: NoiseModel, i: int) -> Tensor:
+        """x0_hat = (x - sigma eps(x, t)) / alpha at step i."""
+        return (x - self.sigma[i] * eps_model(x, self.timesteps[i]).float()) / self.alpha[i]
+
+    def linear_steps(self) -> list[LinearStep]:
+        """DDIM's steps plus the correction c = -alpha_i (e^-h - 1) / 2r on the steps between the first and the last."""
+        out = super().linear_steps()
+        for i in range(1, len(out) - 1):
+            h = self.lam[i + 1] - self.lam[i]
+            r = (self.lam[i] - self.lam[i - 1]) / h
+            out[i] = out[i]._replace(c=-self.alpha[i + 1] * math.expm1(-h) / (2.0 * r))
+        return out
 
 
-def needs_data_prediction(steps: list[SolverStep], i: int) -> bool:
-    """Whether step i's x0_hat enters a correction (its own or the next step's)."""
-    return bool(steps[i].c or (i + 1 < len(steps) and steps[i + 1].c))
+SAMPLERS: dict[str, type[DDIM]] = {"ddim": DDIM, "dpm_solver++": DPMSolver2M}
 
 
-def denoise_multistep(x: Tensor, noise_predictor: Callable[[Tensor, int], Tensor], steps: list[SolverStep]) -> Tensor:
-    """The DPM-Solver++(2M) chain from x (float32 state): DDIM's update plus the correction, on
-    plain tensors (the reference; tests hold it to DESIGN.md 4c's form)."""
-    x, x0_prev = x.float(), None
-    for i, step in enumerate(steps):
-        eps = noise_predictor(x, step.t).float()
-        x0 = (x - step.sigma * eps) / step.alpha if needs_data_prediction(steps, i) else None
-        x_next = step.a * x + step.b * eps
-        if step.c:
-            x_next = x_next + step.c * (x0 - x0_prev)
-        x, x0_prev = x_next, x0
-    return x
+def make_sampler(name: str, schedule: NoiseSchedule, steps: int) -> DDIM:
+    """The sampler called `name` over `steps` timesteps, or a one-line error naming the closest known one."""
+    if name not in SAMPLERS:
+        close = difflib.get_close_matches(str(name), SAMPLERS, n=1, cutoff=0.3)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown sampler {name!r}{hint}; expected one of {list(SAMPLERS)}")
+    return SAMPLERS[name](schedule, steps)
 
 
-def denoise_multistep_folded(h: Tensor, noise_predictor: NoisePredictor, steps: list[SolverStep]) -> Tensor:
-    """The chain of `denoise_multistep` on the fast path's state h = x + the step's time embedding.
-
-    The DDIM part folds as in `denoise_folded`: y = b eps + shift comes out of the last layer and
-    h_next = y + a h. The data prediction is read off y before that in-place add:
-    x0_hat = (x - sigma eps) / alpha = (h - emb_t - (sigma / b) (y - shift)) / alpha; the correction
-    c (x0_hat - x0_hat_prev) is added after.
-    """
-    h, x0_prev = h.float(), None
-    for i, step in enumerate(steps):
-        emb = noise_predictor.embed(step.t, h.dim())
-        shift = -step.a * emb
-        if i + 1 < len(steps):
-            shift = shift + noise_predictor.embed(steps[i + 1].t, h.dim())
-        y = noise_predictor.scaled_output(h, step.b, shift)
-        x0 = None
-        if needs_data_prediction(steps, i):
-            k = step.sigma / step.b
-            x0 = torch.add(h, y, alpha=-k).add_((k * shift - emb).float()).div_(step.alpha)
-        h = y.add_(h, alpha=step.a)
-        if step.c:
-            h = h.add_(x0, alpha=step.c).add_(x0_prev, alpha=-step.c)
-        x0_prev = x0
-    return h
-
-
+# ----------------------------------------------------------------------------- networks
 class PointwiseConv(nn.Conv2d):
     """1x1 conv (with bias) that also takes (B,C) vectors, as one matrix product, and (B,C,L) sequences.
 
@@ -221,11 +193,17 @@ class PointwiseConv(nn.Conv2d):
             return F.conv1d(x, self.weight.flatten(2), self.bias)
         return super().forward(x)
 
+    def scaled_forward(self, x: Tensor, scale: float, shift: Tensor) -> Tensor:
+        """scale * self(x) + shift; on float32 vectors as one matrix product (scale and shift in its bias)."""
+        if x.dim() == 2 and x.dtype == torch.float32:
+            return torch.addmm(torch.add(shift, self.bias, alpha=scale), x, self.weight.flatten(1).t(), alpha=scale)
+        return torch.add(shift, self(x), alpha=scale)
+
 
 class VectorBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d that also normalises (B,C) vectors (the same statistics as (B,C,1,1) maps) and
     (B,C,L) sequences (statistics over batch and length), and can apply another affine than its own
-    (`normalize`), so a caller can fold a scale into it."""
+    (`normalize`), so the fast path can fold a scale and a shift into it (`scaled_forward`)."""
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in (2, 3, 4):
@@ -247,6 +225,12 @@ class VectorBatchNorm(nn.BatchNorm2d):
             x, self.running_mean if use_buffers else None, self.running_var if use_buffers else None,
             weight, bias, batch_stats, factor, self.eps,
         )
+
+    def scaled_forward(self, x: Tensor, scale: float, shift: Tensor) -> Tensor:
+        """scale * self(x) + shift; on float32 input in one pass, with scale and shift folded into the affine."""
+        if x.dtype == torch.float32 and self.affine:
+            return self.normalize(x, scale * self.weight, torch.add(shift.flatten(), self.bias, alpha=scale))
+        return torch.add(shift, self(x), alpha=scale)
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 1, dims: int = 2) -> list[nn.Module]:
@@ -303,8 +287,8 @@ def buffers_restored(module: nn.Module) -> Iterator[None]:
 class NoisePredictor(nn.Module):
     """eps(x, t): a learned time embedding added to x, then a conv ("conv") or 1x1 MLP ("mlp") net.
 
-    The conv kind takes (B,C,H,W) maps, or (B,C,L) sequences when built with dims=1. The mlp kind takes (B,C) vectors (or (B,C,1,1) maps: same weights, same result). With
-    `recompute` set, each evaluation keeps only its input for backward and is run again there
+    The conv kind takes (B,C,H,W) maps, or (B,C,L) sequences when built with dims=1. The mlp kind
+    takes (B,C) vectors (or (B,C,1,1) maps: same weights, same result). With `recompute` set, each evaluation keeps only its input for backward and is run again there
     (activation checkpointing): the same gradients for about a third more compute, and a fraction
     of the memory, since six evaluations per step otherwise hold all their activations.
     """
@@ -335,19 +319,12 @@ class NoisePredictor(nn.Module):
         return self.time_embedding(t.long()).view(t.shape[0], -1, *trailing)
 
     def forward(self, x: Tensor, t: int | Tensor) -> Tensor:
+        """eps_hat(x, t)."""
         return self.predict(x + self.embed(t, x.dim()))
 
     def predict(self, h: Tensor) -> Tensor:
         """The network on an input that already holds the time embedding."""
         return self.evaluate(self.layers, h)
-
-    def scaled_output(self, h: Tensor, scale: float, shift: Tensor) -> Tensor:
-        """scale * predict(h) + shift, in float32.
-
-        In float32 the scale and shift fold into the last layer's affine (BatchNorm) or bias (linear),
-        saving two passes; otherwise (autocast, SyncBatchNorm, ...) they are applied after it.
-        """
-        return self.evaluate(self._scaled_output, h, scale, shift)
 
     def evaluate(self, fn: Callable[..., Tensor], *args) -> Tensor:
         """fn(*args), recomputed in backward when `recompute` is set. The recomputation's BatchNorm
@@ -357,16 +334,6 @@ class NoisePredictor(nn.Module):
         if torch.compiler.is_compiling():  # compiled, the rerun recomputes values but not buffer updates
             return checkpoint(fn, *args, use_reentrant=False)
         return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), buffers_restored(self)))
-
-    def _scaled_output(self, h: Tensor, scale: float, shift: Tensor) -> Tensor:
-        body, last = self.layers[:-1], self.layers[-1]
-        y = body(h)
-        shift = shift.float()
-        if y.dtype == torch.float32 and type(last) is VectorBatchNorm and last.affine:
-            return last.normalize(y, scale * last.weight, torch.add(shift.flatten(), last.bias, alpha=scale))
-        if y.dtype == torch.float32 and type(last) is PointwiseConv and y.dim() == 2:
-            return torch.addmm(torch.add(shift, last.bias, alpha=scale), y, last.weight.flatten(1).t(), alpha=scale)
-        return torch.add(shift, last(y), alpha=scale)
 
 
 class AdaptiveNoiseMatcher(nn.Module):

@@ -48,13 +48,20 @@ class Level:
         self.student, self.teacher, self.method = student, teacher, method
         self.weight_spec = weight_spec(weight, ratio, window, calibrate)
         self.weight, self.targets, self.options = weight, targets, options
-        path = Tap.parse(student[0] if isinstance(student, list) and student else student).path
-        self.name = name or f"{method}_{re.sub(r'[^0-9A-Za-z_]', '_', path) or 'output'}"
+        self.name = name or default_level_name(method, student)
 
     def __repr__(self) -> str:
         targets = "" if self.targets is None else f", targets={self.targets!r}"
         return (f"Level({self.student!r}, {self.teacher!r}, {self.method!r}, weight={self.weight}, "
                 f"name={self.name!r}{targets}, options={self.options})")
+
+
+def default_level_name(method: str, student: TapSpec | list[TapSpec]) -> str:
+    """A level's name when none is given: the method and the (first) student tap as written, an alias
+    without its "@" ("diffkd_feature", "mse_layer4"), so a config and the Python API name a level alike."""
+    spec = student[0] if isinstance(student, list) and student else student
+    path = spec[1:] if isinstance(spec, str) and spec.startswith("@") else Tap.parse(spec).path
+    return f"{method}_{re.sub(r'[^0-9A-Za-z_]', '_', path) or 'output'}"
 
 
 @dataclass
@@ -115,6 +122,7 @@ class Distiller(nn.Module):
         teacher_specs = resolve_aliases(teacher_specs, teacher, teacher_input, input_shape=teacher_shape, role="teacher")
         student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
         teacher_probe = probe_features(teacher, teacher_specs, teacher_input, input_shape=teacher_shape)
+        self.probed = {"student": student_probe, "teacher": teacher_probe}  # shapes and layouts, for reports
         self.methods = nn.ModuleDict()
         for lv in levels:
             student_names, teacher_names = self._tap_names[lv.name]
@@ -142,6 +150,10 @@ class Distiller(nn.Module):
         super()._apply(fn, *args, **kwargs)
         self.teacher._apply(fn, *args, **kwargs)
         return self
+
+    def tap_names(self, level: str, side: str) -> list[str]:
+        """The names under which a level's taps on one side ("student"/"teacher") are captured and probed."""
+        return self._tap_names[level][0 if side == "student" else 1]
 
     @property
     def needs_indices(self) -> bool:

@@ -1,7 +1,9 @@
 """DiffKD for one distilled feature pair ("a level"): the boxes of the paper's Fig. 3 in one module.
 
-student feature -> projector -> (adaptive noise matching) -> DDIM denoising with a noise predictor
-trained on teacher latents -> output projection -> distance to the (auto-encoded) teacher feature.
+`DiffKD.forward` reads as the method does (docs/design.md §1): projector -> autoencoder ->
+adaptive noise matching start (Eq. 8) -> denoising chain (a sampler from diffusion.py) -> output
+projection -> L_kd, L_diff, L_ae. Each step is a method written as its formula; the folded fast
+path (folded.py) replaces the chain and the noise prediction as a whole, chosen once at construction.
 Beyond the paper, off by default: a warm-up of the kd weight, scale-free (normalised) targets, the
 DPM-Solver++(2M) sampler and logit standardization (see `DiffKD`).
 """
@@ -17,27 +19,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .diffusion import (
+    DDIM,
     AdaptiveNoiseMatcher,
     NoisePredictor,
     NoiseSchedule,
     PointwiseConv,
     check_dims,
-    check_sampler,
     conv_bn,
-    denoise,
-    denoise_folded,
-    denoise_multistep,
-    denoise_multistep_folded,
+    make_sampler,
 )
+from .folded import FoldedPath
 from .losses import Distance, resolve_distance
-from .normalizer import TargetNormalizer
-
-PROBABILITY_DISTANCES = ("kl", "dist")  # they compare class distributions: per-channel rescaling would change them
+from .normalizer import NormalizedDistance, StandardizedDistance, TargetNormalizer
 
 
 @dataclass
 class DiffKDOutput:
-    """What one DiffKD level returns; `loss` is the weighted sum of the three terms."""
+    """What one DiffKD level returns: the three terms unweighted, and their weights as data.
+
+    `loss` weighs them when asked, for the level used alone; a Distiller weighs `terms` with `weights`
+    itself (diffkd.weighting), so inside one the weights are applied in that one place.
+    """
 
     denoised: Tensor
     target: Tensor
@@ -45,7 +47,18 @@ class DiffKDOutput:
     diffusion_loss: Tensor
     ae_loss: Tensor | None
     gamma: Tensor | None
-    loss: Tensor
+    weights: dict[str, float | Tensor]
+
+    @property
+    def terms(self) -> dict[str, Tensor]:
+        """kd, diffusion and (with the AE) ae, unweighted."""
+        terms = {"kd": self.kd_loss, "diffusion": self.diffusion_loss}
+        return terms if self.ae_loss is None else {**terms, "ae": self.ae_loss}
+
+    @property
+    def loss(self) -> Tensor:
+        """kd_weight * L_kd + diffusion_weight * L_diff (+ ae_weight * L_ae)."""
+        return sum(self.weights[k] * v for k, v in self.terms.items())  # type: ignore[return-value]
 
 
 class LinearAutoencoder(nn.Module):
@@ -59,6 +72,32 @@ class LinearAutoencoder(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         latent = self.encoder(x)
         return latent, self.decoder(latent)
+
+
+def anm_start(z_s: Tensor, gamma: Tensor | None, noise: Tensor | None) -> Tensor:
+    """Eq. 8, the chain's start: x = gamma z_s + (1 - gamma) eps per sample (float32); z_s itself without ANM."""
+    if gamma is None:
+        return z_s.float()
+    g = gamma.view(-1, *([1] * (z_s.dim() - 1)))
+    return g * z_s.float() + (1.0 - g) * noise.float()
+
+
+class ReferencePath:
+    """Start, chain and noise prediction exactly as written: Eq. 8, the sampler's own form, eps(x_t, t)."""
+
+    memory_format = torch.contiguous_format
+
+    def __init__(self, sampler: DDIM):
+        self.sampler = sampler
+
+    def denoise(self, predictor: NoisePredictor, z_s: Tensor, gamma: Tensor | None, noise: Tensor | None) -> Tensor:
+        """The chain from the ANM start, returning x0 (before the output projection)."""
+        return self.sampler(anm_start(z_s, gamma, noise), predictor)
+
+    def predict_noise(self, predictor: NoisePredictor, schedule: NoiseSchedule, z_t: Tensor, noise: Tensor,
+                      timesteps: Tensor) -> Tensor:
+        """eps_hat(x_t, t) with x_t from the forward process."""
+        return predictor(schedule.add_noise(z_t, noise, timesteps), timesteps)
 
 
 # Official release key prefix -> ours; the layers inside each box are numbered identically.
@@ -79,18 +118,18 @@ class DiffKD(nn.Module):
     kind="conv" takes maps (B,C,H,W), or with dims=1 sequences (B,C,L) (the same boxes, the 3x3 convs
     become kernel-3 convs along L); kind="mlp" takes vectors (B,K) or (B,K,1,1) and returns the
     rank it was given. A student map (sequence) of another spatial size (length) is resized, bilinear
-    (linear), to the teacher's after the 1x1 projector. fast=True (default) computes maps channels-last and folds the
-    time embeddings and DDIM updates into the noise predictor's last layer; fast=False runs every
-    formula as written on contiguous maps: the reference, the same maths (tests hold them together).
+    (linear), to the teacher's after the 1x1 projector. fast=True (default) runs the chain and the
+    noise prediction on the folded, channels-last path (folded.py); fast=False runs every formula as
+    written on contiguous maps: the reference, the same maths (tests hold them together).
     recompute=True trades compute for memory: the noise predictor's six evaluations per step keep
     only their inputs and run again in backward (same gradients and BatchNorm statistics).
 
     Variants beyond the paper, all off by default: kd_warmup_epochs ramps the kd weight linearly from
     0 over that many epochs, per step (call `set_progress` before each step; the diffusion and AE
-    losses train from step 0); normalize_target=True measures the distance after normalising both
-    sides per channel with the teacher target's statistics (`TargetNormalizer`); sampler="dpm_solver++"
-    runs DPM-Solver++(2M) over the same timesteps and evaluations; standardize=True z-scores the
-    logits before the KL (distance="kl").
+    losses train from step 0); sampler="dpm_solver++" runs DPM-Solver++(2M) over the same timesteps
+    and evaluations; normalize_target=True and standardize=True wrap the distance
+    (`NormalizedDistance`: both sides mapped with the teacher target's per-channel statistics;
+    `StandardizedDistance`: z-scored logits before the KL).
     """
 
     def __init__(
@@ -104,7 +143,7 @@ class DiffKD(nn.Module):
         inference_steps: int = 5,
         adaptive_noise: bool = True,
         distance: str | Distance = "mse",
-        tau: float = 1.0,
+        tau: float | None = None,
         kd_weight: float = 1.0,
         diffusion_weight: float = 1.0,
         ae_weight: float = 1.0,
@@ -117,51 +156,106 @@ class DiffKD(nn.Module):
         standardize: bool = False,
     ):
         super().__init__()
-        if kind not in ("conv", "mlp"):
-            raise ValueError(f"unknown kind {kind!r}; expected 'conv' (maps) or 'mlp' (vectors)")
-        if latent_channels is not None and kind != "conv":
-            raise ValueError("the autoencoder (latent_channels) is for feature maps only (kind='conv')")
-        check_dims(dims)
-        if dims != 2 and kind != "conv":
-            raise ValueError(f"dims is the conv kind's spatial rank; kind={kind!r} takes vectors, drop dims={dims}")
-        for name, count in (("student_channels", student_channels), ("teacher_channels", teacher_channels),
-                            ("latent_channels", latent_channels)):  # fmt: skip
-            if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1):
-                raise ValueError(f"DiffKD {name} must be a positive integer, got {count!r}")
-        check_variant_options(kd_warmup_epochs, normalize_target, distance)
-        self.sampler = check_sampler(sampler)
-        self.kind = kind
-        self.dims = dims
-        self.student_channels = student_channels
-        self.teacher_channels = teacher_channels
+        check_level(kind, dims, student_channels, teacher_channels, latent_channels)
+        if not kd_warmup_epochs >= 0:
+            raise ValueError(f"kd_warmup_epochs must be >= 0 (0: no warm-up), got {kd_warmup_epochs}")
+        self.kind, self.dims = kind, dims
+        self.student_channels, self.teacher_channels = student_channels, teacher_channels
         self.latent_channels = latent_channels
-        self.inference_steps = inference_steps
-        self.kd_weight, self.diffusion_weight, self.ae_weight = kd_weight, diffusion_weight, ae_weight
-        self.distance = resolve_distance(distance, None if distance == "mse" else tau, standardize)
         width = latent_channels or teacher_channels
+        schedule = NoiseSchedule(num_train_timesteps)
+        self.sampler = make_sampler(sampler, schedule, inference_steps)
+        self.distance = resolve_distance(distance, tau)  # tau None: the distance's own temperature
+        if standardize:
+            self.distance = StandardizedDistance(self.distance, distance)
 
+        # The boxes of Fig. 3.
         self.projector = PointwiseConv(student_channels, width)
         self.autoencoder = LinearAutoencoder(teacher_channels, width) if latent_channels else None
         self.noise_predictor = NoisePredictor(width, kind, recompute, dims)
         self.noise_matcher = AdaptiveNoiseMatcher(width, kind, dims) if adaptive_noise else None
         self.output_projection = nn.Sequential(*conv_bn(width, width))
-        self.target_normalizer = TargetNormalizer(width) if normalize_target else None
-        self.schedule = NoiseSchedule(num_train_timesteps)
-        self.chain = self.schedule.ddim_coefficients(inference_steps)
-        self.solver_steps = self.schedule.dpm_solver_coefficients(inference_steps) if sampler == "dpm_solver++" else None
+        self.schedule = schedule
+        if normalize_target:  # the statistics are the level's buffers, so they are checkpointed
+            self.target_normalizer = TargetNormalizer(width)
+            self.distance = NormalizedDistance(self.distance, distance, self.target_normalizer)
+
+        # How the chain and the noise prediction are computed, chosen once. The autoencoder keeps the
+        # default layout and reads the teacher map as the teacher made it (relaying out a wide map costs
+        # more than it saves); the other boxes take the path's layout.
+        self.path = FoldedPath(self.sampler, kind, dims) if fast else ReferencePath(self.sampler)
+        for box in (self.projector, self.noise_predictor, self.noise_matcher, self.output_projection):
+            if box is not None:
+                box.to(memory_format=self.path.memory_format)
+
+        self.kd_weight, self.diffusion_weight, self.ae_weight = kd_weight, diffusion_weight, ae_weight
         self.kd_warmup_epochs = float(kd_warmup_epochs)
         self._progress_set = False
         if self.kd_warmup_epochs > 0:  # the ramp's factor as a tensor: a compiled level reads it without recompiling
             self.register_buffer("kd_ramp", torch.zeros(()), persistent=False)
-        # Channels-last maps: the same maths, but the small convs and BatchNorms of the chain get
-        # faster kernels (benchmarks/module_speed.py). Sequences and vectors keep the default layout.
-        self.fast = fast
-        self.memory_format = torch.channels_last if fast and kind == "conv" and dims == 2 else torch.contiguous_format
-        for box in (self.projector, self.noise_predictor, self.noise_matcher, self.output_projection):
-            if box is not None:
-                box.to(memory_format=self.memory_format)
-        # The autoencoder keeps the default layout and reads the teacher map as the teacher made it:
-        # relaying out a wide teacher map costs more than it saves. Its narrow latent is laid out.
+
+    # ----------------------------------------------------------------------------- forward: the method, top to bottom
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        *,
+        start_noise: Tensor | None = None,
+        diffusion_noise: Tensor | None = None,
+        diffusion_timesteps: Tensor | None = None,
+    ) -> DiffKDOutput:
+        """Denoise the student feature and compute all losses; noises may be given for testing."""
+        s, t = self.check_inputs(student, teacher.detach())  # the teacher gets no gradient
+        z_s = self.project_student(s, t.shape[2:])
+        z_t, ae_loss = self.encode_teacher(t)
+        denoised, gamma = self.denoise(z_s, start_noise)
+        diffusion = self.diffusion_loss(z_t, diffusion_noise, diffusion_timesteps)
+        kd = self.distance(denoised, z_t)  # L_kd = d(z_s_hat, z_t)
+        if student.dim() != denoised.dim():  # the mlp kind returns the rank it was given
+            denoised, z_t = denoised.view(student.shape[0], -1, 1, 1), z_t.view(student.shape[0], -1, 1, 1)
+        weights = {"kd": self.current_kd_weight(), "diffusion": self.diffusion_weight, "ae": self.ae_weight}
+        return DiffKDOutput(denoised, z_t, kd, diffusion, ae_loss, gamma, weights)
+
+    def project_student(self, student: Tensor, size: torch.Size) -> Tensor:
+        """z_s: the student feature in the latent space, resized to the teacher's spatial size (length)."""
+        z = self.projector(student)
+        if z.dim() > 2 and z.shape[2:] != size:
+            mode = "bilinear" if z.dim() == 4 else "linear"
+            z = F.interpolate(z, size=tuple(size), mode=mode, align_corners=False)
+        return z
+
+    def encode_teacher(self, teacher: Tensor) -> tuple[Tensor, Tensor | None]:
+        """z_t, the distillation target, and L_ae = MSE(decoder(encoder(t)), t); without the autoencoder z_t = t.
+
+        z_t is detached: the autoencoder learns from L_ae only.
+        """
+        if self.autoencoder is None:
+            return self.in_layout(teacher), None
+        latent, reconstruction = self.autoencoder(teacher)
+        return self.in_layout(latent.detach()), F.mse_loss(reconstruction.float(), teacher.float())
+
+    def denoise(self, z_s: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """z_s_hat and gamma: ANM's gamma, the chain from Eq. 8's start, then the output projection."""
+        gamma = None
+        if self.noise_matcher is not None:  # without ANM (ablation) the chain starts from z_s, no noise drawn
+            gamma = self.noise_matcher(z_s)
+            noise = self.draw_noise(z_s, noise)
+        x0 = self.path.denoise(self.noise_predictor, z_s, gamma, noise)
+        return self.output_projection(x0), gamma
+
+    def diffusion_loss(self, z_t: Tensor, noise: Tensor | None = None, timesteps: Tensor | None = None) -> Tensor:
+        """L_diff = MSE(eps(x_t, t), eps), x_t = sqrt(abar_t) z_t + sqrt(1 - abar_t) eps, t ~ U{0..T-1} per sample."""
+        if timesteps is None:
+            timesteps = torch.randint(0, self.schedule.num_train_timesteps, (z_t.shape[0],), device=z_t.device)
+        noise = self.draw_noise(z_t, noise)
+        eps_hat = self.path.predict_noise(self.noise_predictor, self.schedule, z_t, noise, timesteps)
+        return F.mse_loss(eps_hat.float(), noise.float())
+
+    def draw_noise(self, like: Tensor, noise: Tensor | None) -> Tensor:
+        """eps ~ N(0, I) shaped like `like` (or the given one), drawn in (B,C,H,W) order and then laid out,
+        so both paths get the same noise from one seed."""
+        noise = torch.randn(like.shape, device=like.device) if noise is None else noise.reshape(like.shape)
+        return self.in_layout(noise)
 
     # ----------------------------------------------------------------------------- input checks
     def check_inputs(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,93 +306,7 @@ class DiffKD(nn.Module):
 
     def in_layout(self, x: Tensor) -> Tensor:
         """x in the module's memory format (a no-op for vectors and for maps already in it)."""
-        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
-
-    # ----------------------------------------------------------------------------- the boxes
-    def project_student(self, student: Tensor, size: torch.Size) -> Tensor:
-        """z_s: the student feature in the latent space, resized to the teacher's spatial size (length)."""
-        z = self.projector(student)
-        if z.dim() > 2 and z.shape[2:] != size:
-            mode = "bilinear" if z.dim() == 4 else "linear"
-            z = F.interpolate(z, size=tuple(size), mode=mode, align_corners=False)
-        return z
-
-    def start(self, z_s: Tensor, noise: Tensor | None = None, offset: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Start of the chain: gamma * z_s + (1 - gamma) * eps (Eq. 8), or z_s without ANM.
-
-        `offset` (the fast path's first time embedding) is added in the same passes.
-        """
-        if self.noise_matcher is None:
-            return (z_s.float(), None) if offset is None else (z_s.float() + offset.float(), None)
-        gamma = self.noise_matcher(z_s)
-        # Drawn in (B,C,H,W) order, then laid out: both paths get the same noise from one seed.
-        noise = torch.randn(z_s.shape, device=z_s.device) if noise is None else noise.reshape(z_s.shape)
-        noise = self.in_layout(noise)
-        g = gamma.view(-1, *([1] * (z_s.dim() - 1)))
-        if offset is None:
-            return g * z_s.float() + (1.0 - g) * noise.float(), gamma
-        return torch.addcmul(torch.addcmul(offset.float(), noise.float(), 1.0 - g), z_s.float(), g), gamma
-
-    def denoise(self, z_s: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """z_s_hat: the denoised student latent after the chain (DDIM or DPM-Solver++) and the output projection."""
-        if self.fast:
-            h, gamma = self.start(z_s, noise, offset=self.noise_predictor.embed(self.chain[0][0], z_s.dim()))
-            if self.solver_steps is None:
-                x = denoise_folded(h, self.noise_predictor, self.chain)
-            else:
-                x = denoise_multistep_folded(h, self.noise_predictor, self.solver_steps)
-        else:
-            x, gamma = self.start(z_s, noise)
-            if self.solver_steps is None:
-                x = denoise(x, self.noise_predictor, self.chain)
-            else:
-                x = denoise_multistep(x, self.noise_predictor, self.solver_steps)
-        return self.output_projection(x), gamma
-
-    def diffusion_loss(self, z_t: Tensor, noise: Tensor | None = None, timesteps: Tensor | None = None) -> Tensor:
-        """L_diff: the noise predictor learns to recover eps from noised teacher latents."""
-        if timesteps is None:
-            timesteps = torch.randint(0, self.schedule.num_train_timesteps, (z_t.shape[0],), device=z_t.device)
-        noise = torch.randn(z_t.shape, device=z_t.device) if noise is None else noise.reshape(z_t.shape)
-        noise = self.in_layout(noise)
-        if self.fast:  # the time embedding joins the noising passes
-            x_t = self.schedule.add_noise(z_t, noise, timesteps, offset=self.noise_predictor.embed(timesteps, z_t.dim()))
-            eps_hat = self.noise_predictor.predict(x_t)
-        else:
-            eps_hat = self.noise_predictor(self.schedule.add_noise(z_t, noise, timesteps), timesteps)
-        return F.mse_loss(eps_hat.float(), noise.float())
-
-    # ----------------------------------------------------------------------------- forward
-    def forward(
-        self,
-        student: Tensor,
-        teacher: Tensor,
-        *,
-        start_noise: Tensor | None = None,
-        diffusion_noise: Tensor | None = None,
-        diffusion_timesteps: Tensor | None = None,
-    ) -> DiffKDOutput:
-        """Denoise the student feature and compute all losses; noises may be given for testing."""
-        s, t = self.check_inputs(student, teacher.detach())  # the teacher gets no gradient
-        z_s = self.project_student(s, t.shape[2:])
-        if self.autoencoder is not None:
-            latent, reconstruction = self.autoencoder(t)
-            ae_loss: Tensor | None = F.mse_loss(reconstruction.float(), t.float())
-            z_t = self.in_layout(latent.detach())
-        else:
-            ae_loss, z_t = None, self.in_layout(t)
-        denoised, gamma = self.denoise(z_s, start_noise)
-        diffusion = self.diffusion_loss(z_t, diffusion_noise, diffusion_timesteps)
-        if self.target_normalizer is None:
-            kd = self.distance(denoised, z_t)
-        else:  # both sides with the target's per-channel statistics: a scale-free distance
-            kd = self.distance(*self.target_normalizer(denoised, z_t))
-        if student.dim() != denoised.dim():  # the mlp kind returns the rank it was given
-            denoised, z_t = denoised.view(student.shape[0], -1, 1, 1), z_t.view(student.shape[0], -1, 1, 1)
-        loss = self.current_kd_weight() * kd + self.diffusion_weight * diffusion
-        if ae_loss is not None:
-            loss = loss + self.ae_weight * ae_loss
-        return DiffKDOutput(denoised, z_t, kd, diffusion, ae_loss, gamma, loss)
+        return x.contiguous(memory_format=self.path.memory_format) if x.dim() == 4 else x
 
     # ----------------------------------------------------------------------------- kd warm-up
     def set_progress(self, epoch: float, epochs: int) -> None:
@@ -324,11 +332,11 @@ class DiffKD(nn.Module):
     def extra_repr(self) -> str:
         variants = "".join([
             f", kd_warmup_epochs={self.kd_warmup_epochs:g}" if self.kd_warmup_epochs else "",
-            f", sampler={self.sampler!r}" if self.sampler != "ddim" else "",
+            f", sampler={self.sampler.name!r}" if self.sampler.name != "ddim" else "",
         ])
         return (
             f"kind={self.kind!r}, dims={self.dims}, student={self.student_channels}, teacher={self.teacher_channels}, "
-            f"latent={self.latent_channels}, steps={[t for t, _, _ in self.chain]}{variants}"
+            f"latent={self.latent_channels}, steps={self.sampler.timesteps}{variants}"
         )
 
     # ----------------------------------------------------------------------------- official weights
@@ -357,15 +365,19 @@ class DiffKD(nn.Module):
         return level
 
 
-def check_variant_options(kd_warmup_epochs: float, normalize_target: bool, distance: str | Distance) -> None:
-    """One-line errors for the beyond-the-paper options that cannot work as given."""
-    if not kd_warmup_epochs >= 0:
-        raise ValueError(f"kd_warmup_epochs must be >= 0 (0: no warm-up), got {kd_warmup_epochs}")
-    if normalize_target and distance in PROBABILITY_DISTANCES:
-        raise ValueError(
-            f"normalize_target=True rescales each channel, which changes the class distributions distance={distance!r} "
-            "compares; use it with a feature distance ('mse', 'attention_mse') or set normalize_target=False"
-        )
+def check_level(kind: str, dims: int, student_channels: int, teacher_channels: int, latent_channels: int | None) -> None:
+    """One-line errors for a level's shape options that cannot work together."""
+    if kind not in ("conv", "mlp"):
+        raise ValueError(f"unknown kind {kind!r}; expected 'conv' (maps) or 'mlp' (vectors)")
+    if latent_channels is not None and kind != "conv":
+        raise ValueError("the autoencoder (latent_channels) is for feature maps only (kind='conv')")
+    check_dims(dims)
+    if dims != 2 and kind != "conv":
+        raise ValueError(f"dims is the conv kind's spatial rank; kind={kind!r} takes vectors, drop dims={dims}")
+    for name, count in (("student_channels", student_channels), ("teacher_channels", teacher_channels),
+                        ("latent_channels", latent_channels)):  # fmt: skip
+        if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1):
+            raise ValueError(f"DiffKD {name} must be a positive integer, got {count!r}")
 
 
 def convert_official_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

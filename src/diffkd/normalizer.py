@@ -1,8 +1,15 @@
-"""Scale-free distillation targets: per-channel statistics of the teacher target, applied to both sides."""
+"""Distances measured after a normalisation of both sides: DiffKD's `normalize_target` (per-channel
+statistics of the teacher target) and `standardize` (z-scored logits) as wrappers around a distance."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
+from .losses import as_rows, compares_distributions, standardize_logits
+
+Distance = Callable[[Tensor, Tensor], Tensor]
 
 
 class TargetNormalizer(nn.Module):
@@ -47,3 +54,34 @@ class TargetNormalizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.running_mean.numel()}, momentum={self.momentum}, eps={self.eps}"
+
+
+class NormalizedDistance:
+    """distance(*normalizer(denoised, target)): a distance free of the feature's per-channel scale.
+
+    Not a module: its running statistics live in the `TargetNormalizer` it is given, which the level
+    holds (and checkpoints) as `target_normalizer`.
+    """
+
+    def __init__(self, distance: Distance, name: object, normalizer: TargetNormalizer):
+        if compares_distributions(name):
+            raise ValueError(
+                f"normalize_target=True rescales each channel, which changes the class distributions distance={name!r} "
+                "compares; use it with a feature distance ('mse', 'attention_mse') or set normalize_target=False"
+            )
+        self.distance, self.normalizer = distance, normalizer
+
+    def __call__(self, denoised: Tensor, target: Tensor) -> Tensor:
+        return self.distance(*self.normalizer(denoised, target))
+
+
+class StandardizedDistance:
+    """distance on logits z-scored per sample over the classes (logit standardization, `standardize_logits`)."""
+
+    def __init__(self, distance: Distance, name: object):
+        if name != "kl":
+            raise ValueError(f"standardize=True z-scores logits before the KL: it needs distance='kl', got {name!r}")
+        self.distance = distance
+
+    def __call__(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return self.distance(standardize_logits(as_rows(student)), standardize_logits(as_rows(teacher)))

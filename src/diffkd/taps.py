@@ -74,7 +74,7 @@ import difflib
 import math
 import re
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
@@ -572,13 +572,15 @@ class FeatureTaps:
         self.close()
 
 
-def call_model(model: nn.Module, example_input: Any) -> Any:
-    """Call the model: a tuple spreads as positional arguments, a mapping as keywords, else one argument."""
-    if isinstance(example_input, tuple):
-        return model(*example_input)
-    if isinstance(example_input, Mapping):
-        return model(**example_input)
-    return model(example_input)
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """The one way every part of diffkd (engine, evaluation, Distiller, probes) calls a model on inputs:
+    a tuple spreads as positional arguments (a detector's (images, targets)), a mapping as keywords (a
+    tokenizer's output), anything else is the one argument."""
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
 
 
 def _random_input(model: nn.Module, shape: Iterable[int]) -> torch.Tensor:

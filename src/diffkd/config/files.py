@@ -14,8 +14,26 @@ from .checking import ConfigError, build
 from .schema import RANGES, TASK_SECTIONS, Config
 
 
+class _DuplicateKey(ValueError):
+    """A mapping key given twice in one YAML document (parse_yaml names the source)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads YAML 1.2 floats such as 1e-4 (PyYAML's 1.1 rules make them strings)."""
+    """SafeLoader that also reads YAML 1.2 floats such as 1e-4 (PyYAML's 1.1 rules make them strings) and
+    refuses a mapping key given twice (two `optim:` sections), where PyYAML silently keeps the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in first:
+                    where = f"line {line}" if first[key] == line else f"lines {first[key]} and {line}"
+                    raise _DuplicateKey(f"key {key!r} is given twice ({where}); keep one")
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -29,6 +47,8 @@ def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text safely; a syntax error names the source (file or override)."""
     try:
         return yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{source}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: invalid YAML: {err}") from err
 

@@ -60,20 +60,31 @@ class TeacherConfig:
 @dataclass
 class LevelConfig:
     """One distilled pair of taps and its method; a tap is "@feature"/"@logits" (the model's default
-    taps), a module path such as "layer4" or "backbone['0']", or a mapping of `diffkd.taps.Tap` fields.
-    A side may be a list of taps for methods that take several (reviewkd, vid). `weight: auto` calibrates the
-    level against the task loss (`ratio`, `window`, `calibrate`: see diffkd.distiller.Level)."""
+    taps), a module path such as "layer4", "backbone['0']" or 8 (an nn.Sequential's child: integers are
+    kept as the path "8"), or a mapping of `diffkd.taps.Tap` fields. A side may be a list of taps for
+    methods that take several (reviewkd, vid). `weight: auto` calibrates the level against the task loss
+    (`ratio`, `window`, `calibrate`: see diffkd.distiller.Level)."""
 
-    student: str | dict[str, Any] | list[str | dict[str, Any]]
-    teacher: str | dict[str, Any] | list[str | dict[str, Any]]
+    student: str | int | dict[str, Any] | list[str | int | dict[str, Any]]
+    teacher: str | int | dict[str, Any] | list[str | int | dict[str, Any]]
     method: str
     weight: float | Literal["auto"] = 1.0
     name: str | None = None
-    targets: str | dict[str, Any] | None = None  # what the method gets as targets: see diffkd.distiller.Level
+    targets: str | int | dict[str, Any] | None = None  # what the method gets as targets: see diffkd.distiller.Level
     ratio: float | None = None  # weight auto: weighted terms / task loss (default 1)
     window: int | None = None  # weight auto: calibration steps (default 100, or the first epoch if shorter)
     calibrate: list[str] | None = None  # weight auto: the terms scaled (default: the method's, e.g. diffkd's kd)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.student, self.teacher, self.targets = (_int_as_path(v) for v in (self.student, self.teacher, self.targets))
+
+
+def _int_as_path(spec: Any) -> Any:
+    """An integer tap (YAML `student: 8`) as the module path it names ("8"), in a list too."""
+    if isinstance(spec, list):
+        return [_int_as_path(item) for item in spec]
+    return str(spec) if isinstance(spec, int) and not isinstance(spec, bool) else spec
 
 
 @dataclass

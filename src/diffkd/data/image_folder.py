@@ -1,14 +1,17 @@
 """The user's own images: `root/train/<class>/*` and `root/val/<class>/*`, any format PIL reads.
 
-Class names are the sub-folder names (sorted), and train and val must have the same ones. Every
-file in a class folder is an image (hidden files, starting with ".", are skipped); one PIL cannot
-read is an error naming it, found when the split is built (each file's header is read), not in the
-middle of training. Transforms are ImageNet's (`imagenet.make_transform`): image_size and the
-training policies apply.
+Class names are the sub-folder names (sorted), and train and val must have the same ones (a folder
+with val/ alone can be evaluated). The images of a class folder are its files with an image extension
+(IMAGE_EXTENSIONS); other files (a README.md, notes.txt) and hidden files are skipped, and the number
+skipped is logged. A file with an image extension that PIL cannot read is an error naming it, found
+when the split is built (each file's header is read), not in the middle of training. Transforms are
+ImageNet's (`imagenet.make_transform`): image_size and the training policies apply.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +23,11 @@ from .imagenet import FOLDERS, Policies, make_transform
 from .subset import spread_indices
 
 LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)  # compared lower-case
+
+log = logging.getLogger("diffkd")
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -45,8 +53,14 @@ def _class_names(folder: Path) -> list[str]:
 
 
 def read_classes(root: str | Path | None) -> list[str]:
-    """The class names (sorted sub-folders of train/), checked to be the same as those of val/."""
-    train, val = (_class_names(_split_folder(root, split)) for split in ("train", "val"))
+    """The class names (sorted sub-folders of train/), checked to be the same as those of val/; a root with
+    val/ and no train/ (a test set alone, for `diffkd eval`) gives val/'s."""
+    val = _class_names(_split_folder(root, "val"))
+    if not (Path(root).expanduser() / FOLDERS["train"]).is_dir():
+        if not val:
+            raise ValueError(f"image folder {str(root)!r}: val/ holds no class folders; lay it out as {LAYOUT}")
+        return val
+    train = _class_names(_split_folder(root, "train"))
     if train != val:
         only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
         raise ValueError(
@@ -67,18 +81,32 @@ def _check_readable(path: Path) -> None:
         raise ValueError(f"{path} is not an image PIL can read ({type(err).__name__}); remove it or replace it") from err
 
 
+def _images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A class folder's visible files: (those with an image extension, the others)."""
+    files = [p for p in _visible(folder) if p.is_file()]
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
 class ImageFolderSet(Dataset):
     """(image tensor, class index) pairs of one split; class index = position in the sorted class names."""
 
     def __init__(self, folder: Path, classes: list[str], transform: Callable[[Image.Image], Tensor],
                  limit: int | None = None) -> None:
         samples: list[tuple[Path, int]] = []
+        skipped: list[Path] = []
         for index, name in enumerate(classes):
-            files = [p for p in _visible(folder / name) if p.is_file()]
+            files, others = _images(folder / name)
+            skipped += others
             if not files:
-                raise ValueError(f"class folder {folder / name} holds no images; add some or remove the folder "
+                raise ValueError(f"class folder {folder / name} holds no images (files with an image extension: "
+                                 f"{', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder "
                                  "(from train/ and val/)")
             samples += [(path, index) for path in files]
+        if skipped:
+            shown = ", ".join(str(p.relative_to(folder)) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            log.info("image folder %s: skipped %d file(s) without an image extension (%s)", folder, len(skipped), shown)
+        self.folder = folder
         keep = spread_indices(len(samples), limit)
         self.samples = samples if keep is None else [samples[i] for i in keep]
         for path, _ in self.samples:
@@ -89,6 +117,11 @@ class ImageFolderSet(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def file_list_digest(self) -> str:
+        """sha256 of the sorted relative paths and labels of the split's images: the same after the folder moved."""
+        lines = sorted(f"{path.relative_to(self.folder).as_posix()}\t{label}" for path, label in self.samples)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]

@@ -1,7 +1,7 @@
 """The training engine: one loop for every task and mode, with checkpoints, resume, AMP, EMA and DDP."""
 
 from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint
-from .errors import CheckpointError, EngineError, NonFiniteLossError, RunDirError, RunInterrupted
+from .errors import CheckpointError, EngineError, NonFiniteLossError, RunDirError, RunInterrupted, RunWriteError
 from .evaluation import evaluate, evaluate_checkpoint
 from .export import export_weights
 from .learner import LEARNERS
@@ -17,6 +17,7 @@ __all__ = [
     "NonFiniteLossError",
     "RunDirError",
     "RunInterrupted",
+    "RunWriteError",
     "RunResult",
     "evaluate",
     "evaluate_checkpoint",

@@ -13,6 +13,11 @@ class CheckpointError(EngineError):
     """A checkpoint that is missing, truncated, corrupt or not what the command expects; names the file."""
 
 
+class RunWriteError(EngineError):
+    """A file of the run could not be written (disk full, file too large, read-only); names the file and what
+    was saved last."""
+
+
 class NonFiniteLossError(EngineError):
     """A NaN or inf loss; names the terms, the global step and the epoch."""
 

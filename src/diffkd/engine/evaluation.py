@@ -11,11 +11,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import config_from_dict
 from ..data import IndexedCollate, WithIndices, build_loader
+from ..taps import call_model
 from ..tasks import Task, build_task
 from .checkpoint import evaluated_weights, find_checkpoint, load_checkpoint, load_into, saved_model_name
 from .distributed import Context, ShardSampler, resolve_device
 from .layout import inputs_to_channels_last
-from .learner import forward
 from .precision import MixedPrecision
 
 
@@ -41,7 +41,7 @@ def evaluate(
         if channels_last:
             inputs = inputs_to_channels_last(inputs)
         with precision.autocast():
-            outputs = forward(model, inputs)
+            outputs = call_model(model, inputs)
         metrics.update(outputs, targets)
     model.train(was_training)
     return metrics.compute(ctx.sum)

@@ -17,9 +17,12 @@ from torch import Tensor, nn
 
 from .. import models
 from ..config import Config, ConfigError, ModelConfig, TeacherConfig
-from ..distiller import Distiller, Level
-from ..models.probe import TAP_ALIASES
+from ..distiller import Distiller, Level, default_level_name
+from ..models.probe import ProbeError, resolve_alias
+from ..models.weights import file_sha256
+from ..taps import Tap, call_model
 from ..tasks import Task
+from .identity import weights_digest
 from .teacher import load_teacher_weights
 
 
@@ -34,17 +37,13 @@ class StepOutput:
     stats: Mapping[str, Any] = field(default_factory=dict)
 
 
-def forward(model: Callable[..., Any], inputs: Any) -> Any:
-    """Call a model on a batch's inputs; a tuple (a detector's (images, targets)) is spread as arguments."""
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-
-
 class Learner(ABC):
     """The trained module (optimized, checkpointed, wrapped in DDP) and the student inside it."""
 
     module: nn.Module
     student: nn.Module
     needs_indices = False  # whether compute needs each sample's dataset index (the training data then yields them)
+    teacher_identity: dict[str, Any] | None = None  # the frozen teacher's weights digest and file (identity.py)
 
     @abstractmethod
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
@@ -72,6 +71,10 @@ class Learner(ABC):
         """Parameters trained besides the student's (method modules); 0 for plain training."""
         return 0
 
+    def describe(self) -> list[str]:
+        """Lines the run logs at its start about what it trains (a distillation's resolved taps); none by default."""
+        return []
+
 
 def build_model(task: Task, spec: ModelConfig | TeacherConfig, key: str) -> nn.Module:
     """The task's model for a config section; a name that cannot build one is a ConfigError naming the key."""
@@ -91,32 +94,9 @@ class PlainLearner(Learner):
         self.module = self.student = build_model(task, cfg.model, "model")
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
-        outputs = forward(call, inputs)
+        outputs = call_model(call, inputs)
         loss = self.task.loss(outputs, targets)
         return StepOutput(outputs, {"task": loss}, loss)
-
-
-def resolve_tap(
-    spec: str | dict[str, Any] | list[str | dict[str, Any]], where: str,
-    default_taps: Callable[[], models.Taps | models.Probe],
-) -> str | dict[str, Any] | list[str | dict[str, Any]]:
-    """'@feature' / '@logits' -> the model's default tap (from `default_taps()`, called only then); others unchanged.
-
-    A list of taps is resolved item by item.
-    """
-    if isinstance(spec, list):
-        return [resolve_tap(item, f"{where}.{i}", default_taps) for i, item in enumerate(spec)]
-    if not isinstance(spec, str) or not spec.startswith("@"):
-        return spec
-    alias = spec[1:]
-    if alias not in TAP_ALIASES:
-        raise ConfigError(
-            f"{where}: unknown tap alias {spec!r}; use {', '.join('@' + a for a in TAP_ALIASES)} or a module path"
-        )
-    try:
-        return getattr(default_taps(), alias)
-    except models.ProbeError as err:
-        raise ConfigError(f"{where}: {err}") from None
 
 
 class DistillLearner(Learner):
@@ -131,16 +111,27 @@ class DistillLearner(Learner):
             raise ConfigError(f"{', '.join(missing)}: required for `diffkd distill`")
         self.task = task
         teacher = build_model(task, cfg.teacher, "teacher")
-        load_teacher_weights(teacher, cfg.teacher)
+        teacher_file = load_teacher_weights(teacher, cfg.teacher)
+        if teacher_file is not None:
+            task.check_run(teacher_file.parent, role="teacher")
+        self.teacher_identity = {
+            "weights_sha256": weights_digest(teacher),
+            "checkpoint": str(teacher_file) if teacher_file is not None else f"pretrained {cfg.teacher.name}",
+            "file_sha256": file_sha256(teacher_file) if teacher_file is not None else None,
+        }
         student = build_model(task, cfg.student, "student")
         student_taps = functools.cache(lambda: task.default_taps(cfg.student.name, student))
         teacher_taps = functools.cache(lambda: task.default_taps(cfg.teacher.name, teacher))
         levels = []
         for i, lv in enumerate(cfg.levels):
-            student_tap = resolve_tap(lv.student, f"levels.{i}.student", student_taps)
-            teacher_tap = resolve_tap(lv.teacher, f"levels.{i}.teacher", teacher_taps)
             try:
-                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, targets=lv.targets,
+                student_tap = resolve_alias(lv.student, f"levels.{i}.student", student_taps)
+                teacher_tap = resolve_alias(lv.teacher, f"levels.{i}.teacher", teacher_taps)
+            except ProbeError as err:  # its message already names the config key
+                raise ConfigError(str(err)) from None
+            name = lv.name or default_level_name(lv.method, lv.student)  # named by the taps as written, as the API does
+            try:
+                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, name, targets=lv.targets,
                                     ratio=lv.ratio, window=lv.window, calibrate=lv.calibrate, **lv.options))
             except ValueError as err:  # a bad weight: name the config entry
                 raise ConfigError(f"levels.{i}: {err}") from None
@@ -148,6 +139,16 @@ class DistillLearner(Learner):
                                 task_loss=task.loss)
         self.student = self.module.student
         self.needs_indices = self.module.needs_indices
+        self.written_taps = [(lv.student, lv.teacher) for lv in cfg.levels]  # as in the config, for describe()
+
+    def describe(self) -> list[str]:
+        """Each level's taps as written and as resolved, with their probed shapes and layouts, e.g.
+        `level diffkd_feature: student @feature -> layer4 (B,512,7,7) map; teacher ...`."""
+        lines = []
+        for level, written in zip(self.module.levels, self.written_taps):
+            sides = [_describe_side(self.module, level, side, spec) for side, spec in zip(("student", "teacher"), written)]
+            lines.append(f"level {level.name} ({level.method}): {'; '.join(sides)}")
+        return lines
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
         out = call(inputs, targets, indices)
@@ -174,6 +175,22 @@ class DistillLearner(Learner):
 def _is_one(weight: float | Tensor) -> bool:
     """Whether a weight is the constant 1 (its weighted term is the raw one), without reading a tensor."""
     return not isinstance(weight, Tensor) and weight == 1
+
+
+def _describe_side(distiller: Distiller, level: Level, side: str, written: Any) -> str:
+    """One side of a level: each tap as written -> its module path (shape with B for the batch) layout."""
+    resolved = getattr(level, side)
+    specs = written if isinstance(written, list) else [written]
+    taps = resolved if isinstance(resolved, list) else [resolved]
+    names = distiller.tap_names(level.name, side)
+    shown = []
+    for name, spec, tap in zip(names, specs, taps):
+        probed = distiller.probed[side].get(name)
+        path = Tap.parse(tap).path or "<output>"
+        alias = f"{spec} -> " if isinstance(spec, str) and spec.startswith("@") else ""
+        shape = "(" + ",".join(["B", *map(str, probed.shape[1:])]) + ")" if probed is not None and len(probed.shape) else "()"
+        shown.append(f"{alias}{path} {shape} {probed.layout if probed is not None else '?'}")
+    return f"{side} {', '.join(shown)}"
 
 
 LEARNERS: Mapping[str, Callable[..., Learner]] = MappingProxyType(  # (cfg, task, dataset_size=None)

@@ -24,8 +24,9 @@ log = logging.getLogger("diffkd")
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.csv")
 CHECKPOINTS = ("last.pt", "best.pt")
 TASK_FILES = ("classes.json",)  # what tasks keep in a run (Task.record_run): an image folder's class names
-OUTPUTS = frozenset({*RUN_FILES, *TASK_FILES, "curves.png", "tensorboard"})  # everything a run writes into its directory
-ATOMIC_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "curves.png", *TASK_FILES)  # the files written through a temporary
+IDENTITY_FILE = "identity.json"  # what the run trains on: teacher weights digest, training set (identity.py)
+OUTPUTS = frozenset({*RUN_FILES, *TASK_FILES, IDENTITY_FILE, "curves.png", "tensorboard"})  # all a run writes there
+ATOMIC_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "curves.png", IDENTITY_FILE, *TASK_FILES)  # via a temporary
 
 
 def holds_run(path: Path) -> list[str]:

@@ -12,12 +12,13 @@ from .checkpoint import evaluated_weights, find_checkpoint, is_run_checkpoint, l
 from .errors import CheckpointError
 
 
-def load_teacher_weights(model: nn.Module, spec: TeacherConfig) -> None:
+def load_teacher_weights(model: nn.Module, spec: TeacherConfig) -> Path | None:
     """Fill model with teacher.checkpoint: a run dir or its best.pt/last.pt (EMA weights if that run used EMA),
-    or a state dict file (raw, or under "model"/"state_dict"); sha256 is checked first when given."""
+    or a state dict file (raw, or under "model"/"state_dict"); sha256 is checked first when given. Returns the
+    file read (None for pretrained weights without a checkpoint)."""
     if spec.checkpoint is None:
         if spec.pretrained:
-            return
+            return None
         raise ConfigError(
             "teacher.checkpoint: required (a trained teacher's run dir or weights file), "
             "unless teacher.pretrained=true; distilling from an untrained teacher teaches nothing"
@@ -33,3 +34,4 @@ def load_teacher_weights(model: nn.Module, spec: TeacherConfig) -> None:
     else:
         weights, saved_for = extract_state_dict(content), None
     load_into(model, weights, f"teacher checkpoint {path}", saved_for, f"model {spec.name!r}")
+    return path

@@ -2,15 +2,18 @@
 
 `run(cfg, mode=...)` is the Python entry point. One epoch = train on every batch (lr set per
 iteration, NaN/inf check, optimizer step, EMA), evaluate on the test split, write last.pt (and
-best.pt when the task's main metric improves), report. The data order, the augmentation and every
-RNG follow the seed and the epoch, and last.pt holds all state, so a resumed run is bit-identical
-to an uninterrupted one on CPU.
+best.pt, without the resume state, when the task's main metric improves), report. The data order,
+the augmentation and every RNG follow the seed and the epoch, and last.pt holds all state, so a
+resumed run is bit-identical to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
+import copy
+import errno
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,24 +31,30 @@ from . import distributed, layout, rng
 from ..atomic import serialize, write_atomic
 from .checkpoint import FORMAT, VERSION, load_checkpoint, load_into, saved_model_name
 from .ema import EMA
-from .errors import CheckpointError, NonFiniteLossError, RunInterrupted
+from .errors import CheckpointError, NonFiniteLossError, RunInterrupted, RunWriteError
 from .evaluation import evaluate, task_loader, test_loader
+from .identity import check_identity, dataset_identity, record_identity
+from .interrupts import interrupts_held
 from .learner import LEARNERS, Learner, StepOutput
 from .meters import LossMeter
 from .optim import build_optimizer
 from .precision import MixedPrecision
 from .reporting import Reporter, progress_bar
 from .rundir import check_run_dir, prepare_run_dir
-from .runlock import RunLock, check_unlocked
+from .runlock import RunLock, check_unlocked, lock_path
 from .schedules import LRSchedule, Timeline
 
 log = logging.getLogger("diffkd")
 
-# Config keys a resumed run may change; anything else would silently make it a different run.
+# Config keys a resumed run may change; anything else would silently make it a different run. The data
+# and the teacher may move (data.root, teacher.checkpoint and its file's sha256), as the run's identity
+# (identity.py: the teacher's weights, the training set's files) is checked instead.
 RESUMABLE_CHANGES = frozenset({
     "train.epochs", "train.device", "train.progress", "train.log_every", "data.root", "data.download",
-    "data.workers", "data.eval_batch_size", "output.dir", "output.tensorboard",
+    "data.workers", "data.eval_batch_size", "output.dir", "output.tensorboard", "teacher.checkpoint", "teacher.sha256",
 })  # fmt: skip
+# What best.pt leaves out of last.pt: the resume state, which eval, export, visualize and a teacher never read.
+RESUME_ONLY = ("optimizer", "scaler", "rng")
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Session:
     precision: MixedPrecision
     ema: EMA | None
     train_set: Dataset
+    identity: dict[str, Any]  # what the run trains on (identity.py), recorded in last.pt and identity.json
     sampler: DistributedSampler
     batch_size: int
     test_loader: Any
@@ -114,16 +124,36 @@ def run(
         raise ValueError(f"mode must be one of {', '.join(LEARNERS)}, got {mode!r}")
     ctx = distributed.setup(cfg.train.device)
     session = None
-    lock = RunLock(Path(cfg.output.dir).expanduser()) if ctx.is_main else None  # the process that writes the run
+    run_dir = Path(cfg.output.dir).expanduser()
+    lock = RunLock(run_dir) if ctx.is_main else None  # the process that writes the run
     try:
         session = _setup(cfg, mode, ctx, lock, resume=resume, force=force)
         return _train(session, on_epoch_end)
     except KeyboardInterrupt:
-        raise RunInterrupted(_what_was_saved(session, Path(cfg.output.dir).expanduser())) from None
+        raise RunInterrupted(_what_was_saved(session, run_dir)) from None
+    except OSError as err:
+        if not _is_write_failure(err, run_dir):
+            raise
+        why = err.strerror or type(err).__name__
+        raise RunWriteError(f"cannot write {err.filename} ({why}); {_what_was_saved(session, run_dir)}") from None
     finally:
         if lock is not None:
             lock.release()
         distributed.teardown(ctx)
+
+
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})  # whichever file is written
+
+
+def _is_write_failure(err: OSError, run_dir: Path) -> bool:
+    """Whether err is the failure to write a file of the run (its directory, its lock), not to read the data."""
+    if err.filename is None:
+        return False
+    if err.errno in WRITE_FAILURES:
+        return True
+    path = Path(os.fsdecode(err.filename)).resolve()
+    ours = run_dir.resolve()
+    return err.errno in (errno.EACCES, errno.EPERM) and (path == lock_path(run_dir) or ours == path or ours in path.parents)
 
 
 def _what_was_saved(s: Session | None, run_dir: Path) -> str:
@@ -172,7 +202,7 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, lock: RunLock | Non
         session.task.check_run(run_dir)
         _restore(session, run_dir / "last.pt")
     if ctx.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(session.cfg, run_dir / "config.yaml")
         session.task.record_run(run_dir)
     session.reporter = Reporter(
         run_dir, enabled=ctx.is_main, tensorboard=cfg.output.tensorboard, main_metric=session.task.main_metric
@@ -182,6 +212,8 @@ def _setup(cfg: Config, mode: str, ctx: distributed.Context, lock: RunLock | Non
         steps = f"{session.schedule.timeline.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
         where = f"{ctx.world_size} process(es) on {ctx.device}"
         log.info("%s %s: %s, %s, %s, run dir %s", mode, cfg.task, sizes, steps, where, run_dir)
+        for line in session.learner.describe():
+            log.info("%s", line)
     return session
 
 
@@ -193,6 +225,10 @@ def _build(cfg: Config, mode: str, ctx: distributed.Context) -> Session:
     train_set = task.build_dataset("train", limit=cfg.data.limit_train)  # draws no random numbers
     rng.seed_everything(cfg.train.seed)  # identical initial weights in every process
     learner = LEARNERS[mode](cfg, task, dataset_size=len(train_set))
+    identity = {"teacher": learner.teacher_identity, "train_set": dataset_identity(train_set, task.class_names)}
+    if learner.teacher_identity is not None and cfg.teacher.sha256 is None:  # config.yaml names the teacher's file
+        cfg = copy.deepcopy(cfg)
+        cfg.teacher.sha256 = learner.teacher_identity["file_sha256"]
     learner.module.to(ctx.device)
     if cfg.train.channels_last:
         layout.module_to_channels_last(learner.module)
@@ -219,6 +255,7 @@ def _build(cfg: Config, mode: str, ctx: distributed.Context) -> Session:
         precision=precision,
         ema=EMA(learner.student, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,
         train_set=train_set,
+        identity=identity,
         sampler=sampler,
         batch_size=batch_size,
         test_loader=test_loader(task, ctx, eval_batch, cfg.data.workers, cfg.data.limit_test),
@@ -252,6 +289,11 @@ def _restore(s: Session, path: Path) -> None:
             f"cannot resume {path.parent}: the config differs from the run's in {', '.join(changed)}; resume with "
             f"the same config (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or start afresh with --force"
         )
+    saved_identity = ckpt.get("identity")
+    if saved_identity is None and "train_items" in ckpt:  # written before identities were: its size at least
+        saved_identity = {"train_set": {"items": ckpt["train_items"]}}
+    check_identity(saved_identity, s.identity, path)
+    _check_schedule_left(s, ckpt, path)
     load_into(s.learner.module, ckpt["model"], path, saved_model_name(ckpt), "this run's modules")
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.precision.load_state_dict(ckpt["scaler"])
@@ -267,6 +309,28 @@ def _restore(s: Session, path: Path) -> None:
         rng.seed_everything(s.cfg.train.seed + s.ctx.rank + 7919 * s.epoch)
     if s.ctx.is_main:
         log.info("resumed %s at epoch %d (global step %d)", path, s.epoch, s.step)
+        if s.epoch == s.cfg.train.epochs:  # a finished run, reread (batch jobs do): say that nothing is trained
+            log.info("the run already holds all %d epochs: nothing left to train (a larger train.epochs trains on)", s.epoch)
+
+
+def _check_schedule_left(s: Session, ckpt: dict[str, Any], path: Path) -> None:
+    """Refuse a resume whose schedule cannot go on from the checkpoint: fewer epochs than were done, or a
+    global step that this data's steps per epoch do not reach (the run would train at the wrong lr, or none)."""
+    epochs, done, step = s.cfg.train.epochs, ckpt["epoch"], ckpt["step"]
+    timeline = s.schedule.timeline
+    if done > epochs:
+        raise ConfigError(
+            f"cannot resume {path.parent}: train.epochs={epochs} but {path.name} already holds {done} epochs; "
+            f"give train.epochs={done} or more"
+        )
+    same_processes = len(ckpt["rng"]) == s.ctx.world_size  # another process count may change the steps per epoch
+    if done < epochs and (step >= timeline.steps_per_epoch * epochs
+                          or (same_processes and step != done * timeline.steps_per_epoch)):
+        raise ConfigError(
+            f"cannot resume {path.parent}: {path.name} stopped after {done} epoch(s) at global step {step}, but the "
+            f"training data now gives {timeline.steps_per_epoch} steps per epoch, so the schedule would not go on "
+            "from where it stopped; resume with the run's data and data.batch_size, or start afresh with --force"
+        )
 
 
 def _train(s: Session, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> RunResult:
@@ -428,9 +492,11 @@ def _save(s: Session, improved: bool) -> None:
         "rng": states,
         "history": s.history,
         "train_items": len(s.train_set),  # what methods with per-sample state (CRD) are sized by, to rebuild the run
+        "identity": s.identity,
     }
-    data = serialize(ckpt)
-    write_atomic(data, s.run_dir / "last.pt")
-    s.saved_epoch = s.epoch
+    with interrupts_held():  # a Ctrl-C between the write and the record would report the epoch before
+        write_atomic(serialize(ckpt), s.run_dir / "last.pt")
+        s.saved_epoch = s.epoch
+    record_identity(s.identity, s.run_dir)  # beside the checkpoint, so a run without one holds no outputs but config.yaml
     if improved:
-        write_atomic(data, s.run_dir / "best.pt")
+        write_atomic(serialize({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}), s.run_dir / "best.pt")

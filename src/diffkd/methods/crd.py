@@ -1,7 +1,7 @@
 """CRD: contrastive representation distillation with a memory bank of every training sample (NCE).
 
 Tian, Krishnan and Isola, "Contrastive Representation Distillation", ICLR 2020. Computed as the
-reference code (RepDistiller) does; DESIGN.md section 4b. Each batch brings its samples' dataset
+reference code (RepDistiller) does; docs/design.md §5. Each batch brings its samples' dataset
 indices: the method declares `needs_indices`, so `diffkd distill` feeds them for every task.
 """
 from __future__ import annotations

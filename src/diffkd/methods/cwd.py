@@ -4,7 +4,7 @@ Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 202
 a (B,C,H,W) map becomes a distribution over the H*W positions (softmax with temperature tau); the
 student matches the teacher's per channel by KL:
 `tau^2 sum_{n,c,hw} p_T (log p_T - log p_S) / (N C)`. The authors' segmentation setting is tau 4 with
-loss weight 3 (DESIGN.md 4b).
+loss weight 3 (docs/design.md §5).
 """
 from __future__ import annotations
 

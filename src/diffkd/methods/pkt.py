@@ -1,7 +1,7 @@
 """PKT: probabilistic knowledge transfer, matching the cosine-similarity kernels of the batch.
 
 Passalis and Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer", ECCV 2018.
-Computed as the reference code (RepDistiller) does; DESIGN.md section 4b.
+Computed as the reference code (RepDistiller) does; docs/design.md §5.
 """
 from __future__ import annotations
 

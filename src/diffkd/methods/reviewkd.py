@@ -1,7 +1,7 @@
 """ReviewKD: knowledge review, student stages fused deepest first (ABF) and matched to the teacher's (HCL).
 
 Chen, Liu, Zhao and Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021. Computed as the
-reference code (the authors' ReviewKD and mdistiller) does; DESIGN.md section 4b.
+reference code (the authors' ReviewKD and mdistiller) does; docs/design.md §5.
 """
 from __future__ import annotations
 

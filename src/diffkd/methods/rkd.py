@@ -1,7 +1,7 @@
 """RKD: relational KD on the distances and angles between the samples of a batch.
 
 Park, Kim, Lu and Cho, "Relational Knowledge Distillation", CVPR 2019. Computed as the reference
-code (RepDistiller) does; DESIGN.md section 4b.
+code (RepDistiller) does; docs/design.md §5.
 """
 from __future__ import annotations
 

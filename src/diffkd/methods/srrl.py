@@ -1,7 +1,7 @@
 """SRRL: the student's feature, through a connector, goes through the teacher's frozen classifier.
 
 Yang, Martinez, Bulat and Tzimiropoulos, "Knowledge Distillation via Softmax Regression
-Representation Learning", ICLR 2021. DESIGN.md section 4b. The teacher's classifier is given by its
+Representation Learning", ICLR 2021. docs/design.md §5. The teacher's classifier is given by its
 module path (`teacher_head`); the Distiller hands the frozen module over (see `hold_teacher_module`).
 """
 from __future__ import annotations

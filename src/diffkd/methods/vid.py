@@ -1,7 +1,7 @@
 """VID: variational information distillation, a Gaussian likelihood of the teacher map given the student's.
 
 Ahn, Hu, Damianou, Lawrence and Dai, "Variational Information Distillation for Knowledge Transfer",
-CVPR 2019. Computed as the reference code (RepDistiller) does; DESIGN.md section 4b.
+CVPR 2019. Computed as the reference code (RepDistiller) does; docs/design.md §5.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ An import path names code the config's author chose to run: the callable is call
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,7 +23,7 @@ IMPORT_PATH = re.compile(r"(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)
 
 
 class ModelNameError(ValueError):
-    """A model name that names an import path or a transformers folder which cannot build a model."""
+    """A model name that cannot build a model: an unknown timm name, an import path or a transformers folder."""
 
 
 def is_import_path(name: str) -> bool:
@@ -34,6 +36,13 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+def _searched(shown: int = 4) -> str:
+    """Where Python looks for top-level modules (sys.path, "" as the working directory), the first few named."""
+    folders = [os.getcwd() + " (the working directory)" if p in ("", ".") else p for p in sys.path]
+    more = f" and {len(folders) - shown} more" if len(folders) > shown else ""
+    return ", ".join(folders[:shown]) + more
+
+
 def _resolve(name: str) -> Any:
     """The object an import path names, or a ModelNameError naming the module or attribute that failed."""
     match = IMPORT_PATH.fullmatch(name)
@@ -42,6 +51,13 @@ def _resolve(name: str) -> Any:
     module_name, attr = match.group("module"), match.group("attr")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module_name + ".").startswith(err.name + "."):
+            raise ModelNameError(f"model {name!r}: cannot import module {module_name!r} ({_first_line(err)})") from err
+        raise ModelNameError(
+            f"model {name!r}: cannot import module {module_name!r} (no module named {err.name!r} in {_searched()}); "
+            f"run from the folder that holds {err.name.split('.')[0]}, or add that folder to PYTHONPATH"
+        ) from err
     except Exception as err:  # noqa: BLE001 - an import runs arbitrary code; any failure is the user's to see
         raise ModelNameError(f"model {name!r}: cannot import module {module_name!r} ({_first_line(err)})") from err
     obj: Any = module

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..taps import call_model
 
-__all__ = ["TAP_ALIASES", "Probe", "ProbeError", "Taps", "find_taps", "probe_model", "resolve_aliases"]
+__all__ = ["TAP_ALIASES", "Probe", "ProbeError", "Taps", "find_taps", "probe_model", "resolve_alias", "resolve_aliases"]
 
 TAP_ALIASES = ("feature", "logits")  # "@feature" / "@logits": a model's pooled feature and its logits
 
@@ -676,25 +676,25 @@ def find_taps(model: nn.Module, example_input: Any = None, *, input_shape: tuple
     return Taps(found.feature, found.logits)
 
 
+def resolve_alias(spec: Any, where: str, taps: Callable[[], Taps | Probe]) -> Any:
+    """'@feature' / '@logits' -> the model's default tap (`taps()` is called only then); a list of specs
+    item by item; any other spec unchanged. Every error is a ProbeError whose message starts with `where`."""
+    if isinstance(spec, list):
+        return [resolve_alias(item, f"{where}.{i}", taps) for i, item in enumerate(spec)]
+    if not (isinstance(spec, str) and spec.startswith("@")):
+        return spec
+    if spec[1:] not in TAP_ALIASES:
+        raise ProbeError(f"{where}: unknown tap alias {spec!r}; use {', '.join('@' + a for a in TAP_ALIASES)} or a module path")
+    try:
+        return getattr(taps(), spec[1:])
+    except ProbeError as err:
+        raise ProbeError(f"{where}: {err}") from None
+
+
 def resolve_aliases(
     specs: Mapping[str, Any], model: nn.Module, example_input: Any = None, *,
     input_shape: tuple[int, ...] | None = None, role: str = "model",
 ) -> dict[str, Any]:
-    """Tap specs by level name with "@feature" / "@logits" replaced by what one probe of `model` finds."""
-    found: Probe | None = None
-    resolved: dict[str, Any] = {}
-    for name, spec in specs.items():
-        if not (isinstance(spec, str) and spec.startswith("@")):
-            resolved[name] = spec
-            continue
-        if spec[1:] not in TAP_ALIASES:
-            raise ValueError(
-                f"level {name!r} {role}: unknown tap alias {spec!r}; use {', '.join('@' + a for a in TAP_ALIASES)} "
-                "or a module path"
-            )
-        found = found or probe_model(model, example_input, input_shape=input_shape)
-        try:
-            resolved[name] = getattr(found, spec[1:])
-        except ProbeError as err:
-            raise ProbeError(f"level {name!r} {role}: {err}") from None
-    return resolved
+    """Tap specs by level name, each through `resolve_alias`, with what one probe of `model` finds."""
+    found = functools.cache(lambda: probe_model(model, example_input, input_shape=input_shape))
+    return {name: resolve_alias(spec, f"level {name!r} {role}", found) for name, spec in specs.items()}

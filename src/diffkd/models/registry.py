@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import cifar
 from .fashion import fmnist_student, fmnist_teacher
-from .imports import HF_PREFIX, build_hf, build_import_path, is_import_path
+from .imports import HF_PREFIX, ModelNameError, build_hf, build_import_path, is_import_path
 from .mobilenetv1 import mobilenetv1
 from .probe import Taps, find_taps
 
@@ -162,14 +162,24 @@ def _import_timm() -> ModuleType:
     return timm
 
 
+def _timm_arch(name: str) -> tuple[ModuleType, str]:
+    """timm and the architecture of `timm:<arch>`, or a ModelNameError with timm's closest model names."""
+    timm, arch = _import_timm(), name[len(TIMM_PREFIX):]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"closest matches: {', '.join(TIMM_PREFIX + c for c in close)}" if close else "no close match"
+        raise ModelNameError(f"unknown timm model {arch!r} ({hint}); timm.list_models() lists all names")
+    return timm, arch
+
+
 def create(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs: object) -> nn.Module:
     """Build a model by name (registered, `timm:<name>`, `hf:<folder>` or `package.module:callable`);
     num_classes=None keeps the model's usual class count; kwargs go to the builder."""
     if name.startswith(TIMM_PREFIX):
-        timm = _import_timm()
+        timm, arch = _timm_arch(name)
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        return timm.create_model(name[len(TIMM_PREFIX):], pretrained=pretrained, **kwargs)
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
     if name.startswith(HF_PREFIX):
         return build_hf(name, num_classes, pretrained, **kwargs)
     if is_import_path(name):
@@ -202,7 +212,7 @@ def _not_by_name(name: str, what: str) -> ValueError | None:
 def default_taps(name: str) -> Taps:
     """Default distillation taps of a model name: the registry's, or for `timm:<name>` found by the probe."""
     if name.startswith(TIMM_PREFIX):
-        return _timm_probe(name[len(TIMM_PREFIX):])[0]
+        return _timm_probe(_timm_arch(name)[1])[0]
     error = _not_by_name(name, "the default taps")
     if error is not None:
         raise error
@@ -212,7 +222,7 @@ def default_taps(name: str) -> Taps:
 def input_size(name: str) -> tuple[int, int, int]:
     """(channels, height, width) of the model's usual input: 3x32x32 CIFAR, 3x224x224 ImageNet, 1x28x28 FMNIST."""
     if name.startswith(TIMM_PREFIX):
-        return _timm_probe(name[len(TIMM_PREFIX):])[1]
+        return _timm_probe(_timm_arch(name)[1])[1]
     error = _not_by_name(name, "the input size")
     if error is not None:
         raise error

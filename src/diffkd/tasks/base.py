@@ -73,8 +73,10 @@ class Task(ABC):
     def record_run(self, run_dir: Path) -> None:
         """Keep in a new run's directory what later uses of the run check the data against (nothing by default)."""
 
-    def check_run(self, run_dir: Path) -> None:
-        """Refuse data that does not fit the run in run_dir (resume, eval, visualize); nothing to check by default."""
+    def check_run(self, run_dir: Path, *, role: str = "run") -> None:
+        """Refuse data that does not fit the run in run_dir (resume, eval, visualize); nothing to check by default.
+
+        role "teacher": run_dir holds the teacher's checkpoint, which need not be a diffkd run (then nothing to check)."""
 
     def collate_fn(self, batch: list[Any]) -> Any:
         """Merge a list of dataset items into a batch (torch's default: stack tensors)."""

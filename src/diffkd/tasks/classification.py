@@ -40,7 +40,8 @@ def logits_of(outputs: Any) -> Tensor:
 
 
 class TopK(Metrics):
-    """Top-1 and top-5 accuracy (in %) from counts, so sums over processes give the exact global value.
+    """Top-k accuracy (in %) for each k in ks (default top-1 and top-5) from counts, so sums over processes
+    give the exact global value.
 
     Soft targets (B, K) from mixup/cutmix count as their largest class.
     """
@@ -62,7 +63,7 @@ class TopK(Metrics):
         self.count = count if self.count is None else self.count + count
 
     def compute(self, reduce: Reduce) -> dict[str, float]:
-        """{"top1": %, "top5": %} over all processes (nan before any update)."""
+        """{"top1": %, "top5": %, ...} for each k over all processes (nan before any update)."""
         if self.correct is None or self.count is None:
             return {f"top{k}": float("nan") for k in self.ks}
         totals = reduce(torch.cat([self.correct, self.count.view(1)])).tolist()
@@ -120,21 +121,26 @@ class ClassificationTask(Task):
         if self.info.classes is not None:
             write_atomic((json.dumps(list(self.info.classes), indent=1) + "\n").encode(), run_dir / CLASSES_FILE)
 
-    def check_run(self, run_dir: Path) -> None:
-        """Refuse data whose class folders differ from those the run was trained on (classes.json)."""
+    def check_run(self, run_dir: Path, *, role: str = "run") -> None:
+        """Refuse data whose class folders differ from those the run (or the teacher's run) was trained on
+        (classes.json); a teacher's folder without classes.json has no names to check."""
         if self.info.classes is None:
             return
         path = Path(run_dir) / CLASSES_FILE
         if not path.is_file():
+            if role == "teacher":
+                return
             raise ConfigError(f"{path} not found: the run's class names are needed to check data.root {self.cfg.data.root!r}")
         saved = json.loads(path.read_text())
         if saved != list(self.info.classes):
+            owner = "the teacher's run" if role == "teacher" else "the run"
             missing, extra = sorted(set(saved) - set(self.info.classes)), sorted(set(self.info.classes) - set(saved))
-            detail = (f"missing {missing or 'none'}, not in the run {extra or 'none'}" if missing or extra
-                      else "same names in another order")
+            detail = (f"missing {missing or 'none'}, not in {owner} {extra or 'none'}" if missing or extra
+                      else "same names in another order, so the labels disagree")
+            fix = "; distil on the classes the teacher was trained on" if role == "teacher" else ""
             raise ConfigError(
-                f"data.root {self.cfg.data.root!r} has other classes than the run in {Path(run_dir)} ({detail}); "
-                f"its {len(saved)} classes are listed in {path}"
+                f"data.root {self.cfg.data.root!r} has other classes than {owner} in {Path(run_dir)} "
+                f"({detail}); its {len(saved)} classes are listed in {path}{fix}"
             )
 
     def augment_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,4 +150,5 @@ class ClassificationTask(Task):
         return F.cross_entropy(logits_of(outputs).float(), targets, label_smoothing=self.cfg.train.label_smoothing)
 
     def metrics(self) -> Metrics:
-        return TopK()
+        """Top-1, and top-5 where there are more than 5 classes (with 5 or fewer it is always 100)."""
+        return TopK(tuple(k for k in (1, 5) if k == 1 or k < self.info.num_classes))
