@@ -301,3 +301,12 @@ def test_weight_auto_calibrates_against_the_students_own_loss_and_resumes_its_fa
                                   args=arguments(tmp_path, **{**options, "output_dir": str(tmp_path / "resumed")}))
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
     assert resumed.distiller.auto_weights()["logits"] == pytest.approx(factor)  # kept, not recalibrated
+
+
+@pytest.mark.integration
+def test_the_methods_schedules_follow_the_trainers_progress(tmp_path, monkeypatch):
+    trainer = cnn_trainer(tmp_path, max_steps=6)  # 16 items, batches of 4: 4 steps an epoch, 2 epochs
+    seen = []
+    monkeypatch.setattr(trainer.distiller, "set_progress", lambda epoch, epochs: seen.append((epoch, epochs)))
+    trainer.train()
+    assert seen == [(0.0, 2), (0.25, 2), (0.5, 2), (0.75, 2), (1.0, 2), (1.25, 2)]  # before each step

@@ -228,3 +228,12 @@ def test_only_the_steps_the_student_has_are_steps_of_the_wrapper():
     bare, full = module(student=TrainOnly()), module()
     assert not is_overridden("validation_step", bare) and not is_overridden("test_step", bare)
     assert is_overridden("validation_step", full) and is_overridden("training_step", bare)
+
+
+@pytest.mark.integration
+def test_the_methods_schedules_follow_the_trainers_progress(tmp_path, monkeypatch):
+    wrapped = module()
+    seen = []
+    monkeypatch.setattr(wrapped.distiller, "set_progress", lambda epoch, epochs: seen.append((epoch, epochs)))
+    trainer(tmp_path, max_steps=6).fit(wrapped, loader())  # 16 items, batches of 4: 4 steps an epoch, 2 epochs
+    assert seen == [(0.0, 2), (0.25, 2), (0.5, 2), (0.75, 2), (1.0, 2), (1.25, 2)]  # before each step
