@@ -1,8 +1,12 @@
 """Fixtures and helpers shared by several test modules."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +44,25 @@ def spawn_processes(worker: Callable, world: int = 2) -> dict:
     results = mp.Manager().dict()
     mp.spawn(worker, args=(world, port, results), nprocs=world, join=True)
     return dict(results)
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    """The message of a raised error, checked to be one line."""
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def torchrun_worker(kind: str, out: Path, processes: int, batch: int) -> list[dict]:
+    """Run tests/integration_workers.py (kind "hf" or "lightning") in `processes` gloo processes; each one's result."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    command = [sys.executable, str(root / "tests" / "integration_workers.py"), kind, str(out), str(batch)]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 
 
 def weighted_terms(out) -> dict:

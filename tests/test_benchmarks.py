@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import accuracy, cost, gpu_cost  # noqa: E402
+from benchmarks import accuracy, cost, gpu_cost, integration_overhead  # noqa: E402
 from conftest import needs_fmnist  # noqa: E402
 
 
@@ -132,3 +132,12 @@ def test_activation_memory_counts_what_recomputation_saves():
     assert rows["diffkd_b1"]["activation_mb_per_image"] > rows["kd"]["activation_mb_per_image"]
     assert rows["diffkd_b1_recompute"]["activation_mb_per_image"] < rows["diffkd_b1"]["activation_mb_per_image"]
     assert rows["diffkd_b1_recompute"]["trainable_param_mb"] == rows["diffkd_b1"]["trainable_param_mb"]
+
+
+@pytest.mark.integration
+def test_integration_overhead_times_both_adapters_against_the_plain_loop():
+    rows = integration_overhead.main(["--steps", "2", "--warmup", "1"])
+    assert len(rows) == 4 and "DistillationTrainer" in rows[2] and "DistillationModule" in rows[3]
+    for row in rows[2:]:
+        steps, plain, adapter, ratio = (float(v) for v in row.strip("| ").split(" | ")[1:])
+        assert steps == 2 and plain > 0 and adapter > 0 and ratio == pytest.approx(adapter / plain, abs=2e-3)

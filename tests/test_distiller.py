@@ -319,6 +319,49 @@ def test_a_level_takes_its_targets_from_a_raw_capture_of_the_student(monkeypatch
         Distiller(Halves(), Halves(), [Level("head", "head", "record", name="bad", targets="splt")], input_shape=(4,))
 
 
+class KeywordStudent(nn.Module):
+    """A student called with keywords, as Hugging Face models are: model(pixel_values=..., labels=...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5)
+
+    def forward(self, pixel_values, labels=None):
+        return self.head(self.body(pixel_values).mean((2, 3)))
+
+
+class TensorTeacher(nn.Module):
+    """A teacher called with one tensor; records what it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 5)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x)
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_a_teacher_taking_other_inputs_than_the_student_gets_teacher_inputs():
+    torch.manual_seed(0)
+    student, teacher = KeywordStudent(), TensorTeacher()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    d = Distiller(teacher, student, [Level("head", "head", "kd", tau=1.0)],
+                  example_input={"pixel_values": x}, teacher_example_input=x)
+    out = d({"pixel_values": x, "labels": y}, teacher_inputs=x)
+    assert teacher.seen[-1] is x
+    s, t = student(pixel_values=x), teacher(x)
+    expected = torch.nn.functional.kl_div(s.log_softmax(1), t.softmax(1), reduction="batchmean")  # KD at tau 1
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"built with teacher_example_input: call it as d\(inputs, \.\.\., teacher_inputs=\.\.\.\)"):
+        d({"pixel_values": x})
+    same = Distiller(TensorTeacher(), nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5)),
+                     [Level("2", "head", "kd")], example_input=x)
+    with pytest.raises(ValueError, match="teacher_inputs was given, but this Distiller probed the teacher"):
+        same(x, teacher_inputs=x)
+
+
 def test_a_type_error_inside_a_method_is_its_own_not_blamed_on_the_options(monkeypatch):
     """Unknown options are found from the method's declared options, so a TypeError raised while building
     (whatever its text) reaches the caller unchanged."""

@@ -21,7 +21,8 @@ def example(name: str) -> Callable[[list[str]], Any]:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"own_loop_image_folder", "sequences_1d", "vit_teacher_cnn_student", "huggingface_model"}
+    tested = {"own_loop_image_folder", "sequences_1d", "vit_teacher_cnn_student", "huggingface_model", "hf_trainer",
+              "lightning_module"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -54,3 +55,25 @@ def test_huggingface_model(capsys: pytest.CaptureFixture[str]) -> None:
     loss = example("huggingface_model")(["--tiny"])
     assert math.isfinite(loss)
     assert "{'tokens': 'vit.layernorm', 'logits': 'classifier'} prefix tokens dropped: 1" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_hf_trainer(capsys: pytest.CaptureFixture[str]) -> None:
+    result = example("hf_trainer")(["--tiny"])
+    out = capsys.readouterr().out
+    assert "student taps: {'tokens': 'vit.layernorm', 'logits': 'classifier'}" in out
+    assert {"task_loss", "distill/logits", "distill/tokens/diffusion", "distill/tokens/ae", "distill/tokens/kd"} <= result.keys()
+    assert result["reloaded"] == result["student"]  # from_pretrained gives the trained student back
+    terms = sum(v for k, v in result.items() if k.startswith("distill/"))
+    assert result["loss"] == pytest.approx(result["task_loss"] + terms, rel=1e-4)
+
+
+@pytest.mark.integration
+def test_lightning_module(capsys: pytest.CaptureFixture[str]) -> None:
+    result = example("lightning_module")(["--tiny"])
+    out = capsys.readouterr().out
+    assert "student taps: {'maps': 'net.5', 'logits': 'net.8'}" in out
+    assert result["reloaded"] == result["student"]  # the exported student, loaded into a plain LitClassifier
+    terms = sum(v for k, v in result.items() if k.startswith("train/") and k.endswith("_epoch")
+                and k not in ("train/loss_epoch", "train/task_loss_epoch"))
+    assert result["train/loss_epoch"] == pytest.approx(result["train/task_loss_epoch"] + terms, rel=1e-4)

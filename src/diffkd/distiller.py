@@ -86,13 +86,16 @@ class Distiller(nn.Module):
     model's pooled feature and logits, found by probing it (`diffkd.models.find_taps`).
     `dataset_size` (the training set's size) is needed by methods that use each sample's dataset
     index (CRD); they then need `indices` in `forward`. `task_loss(student_output, targets)` computes the
-    task loss in `forward` when it gets targets (then in `DistillOutput.task_loss`): levels with weight "auto" calibrate
-    against it (or pass `task_loss=<tensor>` to `forward`).
+    task loss in `forward` when training or given targets (then in `DistillOutput.task_loss`): levels with weight "auto" calibrate
+    against it (or pass `task_loss=<tensor>` to `forward`). A teacher that takes other inputs than the
+    student (a plain CNN taking a tensor, a Hugging Face student taking keywords and labels) is probed
+    with `teacher_example_input` and then called with `forward(..., teacher_inputs=...)`.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, levels: Sequence[Level],
                  example_input: Any = None, input_shape: tuple[int, ...] | None = None,
-                 dataset_size: int | None = None, task_loss: Callable[[Any, Any], Tensor] | None = None):
+                 dataset_size: int | None = None, task_loss: Callable[[Any, Any], Tensor] | None = None,
+                 teacher_example_input: Any = None):
         super().__init__()
         if not levels:
             raise ValueError("a Distiller needs at least one Level")
@@ -104,6 +107,7 @@ class Distiller(nn.Module):
             raise ValueError(f"level names must be unique, got {duplicates} twice; pass name=... to Level")
         self.levels = list(levels)
         self.student = student
+        self.separate_teacher_inputs = teacher_example_input is not None
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         teacher.requires_grad_(False).eval()
 
@@ -113,9 +117,11 @@ class Distiller(nn.Module):
         student_specs = resolve_aliases(student_specs, student, example_input, input_shape=input_shape, role="student")
         student_specs.update({f"{lv.name}/targets": replace(Tap.parse(lv.targets), layout="object")
                               for lv in levels if lv.targets is not None})  # captured as produced: see Level
-        teacher_specs = resolve_aliases(teacher_specs, teacher, example_input, input_shape=input_shape, role="teacher")
+        teacher_input, teacher_shape = ((example_input, input_shape) if teacher_example_input is None
+                                        else (teacher_example_input, None))
+        teacher_specs = resolve_aliases(teacher_specs, teacher, teacher_input, input_shape=teacher_shape, role="teacher")
         student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
-        teacher_probe = probe_features(teacher, teacher_specs, example_input, input_shape=input_shape)
+        teacher_probe = probe_features(teacher, teacher_specs, teacher_input, input_shape=teacher_shape)
         self.probed = {"student": student_probe, "teacher": teacher_probe}  # shapes and layouts, for reports
         self.methods = nn.ModuleDict()
         for lv in levels:
@@ -156,14 +162,23 @@ class Distiller(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, inputs: Any, targets: Tensor | None = None, indices: Tensor | None = None,
-                task_loss: Tensor | None = None) -> DistillOutput:
+                task_loss: Tensor | None = None, *, teacher_inputs: Any = None) -> DistillOutput:
         """Run teacher (no grad) and student, then every level's method on the captured features, weighted.
 
-        A tuple `inputs` is spread as positional arguments (detectors take `(images, targets)`).
-        `indices` (B,) are the samples' dataset indices, passed to the methods that need them.
-        `task_loss`: this batch's task loss, for levels with weight "auto", where the Distiller was built
-        without a `task_loss` function.
+        A tuple `inputs` is spread as positional arguments (detectors take `(images, targets)`), a
+        mapping as keywords. `indices` (B,) are the samples' dataset indices, passed to the methods
+        that need them. `task_loss`: this batch's task loss, for levels with weight "auto", where the
+        Distiller was built without a `task_loss` function. `teacher_inputs` is what the teacher is
+        called with when it is not `inputs` (required when the Distiller was built with
+        `teacher_example_input`, refused otherwise).
         """
+        if (teacher_inputs is None) == self.separate_teacher_inputs:
+            raise ValueError(
+                "this Distiller was built with teacher_example_input: call it as d(inputs, ..., teacher_inputs=...)"
+                if self.separate_teacher_inputs else
+                "teacher_inputs was given, but this Distiller probed the teacher with the student's example input: "
+                "build it with teacher_example_input=... too"
+            )
         if indices is None and self.needs_indices:
             needing = [n for n, m in self.methods.items() if m.needs_indices]
             raise ValueError(
@@ -171,9 +186,10 @@ class Distiller(nn.Module):
                 "indices=...) with the (B,) indices of the batch's items (wrap the dataset in diffkd.data.WithIndices)"
             )
         with torch.no_grad():
-            call_model(self.teacher, inputs)
+            call_model(self.teacher, inputs if teacher_inputs is None else teacher_inputs)
         student_output = call_model(self.student, inputs)
-        if task_loss is None and self.task_loss is not None and targets is not None:  # none without targets (visualize)
+        if task_loss is None and self.task_loss is not None and (targets is not None or self.training):
+            # in eval mode without targets (visualize) there is none to compute
             task_loss = self.task_loss(student_output, targets)
         outputs = {}
         stats: dict[str, Tensor] = {}
