@@ -491,12 +491,12 @@ def model_task(source: str) -> str:
 def distill(student: str | None = None, teacher: str | None = None, *, data: str | None = None, method: str = "diffkd",
             kd_weight: float = 1.0, kd_latent: int | None = None, teacher_layers: tuple[int, ...] | None = None,
             student_layers: tuple[int, ...] | None = None, method_options: dict[str, Any] | None = None,
-            allow_download: bool = False, **train_args: Any) -> Any:
+            allow_download: bool = False, callbacks: dict[str, list[Callable]] | None = None, **train_args: Any) -> Any:
     """Train YOLO `student` (a model .yaml or checkpoint) on `data`, distilled from `teacher`; every other keyword is
     an Ultralytics train argument (epochs, imgsz, batch, device, ...). Returns the finished Ultralytics trainer.
 
     `resume=path/to/last.pt` (or `resume=True` with `student=` that last.pt) continues a run with its own teacher and
-    kd settings.
+    kd settings. `callbacks` adds Ultralytics callbacks ({event: [function(trainer)]}).
     """
     unknown = sorted(set(train_args) - set(DEFAULT_CFG_DICT))
     if unknown:
@@ -521,10 +521,12 @@ def distill(student: str | None = None, teacher: str | None = None, *, data: str
             raise ValueError("give data= (an Ultralytics data yaml)")
         if not allow_download:
             check_data(data)
-    callbacks = ultralytics_callbacks.get_default_callbacks()
-    callbacks[SETTINGS_KEY] = [settings]
+    events = ultralytics_callbacks.get_default_callbacks()
+    for event, functions in (callbacks or {}).items():
+        events[event].extend(functions)
+    events[SETTINGS_KEY] = [settings]
     overrides = {"model": str(student), **({"data": str(data)} if data is not None else {}), **train_args}
-    trainer = TRAINERS[model_task(str(student))](overrides=overrides, _callbacks=callbacks)
+    trainer = TRAINERS[model_task(str(student))](overrides=overrides, _callbacks=events)
     trainer.train()
     return trainer
 
