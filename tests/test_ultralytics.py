@@ -179,9 +179,10 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
 
 
 @pytest.mark.integration
-def test_a_trainer_rebuilt_as_ultralytics_ddp_launcher_rebuilds_it_trains(tmp_path, one_thread):
-    """Ultralytics' DDP launcher pickles the trainer's class, args and callbacks and rebuilds the trainer from them in
-    a new process; the same here with pickle (the launcher's cloudpickle is not installed in CI)."""
+def test_the_trainer_rebuilds_as_ultralytics_ddp_launcher_rebuilds_it(tmp_path, one_thread):
+    """Ultralytics' DDP launcher pickles the trainer's class, args and callbacks (cloudpickle, which takes Ultralytics'
+    lambda callbacks) and rebuilds the trainer from them in a new process. Here: the class by reference with pickle,
+    the settings in the callbacks entry that carries them, and a training by the rebuilt trainer."""
     import pickle
 
     data = write_dataset(tmp_path / "data", "detect")
@@ -192,16 +193,21 @@ def test_a_trainer_rebuilt_as_ultralytics_ddp_launcher_rebuilds_it_trains(tmp_pa
     events[yolo_kd.SETTINGS_KEY] = [settings]
     overrides = {**FAST, "model": MODELS["detect"], "data": str(data), "project": str(tmp_path / "runs"), "name": "ddp"}
     trainer = yolo_kd.DistillationDetectionTrainer(overrides=overrides, _callbacks=events)
+    by_reference = pickle.dumps(type(trainer))
+    assert b"diffkd.integrations.ultralytics" in by_reference and len(by_reference) < 200
     state = tmp_path / "state.pkl"
-    state.write_bytes(pickle.dumps({"trainer": type(trainer), "args": vars(trainer.args), "callbacks": trainer.callbacks}))
+    state.write_bytes(pickle.dumps({"trainer": type(trainer), "args": vars(trainer.args),
+                                    "settings": trainer.callbacks[yolo_kd.SETTINGS_KEY]}))
     script = f"""
 import pickle, torch
 torch.set_num_threads(1)
-from ultralytics.utils import DEFAULT_CFG_DICT
+from ultralytics.utils import DEFAULT_CFG_DICT, callbacks
 state = pickle.loads(open({str(state)!r}, "rb").read())
+events = callbacks.get_default_callbacks()
+events["{yolo_kd.SETTINGS_KEY}"] = state["settings"]
 cfg = DEFAULT_CFG_DICT.copy()
 cfg.update(save_dir="")
-trainer = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=state["callbacks"])
+trainer = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=events)
 trainer.train()
 print(type(trainer).__name__, trainer.kd_settings.method, sorted(trainer.kd_modules))
 """
