@@ -176,6 +176,20 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
     assert len(restored["exp_avg"]) == len(saved["exp_avg"]) > 0
     for found, expected in zip(restored["exp_avg"], saved["exp_avg"]):  # last.pt keeps optimizer state in fp16
         torch.testing.assert_close(found, expected, atol=1e-3, rtol=1e-2)
+    # never a silent resume with other kd modules or settings
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.distill(teacher="yolov8m.yaml", resume=str(last))
+    assert "resume continues the run's distillation" in one_line_error(excinfo)
+    state_file = last.parent / yolo_kd.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "epoch": state["epoch"] + 1}, state_file)
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.distill(resume=str(last))
+    assert "is from epoch 2 but last.pt from epoch 1" in one_line_error(excinfo)
+    state_file.unlink()
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.distill(resume=str(last))
+    assert "kd_modules.pt is missing" in one_line_error(excinfo)
 
 
 @pytest.mark.integration

@@ -371,6 +371,13 @@ class DistillationTrainerMixin:
             self.kd_modules.load_state_dict(state["modules"])
         super().resume_training(ckpt)
 
+    def _handle_nan_recovery(self, epoch: int) -> bool:
+        """Ultralytics reloads the student (and the optimizer) from last.pt after a NaN epoch; the kd modules too."""
+        recovered = super()._handle_nan_recovery(epoch)
+        if recovered:
+            self.kd_modules.load_state_dict(torch.load(self.wdir / STATE_FILE, map_location="cpu", weights_only=True)["modules"])
+        return recovered
+
     # ---------------------------------------------------------------- building, optimizing, the loss
     def build_optimizer(self, model: nn.Module, name: str = "auto", lr: float = 0.001, momentum: float = 0.9,
                         decay: float = 1e-5, iterations: float = 1e5) -> torch.optim.Optimizer:
@@ -508,6 +515,8 @@ def distill(student: str | None = None, teacher: str | None = None, *, data: str
     resume = train_args.get("resume")
     if isinstance(resume, (str, Path)) and resume:
         student = str(resume)
+    elif resume is True and student is not None:  # as Ultralytics' `yolo train resume model=last.pt`
+        train_args["resume"] = str(student)
     settings = None
     if teacher is not None or not resume:
         if teacher is None:
