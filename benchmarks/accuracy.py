@@ -46,6 +46,9 @@ LADDER: dict[str, list[dict]] = {
     # the issue-17 variants chosen from the ablation-size groups below (docs/benchmarks.md)
     "DiffKD normalised": [diffkd_level(FEATURE, normalize_target=True, **FEATURE_DIFFKD)],
     "DiffKD normalised+DPM": [diffkd_level(FEATURE, normalize_target=True, sampler="dpm_solver++", **FEATURE_DIFFKD)],
+    # weight: auto (issue 24): the level's kd term (DIST: its loss) scaled to the cross-entropy over the first 100 steps
+    "DiffKD feature auto": [{**diffkd_level(FEATURE, **FEATURE_DIFFKD), "weight": "auto"}],
+    "DIST auto": [{**LOGITS, "method": "dist", "weight": "auto"}],
 }
 # The paper's other baselines at their papers' default weights (DESIGN.md 4b). Stages of the Fashion-MNIST
 # pair (diffkd.models.fashion) matched by size: student 8@28, 16@14, 32@7; teacher 32@28, 64@14, 256@7.

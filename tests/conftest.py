@@ -26,3 +26,8 @@ def spawn_processes(worker: Callable, world: int = 2) -> dict:
     results = mp.Manager().dict()
     mp.spawn(worker, args=(world, port, results), nprocs=world, join=True)
     return dict(results)
+
+
+def weighted_terms(out) -> dict:
+    """A MethodOutput's terms times the method's own weights (what a level of weight 1 optimises)."""
+    return {k: out.weights.get(k, 1.0) * v for k, v in out.terms.items()}

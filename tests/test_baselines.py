@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import spawn_processes
+from conftest import spawn_processes, weighted_terms
 from diffkd import models
 from diffkd.distiller import Distiller, Level
 from diffkd.methods import Method, build_method
@@ -59,7 +59,7 @@ def rkd_by_loops(s: torch.Tensor, t: torch.Tensor) -> tuple[float, float]:
 def test_rkd_matches_its_formula_on_pooled_maps():
     torch.manual_seed(0)
     s, t = torch.randn(5, 6, 3, 3), 3 * torch.randn(5, 10, 2, 2)
-    out = RKD()(s, t).terms
+    out = weighted_terms(RKD()(s, t))
     distance, angle = rkd_by_loops(s.double().mean((2, 3)), t.double().mean((2, 3)))
     assert out["distance"].item() == pytest.approx(25 * distance, rel=1e-5)
     assert out["angle"].item() == pytest.approx(50 * angle, rel=1e-5)
@@ -69,13 +69,13 @@ def test_rkd_by_hand():
     # distances: student 0, 1, 2 -> (1, 2, 1) / mean 4/3 = (0.75, 1.5, 0.75); teacher 0, 1, 3 -> (1, 3, 2) / 2 =
     # (0.5, 1.5, 1). Differences 0.25, 0, -0.25, each twice in the 3x3 matrix: 4 * 0.5 * 0.25^2 / 9 = 1/72.
     # Same order on the line, so every angle cosine is +-1 on both sides: angle loss 0.
-    out = RKD()(torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[0.0], [1.0], [3.0]])).terms
+    out = weighted_terms(RKD()(torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[0.0], [1.0], [3.0]])))
     assert out["distance"].item() == pytest.approx(25 / 72, rel=1e-5)
     assert out["angle"].item() == pytest.approx(0.0, abs=1e-7)
     # angles: student (0,0), (1,0), (0,1); teacher (0,0), (1,0), (1,1). Cosines at corner 0 between the
     # other two: 0 vs 1/sqrt2; at corner 1: 1/sqrt2 vs 0; at corner 2: 1/sqrt2 vs 1/sqrt2. Four entries
     # (j,k and k,j) differ by 1/sqrt2: 4 * 0.5 * 0.5 / 27 = 1/27.
-    out = RKD()(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])).terms
+    out = weighted_terms(RKD()(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])))
     assert out["angle"].item() == pytest.approx(50 / 27, rel=1e-5)
 
 

@@ -184,7 +184,7 @@ def test_ddp_two_processes_stay_in_sync():
 def test_level_weight_must_be_a_finite_number_at_least_zero(weight):
     with pytest.raises(ValueError) as info:
         Level("fc", "fc", "kd", weight=weight)
-    assert str(info.value) == f"Level weight must be a finite number >= 0, got {weight!r}"
+    assert str(info.value) == f"Level weight must be a finite number >= 0 or 'auto', got {weight!r}"
 
 
 def test_level_weights_that_are_numbers_are_kept():
@@ -298,3 +298,23 @@ def test_a_level_takes_its_targets_from_a_raw_capture_of_the_student(monkeypatch
     assert "targets='split'" in repr(d.levels[1])
     with pytest.raises(ValueError, match=r"tap 'bad/targets': unknown module path 'splt' .* closest paths: 'split'"):
         Distiller(Halves(), Halves(), [Level("head", "head", "record", name="bad", targets="splt")], input_shape=(4,))
+
+
+def test_a_type_error_inside_a_method_is_its_own_not_blamed_on_the_options(monkeypatch):
+    """Unknown options are found from the method's declared options, so a TypeError raised while building
+    (whatever its text) reaches the caller unchanged."""
+    from diffkd.methods import build_method
+
+    class Broken(Method):
+        def __init__(self, scale: float = 1.0):
+            super().__init__()
+
+        @classmethod
+        def build(cls, student_shape, teacher_shape, **options):
+            raise TypeError("f() got an unexpected keyword argument 'scale'")
+
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scale'"):
+        build_method("broken", torch.Size([2, 3]), torch.Size([2, 3]), scale=2.0)
+    with pytest.raises(ValueError, match="method 'broken' got an unknown option 'scal' \\(did you mean 'scale'\\?\\)"):
+        build_method("broken", torch.Size([2, 3]), torch.Size([2, 3]), scal=2.0)

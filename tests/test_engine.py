@@ -708,7 +708,7 @@ def test_save_atomic_onto_a_directory_refuses_cleanly(tmp_path: Path) -> None:
 @needs_fmnist
 def test_a_negative_level_weight_in_the_config_names_the_level(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, *distill_overrides(random_teacher(tmp_path)), "levels.0.weight=-1", mode="distill")
-    with pytest.raises(ConfigError, match=r"^levels.0: Level weight must be a finite number >= 0, got -1.0$"):
+    with pytest.raises(ConfigError, match=r"^levels.0: Level weight must be a finite number >= 0 or 'auto', got -1.0$"):
         run(cfg, mode="distill")
 def _spatial_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The 4-D weights whose layout differs between the two formats (more than one input channel, k > 1)."""

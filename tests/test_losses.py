@@ -119,3 +119,28 @@ def test_dkd_refuses_targets_that_are_not_class_indices(dtype):
     assert str(info.value) == (
         f"dkd_loss: targets must be integer class indices, got dtype {dtype}; pass the class labels as a torch.long tensor"
     )
+
+
+def test_a_diffkd_level_uses_the_distance_s_own_temperature():
+    """attention_mse defaults to its own tau 0.5 (not the KL's 1); a distance without a temperature refuses one."""
+    from diffkd import DiffKD
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    level = DiffKD(4, 4, distance="attention_mse")
+    assert level.distance(s, t).item() == pytest.approx(attention_mse_by_hand(s, t, 0.5), rel=1e-5)
+    assert DiffKD(4, 4, distance="kl", kind="mlp").distance(s[:, :, 0, 0], t[:, :, 0, 0]).item() == pytest.approx(
+        kd_loss(s[:, :, 0, 0], t[:, :, 0, 0], tau=1.0).item())
+    with pytest.raises(ValueError, match=r"^distance 'mse' has no temperature, but tau=2.0 was given: drop tau$"):
+        DiffKD(4, 4, distance="mse", tau=2.0)
+
+
+def attention_mse_by_hand(s: torch.Tensor, t: torch.Tensor, tau: float) -> float:
+    b, c, h, w = t.shape
+    total = 0.0
+    for i in range(b):
+        mag = t[i].abs()
+        spatial = torch.softmax(mag.mean(0).flatten() / tau, 0).view(h, w) * h * w
+        channel = torch.softmax(mag.mean((1, 2)) / tau, 0) * c
+        total += float(((s[i] - t[i]) ** 2 * spatial[None] * channel[:, None, None]).sum())
+    return total / (b * c * h * w)

@@ -6,13 +6,11 @@ follows `.to()` with the rest. Features come from forward hooks, so neither mode
 """
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +19,18 @@ from .atomic import save_atomic
 from .methods import build_method, method_class
 from .models.probe import resolve_aliases
 from .taps import FeatureTaps, ProbedFeature, Tap, call_model, probe_features, resolve_module
+from .weighting import LossWeights, WeightedTerms, weight_spec
 
 TapSpec = str | Tap | Mapping[str, Any]
 
 
 class Level:
     """One distilled pair: student tap, teacher tap, method name, loss weight and method options.
+
+    `weight` is a number >= 0, or "auto": the level's calibrated terms (its method's `calibrated_terms`, or
+    `calibrate`) are scaled so that they equal `ratio` (default 1) times the task loss, measured over the
+    first `window` steps (default 100, or the first epoch if shorter), during which they count 0. See
+    `diffkd.weighting`; the Distiller then needs the task loss (its `task_loss` argument).
 
     A side may list several taps (`student=["layer1", "layer2"]`) for methods that take lists
     (ReviewKD, VID): the method then gets their shapes and captures as lists, in the order given.
@@ -37,10 +41,13 @@ class Level:
     padded batch its feature maps are in, which the batch's own targets (input-image pixels) are not.
     """
 
-    def __init__(self, student: TapSpec | list[TapSpec], teacher: TapSpec | list[TapSpec], method: str, weight: float = 1.0,
-                 name: str | None = None, targets: TapSpec | None = None, **options: Any):
+    def __init__(self, student: TapSpec | list[TapSpec], teacher: TapSpec | list[TapSpec], method: str,
+                 weight: float | str = 1.0, name: str | None = None, targets: TapSpec | None = None, *,
+                 ratio: float | None = None, window: int | None = None, calibrate: Sequence[str] | None = None,
+                 **options: Any):
         self.student, self.teacher, self.method = student, teacher, method
-        self.weight, self.targets, self.options = check_weight(weight), targets, options
+        self.weight_spec = weight_spec(weight, ratio, window, calibrate)
+        self.weight, self.targets, self.options = weight, targets, options
         path = Tap.parse(student[0] if isinstance(student, list) and student else student).path
         self.name = name or f"{method}_{re.sub(r'[^0-9A-Za-z_]', '_', path) or 'output'}"
 
@@ -50,21 +57,18 @@ class Level:
                 f"name={self.name!r}{targets}, options={self.options})")
 
 
-def check_weight(weight: Any) -> float:
-    """A level's loss weight: a finite real number >= 0 (a bool or a string is a mistake, not a weight)."""
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"Level weight must be a finite number >= 0, got {weight!r}")
-    return weight
-
-
 @dataclass
 class DistillOutput:
-    """The student's own output, the weighted loss terms by name, their sum, and diagnostics."""
+    """The student's own output, the weighted loss terms by name, their sum, and diagnostics; the same
+    terms unweighted (`raw`) with the weight each got (`weights`), and the task loss when it was given."""
 
     student: Any
     losses: dict[str, Tensor]
     loss: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
+    raw: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, float | Tensor] = field(default_factory=dict)
+    task_loss: Tensor | None = None
 
 
 class Distiller(nn.Module):
@@ -74,12 +78,14 @@ class Distiller(nn.Module):
     the method modules are sized automatically. A level's tap may be "@feature" / "@logits": the
     model's pooled feature and logits, found by probing it (`diffkd.models.find_taps`).
     `dataset_size` (the training set's size) is needed by methods that use each sample's dataset
-    index (CRD); they then need `indices` in `forward`.
+    index (CRD); they then need `indices` in `forward`. `task_loss(student_output, targets)` computes the
+    task loss in `forward` (then in `DistillOutput.task_loss`): levels with weight "auto" calibrate
+    against it (or pass `task_loss=<tensor>` to `forward`).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, levels: Sequence[Level],
                  example_input: Any = None, input_shape: tuple[int, ...] | None = None,
-                 dataset_size: int | None = None):
+                 dataset_size: int | None = None, task_loss: Callable[[Any, Any], Tensor] | None = None):
         super().__init__()
         if not levels:
             raise ValueError("a Distiller needs at least one Level")
@@ -116,6 +122,9 @@ class Distiller(nn.Module):
                 raise ValueError(f"level {lv.name!r} ({lv.student!r} -> {lv.teacher!r}): {exc}") from None
         self.student_taps = FeatureTaps(student, student_specs)
         self.teacher_taps = FeatureTaps(teacher, teacher_specs)
+        self.task_loss = task_loss
+        self.weighting = LossWeights({lv.name: lv.weight_spec for lv in levels},
+                                     {lv.name: self.methods[lv.name].calibrated_terms for lv in levels})
 
     # ----------------------------------------------------------------------------- modes, devices
     def train(self, mode: bool = True) -> "Distiller":
@@ -134,11 +143,14 @@ class Distiller(nn.Module):
         return any(method.needs_indices for method in self.methods.values())
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, inputs: Any, targets: Tensor | None = None, indices: Tensor | None = None) -> DistillOutput:
-        """Run teacher (no grad) and student, then every level's method on the captured features.
+    def forward(self, inputs: Any, targets: Tensor | None = None, indices: Tensor | None = None,
+                task_loss: Tensor | None = None) -> DistillOutput:
+        """Run teacher (no grad) and student, then every level's method on the captured features, weighted.
 
         A tuple `inputs` is spread as positional arguments (detectors take `(images, targets)`).
         `indices` (B,) are the samples' dataset indices, passed to the methods that need them.
+        `task_loss`: this batch's task loss, for levels with weight "auto", where the Distiller was built
+        without a `task_loss` function.
         """
         if indices is None and self.needs_indices:
             needing = [n for n, m in self.methods.items() if m.needs_indices]
@@ -149,7 +161,9 @@ class Distiller(nn.Module):
         with torch.no_grad():
             call_model(self.teacher, inputs)
         student_output = call_model(self.student, inputs)
-        losses: dict[str, Tensor] = {}
+        if task_loss is None and self.task_loss is not None:
+            task_loss = self.task_loss(student_output, targets)
+        outputs = {}
         stats: dict[str, Tensor] = {}
         for level in self.levels:
             method = self.methods[level.name]
@@ -158,12 +172,12 @@ class Distiller(nn.Module):
             teacher = _captures(level.teacher, teacher_names, self.teacher_taps)
             level_targets = targets if level.targets is None else self.student_taps[f"{level.name}/targets"]
             extra = {"indices": indices} if method.needs_indices else {}
-            out = method(student, teacher, level_targets, **extra)
-            for term, value in out.terms.items():
-                losses[level.name if len(out.terms) == 1 else f"{level.name}/{term}"] = level.weight * value
+            outputs[level.name] = out = method(student, teacher, level_targets, **extra)
             for key, value in out.stats.items():
                 stats[f"{level.name}/{key}"] = value
-        return DistillOutput(student_output, losses, sum(losses.values()), stats)  # type: ignore[arg-type]
+        weighed: WeightedTerms = self.weighting(outputs, task_loss)
+        return DistillOutput(student_output, weighed.weighted, sum(weighed.weighted.values()), stats,  # type: ignore[arg-type]
+                             weighed.raw, weighed.weights, task_loss)
 
     def set_progress(self, epoch: float, epochs: int) -> None:
         """Tell methods with a schedule (DKD's warm-up, DiffKD's kd_warmup_epochs) where training stands.
@@ -173,6 +187,17 @@ class Distiller(nn.Module):
         """
         for method in self.methods.values():
             method.set_progress(epoch, epochs)
+        if epoch >= 1:
+            self.end_epoch()
+
+    def end_epoch(self) -> None:
+        """An epoch is over: a calibration window (weight "auto") still open ends with the first epoch.
+        `set_progress` at epoch >= 1 does the same; the engine calls this before it saves last.pt."""
+        self.weighting.end_windows()
+
+    def auto_weights(self) -> dict[str, float]:
+        """Each level with weight "auto": its calibrated factor (0 while its window is open)."""
+        return self.weighting.current()
 
     # ----------------------------------------------------------------------------- parameters, export
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

@@ -1,4 +1,4 @@
-"""Distillation distances (DESIGN.md §4): KD, DIST, DKD, MSE and attention-weighted MSE.
+"""Distillation distances: KD, DIST, DKD, MSE and attention-weighted MSE (docs/design.md, "Distances").
 
 Every function computes in float32, whatever the autocast dtype of its inputs, so the losses stay
 finite under bf16/fp16. Dense maps (B,C,H,W) are treated as B*H*W samples of C classes, and
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -134,29 +135,56 @@ def attention_mse_loss(student: Tensor, teacher: Tensor, tau: float = 0.5) -> Te
     return ((s - t) ** 2 * spatial * channel).mean()
 
 
-DISTANCES: dict[str, Callable[..., Tensor]] = {
-    "mse": mse_loss,
-    "kl": kd_loss,
-    "dist": dist_loss,
-    "attention_mse": attention_mse_loss,
+@dataclass(frozen=True)
+class DistanceInfo:
+    """A named distance: its function, whether it compares class distributions (softmaxes of logits, so
+    both sides need the same classes and no per-channel rescaling), and its own temperature (None: none)."""
+
+    fn: Callable[..., Tensor]
+    compares_distributions: bool
+    tau: float | None
+
+
+# The temperatures are the distances' defaults as a DiffKD level uses them: KL and DIST on logits at 1 (the
+# paper's classification setting), attention-MSE at 0.5 (its detection setting).
+DISTANCES: dict[str, DistanceInfo] = {
+    "mse": DistanceInfo(mse_loss, False, None),
+    "kl": DistanceInfo(kd_loss, True, 1.0),
+    "dist": DistanceInfo(dist_loss, True, 1.0),
+    "attention_mse": DistanceInfo(attention_mse_loss, False, 0.5),
 }
+
+
+def distance_info(distance: str) -> DistanceInfo:
+    """The registry entry of a named distance; an unknown name gets the closest one and the list."""
+    if distance not in DISTANCES:
+        close = difflib.get_close_matches(str(distance), DISTANCES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown distance {distance!r}{hint}; expected one of {sorted(DISTANCES)} or a callable")
+    return DISTANCES[distance]
+
+
+def compares_distributions(distance: str | Distance) -> bool:
+    """Whether `distance` (a name; a callable is taken as a feature distance) compares class distributions."""
+    return not callable(distance) and distance_info(distance).compares_distributions
 
 
 def resolve_distance(distance: str | Distance, tau: float | None = None, standardize: bool = False) -> Distance:
     """A distance by name (mse, kl, dist, attention_mse) or any callable(student, teacher) -> loss.
 
+    `tau` None takes the distance's own temperature; a distance without one refuses a tau.
     standardize=True (logit standardization) is for distance="kl" only.
     """
     if standardize and distance != "kl":
         raise ValueError(f"standardize=True z-scores logits before the KL: it needs distance='kl', got {distance!r}")
     if callable(distance):
+        if tau is not None:
+            raise ValueError(f"tau={tau} is for a named distance; a callable distance takes no temperature: drop tau")
         return distance
-    if distance not in DISTANCES:
-        close = difflib.get_close_matches(str(distance), DISTANCES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown distance {distance!r}{hint}; expected one of {sorted(DISTANCES)} or a callable")
-    fn = DISTANCES[distance]
-    options: dict[str, float | bool] = {} if tau is None or distance == "mse" else {"tau": tau}
+    info = distance_info(distance)
+    if info.tau is None and tau is not None:
+        raise ValueError(f"distance {distance!r} has no temperature, but tau={tau} was given: drop tau")
+    options: dict[str, float | bool] = {} if info.tau is None else {"tau": info.tau if tau is None else tau}
     if standardize:
         options["standardize"] = True
-    return functools.partial(fn, **options) if options else fn
+    return functools.partial(info.fn, **options) if options else info.fn

@@ -29,10 +29,8 @@ from .diffusion import (
     denoise_multistep,
     denoise_multistep_folded,
 )
-from .losses import Distance, resolve_distance
+from .losses import Distance, compares_distributions, resolve_distance
 from .normalizer import TargetNormalizer
-
-PROBABILITY_DISTANCES = ("kl", "dist")  # they compare class distributions: per-channel rescaling would change them
 
 
 @dataclass
@@ -104,7 +102,7 @@ class DiffKD(nn.Module):
         inference_steps: int = 5,
         adaptive_noise: bool = True,
         distance: str | Distance = "mse",
-        tau: float = 1.0,
+        tau: float | None = None,
         kd_weight: float = 1.0,
         diffusion_weight: float = 1.0,
         ae_weight: float = 1.0,
@@ -137,7 +135,7 @@ class DiffKD(nn.Module):
         self.latent_channels = latent_channels
         self.inference_steps = inference_steps
         self.kd_weight, self.diffusion_weight, self.ae_weight = kd_weight, diffusion_weight, ae_weight
-        self.distance = resolve_distance(distance, None if distance == "mse" else tau, standardize)
+        self.distance = resolve_distance(distance, tau, standardize)  # tau None: the distance's own
         width = latent_channels or teacher_channels
 
         self.projector = PointwiseConv(student_channels, width)
@@ -361,7 +359,7 @@ def check_variant_options(kd_warmup_epochs: float, normalize_target: bool, dista
     """One-line errors for the beyond-the-paper options that cannot work as given."""
     if not kd_warmup_epochs >= 0:
         raise ValueError(f"kd_warmup_epochs must be >= 0 (0: no warm-up), got {kd_warmup_epochs}")
-    if normalize_target and distance in PROBABILITY_DISTANCES:
+    if normalize_target and compares_distributions(distance):  # per-channel rescaling would change them
         raise ValueError(
             f"normalize_target=True rescales each channel, which changes the class distributions distance={distance!r} "
             "compares; use it with a feature distance ('mse', 'attention_mse') or set normalize_target=False"

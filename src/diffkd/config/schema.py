@@ -61,14 +61,18 @@ class TeacherConfig:
 class LevelConfig:
     """One distilled pair of taps and its method; a tap is "@feature"/"@logits" (the model's default
     taps), a module path such as "layer4" or "backbone['0']", or a mapping of `diffkd.taps.Tap` fields.
-    A side may be a list of taps for methods that take several (reviewkd, vid)."""
+    A side may be a list of taps for methods that take several (reviewkd, vid). `weight: auto` calibrates the
+    level against the task loss (`ratio`, `window`, `calibrate`: see diffkd.distiller.Level)."""
 
     student: str | dict[str, Any] | list[str | dict[str, Any]]
     teacher: str | dict[str, Any] | list[str | dict[str, Any]]
     method: str
-    weight: float = 1.0
+    weight: float | Literal["auto"] = 1.0
     name: str | None = None
     targets: str | dict[str, Any] | None = None  # what the method gets as targets: see diffkd.distiller.Level
+    ratio: float | None = None  # weight auto: weighted terms / task loss (default 1)
+    window: int | None = None  # weight auto: calibration steps (default 100, or the first epoch if shorter)
+    calibrate: list[str] | None = None  # weight auto: the terms scaled (default: the method's, e.g. diffkd's kd)
     options: dict[str, Any] = field(default_factory=dict)
 
 

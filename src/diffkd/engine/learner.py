@@ -56,6 +56,13 @@ class Learner(ABC):
     def set_progress(self, epoch: float, epochs: int) -> None:
         """Tell progress-dependent parts (loss ramps) where training is, before every step; 0-based, fractional epoch."""
 
+    def end_epoch(self) -> None:
+        """An epoch's steps are done (an automatic weight's window closes with the first epoch)."""
+
+    def epoch_columns(self) -> dict[str, float]:
+        """Values logged once per epoch besides the losses (the automatic loss weights)."""
+        return {}
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer updates."""
         return (p for p in self.module.parameters() if p.requires_grad)
@@ -133,17 +140,25 @@ class DistillLearner(Learner):
             student_tap = resolve_tap(lv.student, f"levels.{i}.student", student_taps)
             teacher_tap = resolve_tap(lv.teacher, f"levels.{i}.teacher", teacher_taps)
             try:
-                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, targets=lv.targets, **lv.options))
+                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, lv.name, targets=lv.targets,
+                                    ratio=lv.ratio, window=lv.window, calibrate=lv.calibrate, **lv.options))
             except ValueError as err:  # a bad weight: name the config entry
                 raise ConfigError(f"levels.{i}: {err}") from None
-        self.module = Distiller(teacher, student, levels, input_shape=task.input_shape, dataset_size=dataset_size)
+        self.module = Distiller(teacher, student, levels, input_shape=task.input_shape, dataset_size=dataset_size,
+                                task_loss=task.loss)
         self.student = self.module.student
         self.needs_indices = self.module.needs_indices
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
         out = call(inputs, targets, indices)
-        task_loss = self.task.loss(out.student, targets)
-        return StepOutput(out.student, {"task": task_loss, **out.losses}, task_loss + out.loss, out.stats)
+        raw = {f"{k}/raw": v.detach() for k, v in out.raw.items() if not _is_one(out.weights[k])}  # where they differ
+        return StepOutput(out.student, {"task": out.task_loss, **out.losses}, out.task_loss + out.loss, {**out.stats, **raw})
+
+    def end_epoch(self) -> None:
+        self.module.end_epoch()
+
+    def epoch_columns(self) -> dict[str, float]:
+        return {f"weight_{name}": value for name, value in self.module.auto_weights().items()}
 
     def set_progress(self, epoch: float, epochs: int) -> None:
         self.module.set_progress(epoch, epochs)
@@ -154,6 +169,11 @@ class DistillLearner(Learner):
     @property
     def extra_parameters(self) -> int:
         return int(self.module.extra_parameters())
+
+
+def _is_one(weight: float | Tensor) -> bool:
+    """Whether a weight is the constant 1 (its weighted term is the raw one), without reading a tensor."""
+    return not isinstance(weight, Tensor) and weight == 1
 
 
 LEARNERS: Mapping[str, Callable[..., Learner]] = MappingProxyType(  # (cfg, task, dataset_size=None)

@@ -309,6 +309,7 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
         seed=s.cfg.train.seed + epoch,
     )
     train, stats, images, train_seconds = _train_epoch(s, loader, epoch)
+    s.learner.end_epoch()  # before last.pt: a weight window that ends with the first epoch is saved closed
     model = s.ema.module if s.ema is not None else s.learner.student
     s.ctx.broadcast_buffers(model)
     test = evaluate(model, s.test_loader, s.task, s.ctx, s.precision, channels_last=s.cfg.train.channels_last)
@@ -319,6 +320,7 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
         **{f"test_{k}": v for k, v in test.items()},
         "epoch_seconds": time.perf_counter() - start,
         "images_per_s": images / max(train_seconds, 1e-9),
+        **s.learner.epoch_columns(),
         **stats,
     }
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import difflib
-import re
 
 import torch
 
@@ -22,15 +21,22 @@ from .rkd import RKD
 from .srrl import SRRL
 from .vid import VID
 
-METHODS: dict[str, type[Method]] = {"kd": KD, "mse": MSE, "dist": DIST, "dkd": DKD, "diffkd": DiffKD, "regression_l1": RegressionL1}
-METHODS["rkd"] = RKD
-METHODS["pkt"] = PKT
-METHODS["vid"] = VID
-METHODS["crd"] = CRD
-METHODS["reviewkd"] = ReviewKD
-METHODS["srrl"] = SRRL
-METHODS["fgd"] = FGD
-METHODS["cwd"] = CWD
+METHODS: dict[str, type[Method]] = {
+    "kd": KD,
+    "mse": MSE,
+    "dist": DIST,
+    "dkd": DKD,
+    "diffkd": DiffKD,
+    "regression_l1": RegressionL1,
+    "rkd": RKD,
+    "pkt": PKT,
+    "vid": VID,
+    "crd": CRD,
+    "reviewkd": ReviewKD,
+    "srrl": SRRL,
+    "fgd": FGD,
+    "cwd": CWD,
+}
 
 Shapes = torch.Size | list[torch.Size]  # a list: one shape per tap of a multi-tap level
 
@@ -65,18 +71,15 @@ def build_method(name: str, student_shape: Shapes, teacher_shape: Shapes, *,
                     f"{name} reads {', '.join(sorted(cls.layouts))} captures, but the {where} is {layout!r}; "
                     f"give the tap a layout {name} reads (a raw capture is not channel-first)"
                 )
+    unknown = [key for key in options if key not in cls.option_names()]
+    if unknown:  # checked against the declared options, so a TypeError inside build stays the method's own
+        raise ValueError(unknown_option(name, unknown[0]))
     if cls.needs_indices:
         if dataset_size is None:
             raise ValueError(f"method {name!r} needs the training set's size: pass dataset_size=len(train_set) "
                              "to the Distiller (diffkd distill does)")
         options["dataset_size"] = dataset_size
-    try:
-        return cls.build(student_shape, teacher_shape, **options)
-    except TypeError as exc:
-        found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
-        if found is None:
-            raise
-        raise ValueError(unknown_option(name, found.group(1))) from None
+    return cls.build(student_shape, teacher_shape, **options)
 
 
 def unknown_option(method: str, option: str) -> str:

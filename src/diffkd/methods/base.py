@@ -11,14 +11,17 @@ from torch import Tensor, nn
 
 @dataclass
 class MethodOutput:
-    """Named loss terms (their sum is the method's loss) and diagnostics worth logging."""
+    """Named loss terms, unweighted; the method's own weight of each (a number or a schedule's current
+    value, 1 where absent), which the Distiller applies (`diffkd.weighting`); diagnostics worth logging."""
 
     terms: dict[str, Tensor]
     stats: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, float | Tensor] = field(default_factory=dict)
 
     @property
     def loss(self) -> Tensor:
-        return sum(self.terms.values())  # type: ignore[return-value]
+        """The terms weighted by the method's own weights (for a method used alone; a level's weight is the Distiller's)."""
+        return sum(self.weights.get(k, 1.0) * v for k, v in self.terms.items())  # type: ignore[return-value]
 
 
 class Method(nn.Module):
@@ -29,7 +32,8 @@ class Method(nn.Module):
     taps per side; `build` then gets a list of shapes and forward a list of tensors, in order),
     `needs_indices` (forward gets `indices=`, each sample's dataset index, and `build` gets
     `dataset_size=`, the training set's size) and `teacher_module_options` (options that name a module
-    of the teacher by path; `build` gets the frozen module itself, see `hold_teacher_module`).
+    of the teacher by path; `build` gets the frozen module itself, see `hold_teacher_module`) and
+    `calibrated_terms` (what a level with weight "auto" scales; see `diffkd.weighting`).
     """
 
     needs_targets = False
@@ -38,6 +42,8 @@ class Method(nn.Module):
     takes_tap_lists = False
     needs_indices = False
     teacher_module_options: tuple[str, ...] = ()
+    # The terms `weight: auto` calibrates against the task loss (None: all); the others keep their weights.
+    calibrated_terms: tuple[str, ...] | None = None
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "Method":

@@ -6,11 +6,10 @@ import inspect
 import torch
 from torch import Tensor
 
+from ..losses import compares_distributions
 from ..module import DiffKD as DiffKDModule
 from .base import Method, MethodOutput, require_same_shape
 
-# Distances between softmaxes: a level using one compares class scores (logits), not features.
-CLASS_SCORE_DISTANCES = ("kl", "dist")
 _MEANT = (
     "check the taps and num_classes, or pass allow_class_mismatch=True if mapping one class set onto the other is meant"
 )
@@ -18,7 +17,7 @@ _MEANT = (
 
 class DiffKD(Method):
     """Maps (B,C,H,W) get the conv kind with MSE, sequences (B,C,L) its 1-D form; vectors (B,K) the
-    mlp kind with KL (tau 1).
+    mlp kind with KL (at the distance's own temperature, 1, unless tau is given).
 
     A level whose distance compares softmaxes (kl, dist; the default for vectors) holds logits, so
     student and teacher must have the same class count, as for kd: a projector from 10 classes to 5
@@ -26,6 +25,8 @@ class DiffKD(Method):
     A level with a feature distance (mse, attention_mse, a callable) holds features, whose widths
     may differ: the projector maps one onto the other.
     """
+
+    calibrated_terms = ("kd",)  # weight auto scales the distillation term; the diffusion model and AE learn as given
 
     def __init__(self, module: DiffKDModule):
         super().__init__()
@@ -46,7 +47,7 @@ class DiffKD(Method):
             options.setdefault("dims", spatial)
         allowed = options.pop("allow_class_mismatch", False)
         distance = options["distance"]
-        if distance in CLASS_SCORE_DISTANCES and student_shape[1] != teacher_shape[1] and not allowed:
+        if compares_distributions(distance) and student_shape[1] != teacher_shape[1] and not allowed:
             if not spatial:
                 require_same_shape("diffkd", student_shape, teacher_shape, _MEANT)
             raise ValueError(
@@ -67,8 +68,9 @@ class DiffKD(Method):
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         out = self.diffkd(student, teacher)
-        terms = {"kd": self.diffkd.current_kd_weight() * out.kd_loss, "diffusion": self.diffkd.diffusion_weight * out.diffusion_loss}
+        terms = {"kd": out.kd_loss, "diffusion": out.diffusion_loss}
+        weights = {"kd": self.diffkd.current_kd_weight(), "diffusion": self.diffkd.diffusion_weight}
         if out.ae_loss is not None:
-            terms["ae"] = self.diffkd.ae_weight * out.ae_loss
+            terms["ae"], weights["ae"] = out.ae_loss, self.diffkd.ae_weight
         stats = {"gamma": out.gamma.detach().mean()} if out.gamma is not None else {}
-        return MethodOutput(terms, stats)
+        return MethodOutput(terms, stats, weights)

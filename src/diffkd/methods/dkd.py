@@ -36,4 +36,5 @@ class DKD(Method):
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         if targets is None:
             raise ValueError("dkd needs the class labels: call the distiller as d(inputs, targets)")
-        return MethodOutput({"dkd": self.ramp * dkd_loss(student, teacher, targets, self.alpha, self.beta, self.tau, self.standardize)})
+        loss = dkd_loss(student, teacher, targets, self.alpha, self.beta, self.tau, self.standardize)
+        return MethodOutput({"dkd": loss}, weights={"dkd": self.ramp})

@@ -110,4 +110,4 @@ class ReviewKD(Method):
         for abf, x, size in zip(self.abfs, students[::-1], self.teacher_sizes):
             out, residual = abf(x, residual, size)
             outputs.insert(0, out)
-        return MethodOutput({"reviewkd": self.ramp * hcl_loss(outputs, teachers)})
+        return MethodOutput({"reviewkd": hcl_loss(outputs, teachers)}, weights={"reviewkd": self.ramp})

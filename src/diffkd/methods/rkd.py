@@ -53,4 +53,5 @@ class RKD(Method):
                 t_distances, t_angles = _distances(t), _angles(t)
             distance = F.smooth_l1_loss(_distances(s), t_distances)
             angle = F.smooth_l1_loss(_angles(s), t_angles)
-        return MethodOutput({"distance": self.distance_weight * distance, "angle": self.angle_weight * angle})
+        return MethodOutput({"distance": distance, "angle": angle},
+                            weights={"distance": self.distance_weight, "angle": self.angle_weight})

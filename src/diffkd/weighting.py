@@ -1,0 +1,218 @@
+"""Every loss weight of a distillation, applied in one place.
+
+A term's weight is its level's weight times the term's own weight, which its method hands over as data
+(a number, or a schedule's current value such as a warm-up ramp). A level may instead take `weight="auto"`:
+its calibrated terms (the method's `calibrated_terms`, or the level's `calibrate`) count 0 for the
+first steps (the window) while the task loss and those terms are measured; then one factor is fixed so
+that the weighted terms equal `ratio` times the task loss, and kept (checkpointed, never recalibrated).
+Terms outside the unit (DiffKD's diffusion and autoencoder losses) train from the first step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+log = logging.getLogger("diffkd")
+
+AUTO = "auto"
+DEFAULT_WINDOW = 100  # steps; a first epoch that is shorter ends the window sooner
+MAX_AUTO_WEIGHT = 1e6  # beyond this the calibrated terms are ~0 next to the task loss: refused, not applied
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A level's weight: a number (`value`), or automatic (`value` None) with its ratio, window and unit."""
+
+    value: float | None = 1.0
+    ratio: float = 1.0
+    window: int = DEFAULT_WINDOW
+    calibrate: tuple[str, ...] | None = None  # the auto unit's terms; None: the method's calibrated_terms
+
+    @property
+    def auto(self) -> bool:
+        return self.value is None
+
+
+def weight_spec(weight: Any = 1.0, ratio: Any = None, window: Any = None, calibrate: Any = None) -> WeightSpec:
+    """Check a level's weight settings: a finite number >= 0, or "auto" with a ratio > 0 and a window >= 1."""
+    auto = weight == AUTO if isinstance(weight, str) else False
+    if not auto and (isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight)
+                     or weight < 0):
+        raise ValueError(f"Level weight must be a finite number >= 0 or 'auto', got {weight!r}")
+    extras = {"ratio": ratio, "window": window, "calibrate": calibrate}
+    if not auto:
+        given = [k for k, v in extras.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to weight='auto', but the weight is {weight!r}; "
+                             "set weight='auto' or drop them")
+        return WeightSpec(float(weight))
+    ratio = 1.0 if ratio is None else ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"ratio (weighted terms / task loss for weight='auto') must be a finite number > 0, "
+                         f"got {ratio!r}")
+    window = DEFAULT_WINDOW if window is None else window
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window (calibration steps for weight='auto') must be an integer >= 1, got {window!r}")
+    if calibrate is not None:
+        if isinstance(calibrate, str):
+            calibrate = [calibrate]
+        if not isinstance(calibrate, Sequence) or not calibrate or not all(isinstance(t, str) for t in calibrate):
+            raise ValueError(f"calibrate must name the level's terms to calibrate (e.g. ['kd']), got {calibrate!r}")
+        calibrate = tuple(calibrate)
+    return WeightSpec(None, float(ratio), int(window), calibrate)
+
+
+def term_key(level: str, term: str, terms: Mapping[str, Any]) -> str:
+    """A weighted term's name: the level's name for a method of one term, else level/term."""
+    return level if len(terms) == 1 else f"{level}/{term}"
+
+
+@dataclass
+class WeightedTerms:
+    """Each term under its name: weighted (what is optimised), raw (unweighted) and the weight applied."""
+
+    weighted: dict[str, Tensor]
+    raw: dict[str, Tensor]
+    weights: dict[str, float | Tensor]
+
+
+class LossWeights(nn.Module):
+    """Applies every level's and term's weight once; calibrates and holds the automatic ones.
+
+    `specs`: level name -> WeightSpec; `calibrated_terms`: level name -> the terms its method calibrates by
+    default (None: all). The automatic factors and the window's sums are buffers, so they travel with the
+    Distiller's state_dict into checkpoints: a resumed run keeps its factors and never recalibrates.
+    """
+
+    def __init__(self, specs: Mapping[str, WeightSpec], calibrated_terms: Mapping[str, tuple[str, ...] | None]):
+        super().__init__()
+        self.specs = dict(specs)
+        self.auto_levels = [name for name, spec in self.specs.items() if spec.auto]
+        self.units = {name: self.specs[name].calibrate or calibrated_terms.get(name) for name in self.auto_levels}
+        count = len(self.auto_levels)
+        # Per auto level: its factor (0 until calibrated) and the window's sums (task loss, weighted unit).
+        # None without auto levels, so a run of fixed weights checkpoints exactly what it did before.
+        buffers = {"factors": torch.zeros(count), "sums": torch.zeros(count, 2, dtype=torch.float64),
+                   "steps": torch.zeros(count, dtype=torch.long), "fixed": torch.zeros(count, dtype=torch.bool)}
+        for key, value in buffers.items():
+            self.register_buffer(key, value if count else None)
+        self._fixed: list[bool] | None = None  # host copy of `fixed`, read once after (re)loading
+        self._checked: set[str] = set()
+
+    @property
+    def has_auto(self) -> bool:
+        return bool(self.auto_levels)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fixed = None
+
+    def _host_fixed(self) -> list[bool]:
+        if self._fixed is None:
+            self._fixed = [bool(v) for v in self.fixed.tolist()]
+        return self._fixed
+
+    def forward(self, outputs: Mapping[str, Any], task_loss: Tensor | None) -> WeightedTerms:
+        """Weigh every level's MethodOutput (`terms` unweighted, `weights` the method's own), in level order."""
+        if self.has_auto and self.training and not all(self._host_fixed()) and task_loss is None:
+            raise ValueError(
+                f"level {self.auto_levels[0]!r} has weight='auto', which calibrates against the task loss: build the "
+                "Distiller with task_loss=fn(student_output, targets), or pass task_loss=<tensor> to its forward"
+            )
+        weighted: dict[str, Tensor] = {}
+        raw: dict[str, Tensor] = {}
+        weights: dict[str, float | Tensor] = {}
+        for name, out in outputs.items():
+            spec = self.specs[name]
+            unit = self._unit(name, out.terms) if spec.auto else ()
+            factor = self._factor(name) if spec.auto else spec.value
+            unit_sum = None
+            for term, value in out.terms.items():
+                key = term_key(name, term, out.terms)
+                own = out.weights.get(term, 1.0)
+                weight = own * factor if term in unit else (own if spec.auto else own * spec.value)
+                weighted[key], raw[key], weights[key] = weight * value, value, weight
+                if term in unit:
+                    unit_sum = own * value.detach() if unit_sum is None else unit_sum + own * value.detach()
+            if spec.auto and self.training and not self._host_fixed()[self.auto_levels.index(name)]:
+                self._measure(name, task_loss, unit_sum)  # type: ignore[arg-type]
+        return WeightedTerms(weighted, raw, weights)
+
+    def _unit(self, name: str, terms: Mapping[str, Tensor]) -> tuple[str, ...]:
+        """The terms an auto level calibrates; a named term the method does not return is an error."""
+        unit = self.units[name] or tuple(terms)
+        if name not in self._checked:
+            missing = [t for t in unit if t not in terms]
+            if missing:
+                raise ValueError(f"level {name!r}: calibrate names {missing}, but the method's terms are "
+                                 f"{list(terms)}; name some of those")
+            self._checked.add(name)
+        return unit
+
+    def _factor(self, name: str) -> Tensor:
+        return self.factors[self.auto_levels.index(name)]
+
+    def _measure(self, name: str, task_loss: Tensor, unit_sum: Tensor) -> None:
+        """Add one training step to an open window; close it once it holds `window` steps."""
+        i = self.auto_levels.index(name)
+        with torch.no_grad():
+            step = torch.stack([task_loss.detach().double().reshape(()), unit_sum.double().reshape(())])
+            self.sums[i] += step.to(self.sums.device)
+            self.steps[i] += 1
+        if int(self.steps[i]) >= self.specs[name].window:
+            self.close(name)
+
+    def end_windows(self) -> None:
+        """Fix every open window now (the engine calls it when the first epoch ends before the window does)."""
+        for name in self.auto_levels:
+            if not self._host_fixed()[self.auto_levels.index(name)] and int(self.steps[self.auto_levels.index(name)]):
+                self.close(name)
+
+    def close(self, name: str) -> None:
+        """Fix a level's factor from its window: ratio x mean task loss / mean unit, reduced over processes."""
+        i = self.auto_levels.index(name)
+        totals = torch.cat([self.sums[i], self.steps[i:i + 1].double()])
+        if dist.is_available() and dist.is_initialized():
+            totals = totals.to(self._reduce_device())
+            dist.all_reduce(totals)
+        task, unit, steps = (float(v) for v in totals.tolist())
+        spec, terms = self.specs[name], "+".join(self.units[name] or ("all terms",))
+        where = f"level {name!r} (weight='auto'): over the {int(steps)} calibration steps"
+        task_mean, unit_mean = task / max(steps, 1), unit / max(steps, 1)
+        if not math.isfinite(task_mean) or task_mean <= 0:
+            raise ValueError(f"{where} the task loss averaged {task_mean:.4g}; weight='auto' needs a finite task loss "
+                             "> 0 to calibrate against: give the level a number weight")
+        if not math.isfinite(unit_mean) or unit_mean <= 0:
+            raise ValueError(f"{where} its terms ({terms}) averaged {unit_mean:.4g}; weight='auto' needs them finite "
+                             "and > 0: check the level's taps, or give it a number weight")
+        factor = spec.ratio * task_mean / unit_mean
+        if factor > MAX_AUTO_WEIGHT:
+            raise ValueError(
+                f"{where} its terms ({terms}) averaged {unit_mean:.3g} against a task loss of {task_mean:.3g}, so "
+                f"the weight would be {factor:.3g} (> {MAX_AUTO_WEIGHT:g}): the terms are ~0 (a constant tap, or "
+                "student and teacher already equal there); check the taps, or give the level a number weight"
+            )
+        self.factors[i] = factor
+        self.fixed[i] = True
+        self._host_fixed()[i] = True
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            log.info(f"auto weight: level {name!r} ({terms}) x {factor:.4g} = ratio {spec.ratio:g} x task loss "
+                     f"{task_mean:.4g} / {unit_mean:.4g} (mean over {int(steps)} steps)")
+
+    def _reduce_device(self) -> torch.device:
+        """NCCL reduces CUDA tensors only; gloo takes the CPU ones."""
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def current(self) -> dict[str, float]:
+        """The automatic factors as they stand (0 before calibration), by level: for logs and metrics."""
+        return dict(zip(self.auto_levels, self.factors.tolist())) if self.has_auto else {}
