@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROWS = ("student", "native", "mse", "cwd", "fgd", "diffkd", "diffkd_ae")
+ROWS = ("student", "native", "mse", "cwd", "fgd", "diffkd", "diffkd_ae", "diffkd_auto")
 LABELS = {"student": "student alone", "native": "Ultralytics native KD (dis 6)", "mse": "diffkd mse",
-          "cwd": "diffkd cwd", "fgd": "diffkd fgd", "diffkd": "DiffKD", "diffkd_ae": "DiffKD + AE (latent 64)"}
+          "cwd": "diffkd cwd", "fgd": "diffkd fgd", "diffkd": "DiffKD", "diffkd_ae": "DiffKD + AE (latent 64)",
+          "diffkd_auto": "DiffKD, kd_weight auto"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.002, help="AdamW learning rate of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--rows", nargs="+", default=list(ROWS[:-1]), choices=ROWS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--data-root", help="Fashion-MNIST folder (default: diffkd's usual places)")
@@ -167,7 +168,9 @@ def one_run(args: argparse.Namespace, out: Path, data: Path, teacher: Path) -> N
     else:
         method = "diffkd" if row.startswith("diffkd") else row
         latent = 64 if row == "diffkd_ae" else None
-        trainer = distill(args.student, str(teacher), method=method, kd_latent=latent, callbacks=callbacks, **train_args)
+        weight = "auto" if row == "diffkd_auto" else 1.0
+        trainer = distill(args.student, str(teacher), method=method, kd_latent=latent, kd_weight=weight,
+                          callbacks=callbacks, **train_args)
     final = trainer.read_results_csv()
     result = {"row": row, "seed": seed, "mAP50-95": final["metrics/mAP50-95(B)"][-1], "mAP50": final["metrics/mAP50(B)"][-1],
               "epoch_seconds": statistics.median(epoch_seconds), "epoch_cpu_seconds": statistics.median(epoch_cpu),

@@ -248,10 +248,10 @@ def test_a_method_yolo_cannot_feed_is_refused(method, reason):
 
 
 def test_settings_are_checked():
-    with pytest.raises(ValueError, match="kd_weight=auto"):
-        yolo_kd.KDSettings("t.pt", kd_weight="auto")
-    with pytest.raises(ValueError, match=">= 0"):
-        yolo_kd.KDSettings("t.pt", kd_weight=-1.0)
+    assert yolo_kd.KDSettings("t.pt", kd_weight="auto").kd_weight == "auto"
+    for weight in (-1.0, "half", True):
+        with pytest.raises(ValueError, match=">= 0 or 'auto'"):
+            yolo_kd.KDSettings("t.pt", kd_weight=weight)
     with pytest.raises(ValueError, match="autoencoder"):
         yolo_kd.KDSettings("t.pt", method="mse", kd_latent=64)
     with pytest.raises(ValueError, match="layer indices"):
@@ -330,7 +330,7 @@ def test_student_layers_must_be_inputs_of_its_head():
     with pytest.raises(ValueError, match="2 student maps .* but 3 teacher maps"):
         yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", student_layers=(15, 18)), 64, 3)
     # another family and width: the v8n's head inputs 15/18/21 pair with the 11s's 16/19/22
-    modules, levels = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="cwd"), 64, 3)
+    modules, levels, _ = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="cwd"), 64, 3)
     assert [(lv.name, lv.student_position, lv.teacher_layer) for lv in levels] == [("p3", 0, 16), ("p4", 1, 19), ("p5", 2, 22)]
     assert isinstance(modules["p3"], yolo_kd.Projected)  # 64 -> 128 channels
 
@@ -377,7 +377,8 @@ def test_the_criterion_never_travels_with_a_copy_of_the_student():
     student = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
     student.args = __import__("ultralytics.utils", fromlist=["DEFAULT_CFG"]).DEFAULT_CFG
     base = student.init_criterion()
-    student.criterion = yolo_kd.DistillationCriterion(base, student, torch.nn.ModuleDict(), [], 1.0, False,
+    weights = yolo_kd.LossWeights({}, {})
+    student.criterion = yolo_kd.DistillationCriterion(base, student, torch.nn.ModuleDict(), [], weights, False,
                                                       lambda: (0, 1), set())
     assert not any("criterion" in name for name, _ in student.named_modules())
     assert copy.deepcopy(student).criterion is None
@@ -442,3 +443,52 @@ def test_kd_gradients_are_averaged_over_ranks_as_ddp_does():
 
     results = spawn_processes(average_worker)
     assert results[0] == results[1] == ([1.5, 1.5, 1.5], [2.0, 2.0])
+
+
+@pytest.mark.integration
+def test_auto_weights_calibrate_against_the_per_image_task_loss(tmp_path, one_thread):
+    trainer = run(tmp_path, "detect", method="mse", kd_weight="auto")
+    weights = trainer.kd_weights
+    factors = weights.current()
+    assert sorted(factors) == ["p3", "p4", "p5"] and all(0 < f < 1e6 for f in factors.values())
+    # the window closed at the first epoch's end (2 steps); the task loss it measured is the per-image sum of
+    # Ultralytics' loss items, whose epoch means are results.csv's train columns
+    assert weights.steps.tolist() == [2, 2, 2] and weights.fixed.all()
+    rows = trainer.read_results_csv()
+    task = sum(rows[f"train/{k}"][-1] for k in ("box_loss", "cls_loss", "dfl_loss"))
+    for i, level in enumerate(weights.auto_levels):
+        assert float(weights.sums[i, 0]) / 2 == pytest.approx(task, rel=1e-4)
+        assert factors[level] == pytest.approx(float(weights.sums[i, 0] / weights.sums[i, 1]), rel=1e-6)
+        assert f"train/{level}_w" in rows
+    saved = torch.load(trainer.wdir / yolo_kd.STATE_FILE, weights_only=True)["weights"]
+    assert torch.equal(saved["factors"], weights.factors.cpu())
+
+
+def test_the_criterion_adds_weighted_kd_terms_as_ultralytics_sums_its_loss():
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG
+
+    torch.manual_seed(0)
+    student, teacher = (DetectionModel(cfg, nc=2, verbose=False) for cfg in ("yolov8n.yaml", "yolov8s.yaml"))
+    student.args = DEFAULT_CFG
+    teacher.eval()
+    settings = yolo_kd.KDSettings("t.pt", method="mse", kd_weight=0.5)
+    modules, levels, weights = yolo_kd.build_levels(student, teacher, settings, 64, 3)
+    criterion = yolo_kd.DistillationCriterion(student.init_criterion(), teacher, modules, levels, weights, False,
+                                              lambda: (0, 1), set())
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.3, 0.2, 0.2]])}
+    student.train()
+    preds = student(batch["img"])
+    loss, items = criterion(preds, batch)
+    plain_loss, _ = student.init_criterion()(preds, batch)
+    with torch.no_grad():
+        teacher_maps = yolo_kd.layer_outputs(teacher, batch["img"], {15, 18, 21})
+    expected = []
+    for name, layer, student_map in zip(("p3", "p4", "p5"), (15, 18, 21), preds["feats"]):
+        projected = modules[name].connector(student_map)
+        value = 0.5 * ((projected - teacher_maps[layer]) ** 2).mean()  # level weight x FitNet MSE
+        torch.testing.assert_close(items[f"{name}_mse"], value.detach())
+        expected.append(value)
+    torch.testing.assert_close(loss[:-1], plain_loss)
+    torch.testing.assert_close(loss[-1], 2 * sum(expected))  # x batch size, as Ultralytics' own terms

@@ -39,6 +39,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..atomic import save_atomic
 from ..methods import MethodOutput, build_method, method_class
+from ..weighting import LossWeights, term_key, weight_spec
 
 SUPPORTED_METHODS = ("diffkd", "mse", "cwd", "fgd")
 # Each method's options on YOLO neck maps. diffkd: the paper's detection setting (attention-weighted MSE, tau 0.5,
@@ -62,7 +63,7 @@ class KDSettings:
 
     teacher: str
     method: str = "diffkd"
-    kd_weight: float = 1.0
+    kd_weight: float | str = 1.0  # every level's weight: a number, or "auto" (diffkd.weighting, against the task loss)
     kd_latent: int | None = None  # diffkd only: an autoencoder with this many latent channels (at most the teacher's)
     teacher_layers: tuple[int, ...] | None = None  # default: the inputs of the teacher's head
     student_layers: tuple[int, ...] | None = None  # default: the inputs of the student's head (only those can be read)
@@ -71,11 +72,10 @@ class KDSettings:
     def __post_init__(self) -> None:
         if self.method not in SUPPORTED_METHODS:
             raise ValueError(unsupported_method(self.method))
-        if self.kd_weight == "auto":
-            raise ValueError("kd_weight=auto needs diffkd's automatic loss weights, which this version does not have; "
-                             "give a number (default 1.0)")
-        if isinstance(self.kd_weight, bool) or not isinstance(self.kd_weight, (int, float)) or not self.kd_weight >= 0:
-            raise ValueError(f"kd_weight must be a number >= 0, got {self.kd_weight!r}")
+        try:
+            weight_spec(self.kd_weight)
+        except ValueError:
+            raise ValueError(f"kd_weight must be a number >= 0 or 'auto', got {self.kd_weight!r}") from None
         if self.kd_latent is not None:
             if self.method != "diffkd":
                 raise ValueError(f"kd_latent sizes DiffKD's autoencoder; method {self.method!r} has none")
@@ -101,12 +101,6 @@ def unsupported_method(name: str) -> str:
     else:
         why = "compares class scores or pooled vectors, which YOLO's per-anchor outputs are not"
     return f"method {name!r} {why}; YOLO distillation takes one of {', '.join(SUPPORTED_METHODS)}"
-
-
-def weighted_terms(output: MethodOutput, weight: float) -> dict[str, Tensor]:
-    """A level's loss terms times its level weight: the one place the YOLO integration weights kd terms (each term
-    already carries its method's own weight)."""
-    return {term: weight * value for term, value in output.terms.items()}
 
 
 # ----------------------------------------------------------------------------------------------- models and maps
@@ -185,6 +179,7 @@ class Projected(nn.Module):
         super().__init__()
         self.projector = nn.Conv2d(student_channels, teacher_channels, 1)
         self.method = method
+        self.calibrated_terms = method.calibrated_terms
 
     def set_progress(self, epoch: float, epochs: int) -> None:
         self.method.set_progress(epoch, epochs)
@@ -203,8 +198,9 @@ class NeckLevel:
 
 
 def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, imgsz: int,
-                 channels: int) -> tuple[nn.ModuleDict, list[NeckLevel]]:
-    """One method per neck level, sized from the maps of a probe forward (both models in eval mode)."""
+                 channels: int) -> tuple[nn.ModuleDict, list[NeckLevel], LossWeights]:
+    """One method per neck level, sized from the maps of a probe forward (both models in eval mode), and the
+    weights of every level (kd_weight: a number, or auto)."""
     student_inputs = list(head_of(student, "student").f)
     chosen = list(settings.student_layers or student_inputs)
     outside = [i for i in chosen if i not in student_inputs]
@@ -242,7 +238,9 @@ def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, i
                              f"{tuple(t)}): {exc}") from None
         modules[name] = module
         levels.append(NeckLevel(name, student_inputs.index(student_layer), teacher_layer))
-    return modules.to(device).train(), levels
+    spec = weight_spec(settings.kd_weight)
+    weights = LossWeights({lv.name: spec for lv in levels}, {n: m.calibrated_terms for n, m in modules.items()})
+    return modules.to(device).train(), levels, weights.to(device).train()
 
 
 def batch_boxes(batch: dict, oriented: bool) -> tuple[Any, list[dict[str, Tensor]]]:
@@ -271,10 +269,10 @@ class DistillationCriterion:
     student (Ultralytics' EMA) gets None in its place and builds its own plain criterion.
     """
 
-    def __init__(self, base: Any, teacher: nn.Module, modules: nn.ModuleDict, levels: list[NeckLevel], weight: float,
-                 oriented: bool, progress: Callable[[], tuple[float, int]], columns: set[str]):
+    def __init__(self, base: Any, teacher: nn.Module, modules: nn.ModuleDict, levels: list[NeckLevel],
+                 weights: LossWeights, oriented: bool, progress: Callable[[], tuple[float, int]], columns: set[str]):
         self.base, self.teacher, self.modules, self.levels = base, teacher, modules, levels
-        self.weight, self.oriented, self.progress, self.columns = weight, oriented, progress, columns
+        self.weights, self.oriented, self.progress, self.columns = weights, oriented, progress, columns
         self.needs_boxes = any(getattr(m, "needs_targets", False) or isinstance(m, method_class("fgd"))
                                for m in modules.values())
 
@@ -286,6 +284,12 @@ class DistillationCriterion:
             raise AttributeError(name)
         return getattr(self.base, name)
 
+    def update(self) -> None:
+        """Called by Ultralytics at every epoch's end: fix auto weights whose window outlasted the first epoch."""
+        self.weights.end_windows()
+        if hasattr(self.base, "update"):
+            self.base.update()
+
     def __call__(self, preds: Any, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         loss, items = self.base(preds, batch)
         student_maps = head_inputs(preds)
@@ -293,18 +297,27 @@ class DistillationCriterion:
             teacher_maps = layer_outputs(self.teacher, batch["img"], {lv.teacher_layer for lv in self.levels})
         targets = batch_boxes(batch, self.oriented) if self.needs_boxes else None
         epoch, epochs = self.progress()
-        total = loss.new_zeros(())
+        outputs = {}
         for level in self.levels:
             method = self.modules[level.name]
             method.set_progress(epoch, epochs)
-            output = method(student_maps[level.student_position], teacher_maps[level.teacher_layer], targets)
-            for term, value in weighted_terms(output, self.weight).items():
-                column = f"{level.name}_{SHORT_TERMS.get(term, term)}"
+            outputs[level.name] = method(student_maps[level.student_position], teacher_maps[level.teacher_layer], targets)
+        images = batch["img"].shape[0]
+        # Ultralytics' loss vector holds batch sums (mean x batch size): the task loss auto weights compare with is
+        # its per-image sum, and the weighted kd sum joins the vector scaled the same way.
+        weighted = self.weights(outputs, loss.detach().sum() / images).weighted
+        total = loss.new_zeros(())
+        for name, output in outputs.items():
+            for term in output.terms:
+                value = weighted[term_key(name, term, output.terms)]
+                column = f"{name}_{SHORT_TERMS.get(term, term)}"
                 self.columns.add(column)
                 items[column] = value.detach()
                 total = total + value.float()
-        # Ultralytics' loss vector holds batch-summed terms (mean x batch size); the kd sum joins it the same way.
-        return torch.cat([loss.reshape(-1), (total * batch["img"].shape[0]).reshape(1).to(loss.dtype)]), items
+        for name, factor in self.weights.current().items():  # auto weights: 0 until calibrated
+            self.columns.add(f"{name}_w")
+            items[f"{name}_w"] = loss.new_tensor(factor)
+        return torch.cat([loss.reshape(-1), (total * images).reshape(1).to(loss.dtype)]), items
 
 
 def average_gradients(parameters: list[nn.Parameter], world_size: int) -> None:
@@ -334,6 +347,7 @@ class DistillationTrainerMixin:
         self.callbacks[SETTINGS_KEY] = [settings]
         self.kd_teacher: nn.Module | None = None
         self.kd_modules: nn.ModuleDict | None = None
+        self.kd_weights: LossWeights | None = None
         self.kd_levels: list[NeckLevel] = []
         self.kd_columns: set[str] = set()
 
@@ -358,7 +372,8 @@ class DistillationTrainerMixin:
 
     def save_model(self) -> bool:
         saved = super().save_model()
-        state = {"settings": asdict(self.kd_settings), "epoch": self.epoch, "modules": self.kd_modules.state_dict()}
+        state = {"settings": asdict(self.kd_settings), "epoch": self.epoch, "modules": self.kd_modules.state_dict(),
+                 "weights": self.kd_weights.state_dict()}
         save_atomic(state, self.wdir / STATE_FILE)
         return saved
 
@@ -369,13 +384,16 @@ class DistillationTrainerMixin:
                 raise ValueError(f"{self.kd_state_path} is from epoch {state['epoch'] + 1} but last.pt from epoch "
                                  f"{ckpt.get('epoch', -1) + 1}; they must come from the same save")
             self.kd_modules.load_state_dict(state["modules"])
+            self.kd_weights.load_state_dict(state["weights"])
         super().resume_training(ckpt)
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
         """Ultralytics reloads the student (and the optimizer) from last.pt after a NaN epoch; the kd modules too."""
         recovered = super()._handle_nan_recovery(epoch)
         if recovered:
-            self.kd_modules.load_state_dict(torch.load(self.wdir / STATE_FILE, map_location="cpu", weights_only=True)["modules"])
+            state = torch.load(self.wdir / STATE_FILE, map_location="cpu", weights_only=True)
+            self.kd_modules.load_state_dict(state["modules"])
+            self.kd_weights.load_state_dict(state["weights"])
         return recovered
 
     # ---------------------------------------------------------------- building, optimizing, the loss
@@ -386,8 +404,8 @@ class DistillationTrainerMixin:
             student = unwrap_model(model)
             self.kd_teacher = load_teacher(self.kd_settings.teacher, self.args.task, self.data, self.get_model)
             self.kd_teacher.to(self.device)
-            self.kd_modules, self.kd_levels = build_levels(student, self.kd_teacher, self.kd_settings, self.args.imgsz,
-                                                           self.data["channels"])
+            self.kd_modules, self.kd_levels, self.kd_weights = build_levels(
+                student, self.kd_teacher, self.kd_settings, self.args.imgsz, self.data["channels"])
         template = next(g for g in optimizer.param_groups if g.get("param_group") in ("weight", "muon"))
         hyper = {k: v for k, v in template.items() if k not in ("params", "param_group")}
         hyper["lr"] = self.args.lr0  # the chosen rate (MuSGD raises some groups' rates)
@@ -401,7 +419,7 @@ class DistillationTrainerMixin:
         student = unwrap_model(self.model)
         base = getattr(student, "criterion", None) or student.init_criterion()
         student.criterion = DistillationCriterion(
-            base, self.kd_teacher, self.kd_modules, self.kd_levels, float(self.kd_settings.kd_weight),
+            base, self.kd_teacher, self.kd_modules, self.kd_levels, self.kd_weights,
             self.args.task == "obb", lambda: (self.epoch, self.epochs), self.kd_columns)
 
     def _do_train(self) -> None:
@@ -496,7 +514,7 @@ def model_task(source: str) -> str:
 
 
 def distill(student: str | None = None, teacher: str | None = None, *, data: str | None = None, method: str = "diffkd",
-            kd_weight: float = 1.0, kd_latent: int | None = None, teacher_layers: tuple[int, ...] | None = None,
+            kd_weight: float | str = 1.0, kd_latent: int | None = None, teacher_layers: tuple[int, ...] | None = None,
             student_layers: tuple[int, ...] | None = None, method_options: dict[str, Any] | None = None,
             allow_download: bool = False, callbacks: dict[str, list[Callable]] | None = None, **train_args: Any) -> Any:
     """Train YOLO `student` (a model .yaml or checkpoint) on `data`, distilled from `teacher`; every other keyword is
