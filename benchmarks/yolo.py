@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--data-root", help="Fashion-MNIST folder (default: diffkd's usual places)")
+    p.add_argument("--profile", action="store_true",
+                   help="only time the parts of a step (CPU seconds per batch, random weights): where the time goes")
     p.add_argument("--run", choices=ROWS, help=argparse.SUPPRESS)  # one run, in its own process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -178,6 +180,63 @@ def one_run(args: argparse.Namespace, out: Path, data: Path, teacher: Path) -> N
     (out / "runs" / name / "result.json").write_text(json.dumps(result))
 
 
+def profile(args: argparse.Namespace) -> None:
+    """CPU seconds per batch (this process, median of 5 after a warm-up) of each part of a distillation step at the
+    benchmark's size, with random weights: the student's forward and backward, the teacher's forward, and each
+    method's levels (forward and backward on the neck maps)."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG
+
+    from diffkd.integrations.ultralytics import KDSettings, batch_boxes, build_levels, head_inputs, layer_outputs
+
+    def seconds(step: Any) -> float:
+        step()
+        times = []
+        for _ in range(5):
+            start = time.process_time()
+            step()
+            times.append(time.process_time() - start)
+        return statistics.median(times)
+
+    torch.manual_seed(0)
+    student = DetectionModel(args.student, nc=10, verbose=False)
+    student.args = DEFAULT_CFG
+    teacher = DetectionModel(args.teacher, nc=10, verbose=False).fuse(verbose=False).eval().requires_grad_(False)
+    images = torch.rand(args.batch, 3, args.canvas, args.canvas)
+    layers = set(teacher.model[-1].f)
+    student_layers = list(student.model[-1].f)
+
+    def student_step() -> None:
+        preds = student.train()(images)
+        sum(x.float().mean() for x in (preds["boxes"], preds["scores"])).backward()
+
+    print(f"student {args.student} forward + backward: {seconds(student_step):.3f} s / batch of {args.batch}")
+    with torch.no_grad():
+        print(f"teacher {args.teacher} forward to its neck: "
+              f"{seconds(lambda: layer_outputs(teacher, images, layers)):.3f} s")
+        teacher_maps = layer_outputs(teacher, images, layers)
+        student_maps = head_inputs(student.train()(images))
+    batch = {"img": images, "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]] * args.batch),
+             "batch_idx": torch.arange(args.batch, dtype=torch.float)}
+    for method, latent in (("mse", None), ("cwd", None), ("fgd", None), ("diffkd", None), ("diffkd", 64)):
+        modules, levels, _ = build_levels(student, teacher, KDSettings("t.pt", method=method, kd_latent=latent),
+                                          args.canvas, 3)
+        parts = []
+        for level in levels:
+            s = student_maps[level.student_position].detach().requires_grad_()
+            t = teacher_maps[level.teacher_layer]
+            module = modules[level.name]
+
+            def level_step() -> None:
+                out = module(s, t, batch_boxes(batch, False))
+                sum(out.weights.get(k, 1.0) * v for k, v in out.terms.items()).backward()
+
+            parts.append(f"{level.name} {tuple(t.shape[1:])} {seconds(level_step):.3f}")
+        label = f"{method} latent {latent}" if latent else method
+        print(f"{label} levels (s / batch): {', '.join(parts)}")
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (VmHWM: unlike getrusage's, it starts afresh at exec, not at the parent's)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -222,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args)
+        return
     data = prepare_data(args, out)
     teacher = teacher_checkpoint(args, out, data)
     if args.run:
