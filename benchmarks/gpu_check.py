@@ -9,7 +9,8 @@ Every case runs a few steps at a tiny size: `diffkd train` and `diffkd distill` 
 on the Fashion-MNIST configs in fp32, bf16 autocast, fp16 with GradScaler (CUDA only: the engine
 refuses it on a CPU), compiled and channels-last; resume after a stop against an uninterrupted run;
 DDP through torchrun; one FCOS DiffKD detection step and one DeepLabV3 DiffKD-DIST segmentation step
-on the mosaics; `diffkd eval`, `export` and `visualize` on the distillation run; and, in this
+on the mosaics; `diffkd yolo` (Ultralytics YOLO, AMP on CUDA) on exported mosaics; `diffkd eval`, `export` and
+`visualize` on the distillation run; and, in this
 process, the DiffKD module's fast path against its reference and a compiled level against eager.
 Each case is recorded as ok, failed (error type, message, traceback tail) or skipped (with the
 reason), with its seconds and details; the JSON is rewritten after every case, a failure does not
@@ -324,6 +325,33 @@ def detection_diffkd_case(check: Check) -> dict[str, Any]:
     return check.engine("detection_diffkd", "distill", config, *detection_overrides(check), teacher)
 
 
+def yolo_case(check: Check) -> dict[str, Any]:
+    """`diffkd yolo`: a YOLOv8n student distilled (DiffKD on the neck) from a YOLOv8s inside Ultralytics' trainer,
+    one tiny epoch on exported mosaics, with Ultralytics' AMP on CUDA."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.yolo import export_yolo, offline_ultralytics
+    from diffkd.detection.mosaics import MosaicSpec, ensure_mosaics
+
+    offline_ultralytics(check.workdir / "ultralytics-config")
+    spec = MosaicSpec(canvas=64, train_images=16, val_images=8, max_scale=2.0)
+    mosaics = ensure_mosaics(check.workdir / "yolo_mosaics", spec, check.fmnist)
+    data = export_yolo(mosaics, check.workdir / "yolo_data")
+    run_dir = check.run_dir("yolo_diffkd")
+    device = "0" if check.device == "cuda" else "cpu"
+    output = check.diffkd("yolo_diffkd", "yolo", "student=yolov8n.yaml", "teacher=yolov8s.yaml", f"data={data}",
+                          "method=diffkd", "epochs=1", "imgsz=64", "batch=4", "workers=0", f"device={device}",
+                          f"project={run_dir.parent}", f"name={run_dir.name}", "exist_ok=True", "plots=False")
+    with open(run_dir / "results.csv") as f:
+        row = {k.strip(): float(v) for k, v in list(csv.DictReader(f))[-1].items() if v.strip()}
+    kd = {k: v for k, v in row.items() if re.fullmatch(r"train/p\d_\w+", k)}
+    losses = {k: v for k, v in row.items() if k.startswith("train/")}
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if not kd or bad:
+        raise CheckFailed(f"results.csv: kd columns {list(kd)}, non-finite {bad}")
+    amp = re.search(r"AMP: (checks [a-z]+)", output)
+    return {**losses, "amp_check": amp.group(1) if amp else "not run (CPU or amp=False)"}
+
+
 def segmentation_overrides(check: Check) -> tuple[str, ...]:
     """The mosaic set generated small (the config's default set is 7000 canvases) and tiny sizes."""
     from diffkd.segmentation import mosaic
@@ -486,6 +514,7 @@ def _cases() -> dict[str, Case]:
         Case("detection_diffkd", detection_diffkd_case, ("detection_teacher",)),
         Case("segmentation_teacher", segmentation_teacher_case),
         Case("segmentation_diffkd", segmentation_diffkd_case, ("segmentation_teacher",)),
+        Case("yolo_diffkd", yolo_case),
     ]
     return {case.name: case for case in cases}
 

@@ -178,6 +178,25 @@ EXPORT = Command(
     _export,
 )
 
+def _yolo(args: argparse.Namespace) -> int:
+    try:
+        from .integrations.ultralytics import run_cli
+    except ImportError as err:  # the optional extra is missing: one line, not a traceback
+        raise ValueError(str(err)) from None
+    return run_cli(args.pairs)
+
+
+YOLO = Command(
+    "distil an Ultralytics YOLO student inside Ultralytics' trainer (detect, segment, pose, obb)",
+    "Distil the student's neck maps from a YOLO teacher inside Ultralytics' own trainer. diffkd's keys:\n"
+    "student, teacher, method (diffkd, mse, cwd, fgd), kd_weight, kd_latent, teacher_layers, student_layers,\n"
+    "allow_download; every other key is an Ultralytics train argument.\n\n"
+    "example:\n  diffkd yolo student=yolo11n.yaml teacher=runs/detect/train/weights/best.pt data=my.yaml \\\n"
+    "      method=diffkd epochs=100 imgsz=640",
+    lambda parser: parser.add_argument("pairs", nargs="*", metavar="key=value", help="diffkd and Ultralytics arguments"),
+    _yolo,
+)
+
 COMMANDS: dict[str, Callable[[], Command]] = {
     "train": lambda: TRAIN,
     "distill": lambda: DISTILL,
@@ -185,6 +204,7 @@ COMMANDS: dict[str, Callable[[], Command]] = {
     "export": lambda: EXPORT,
     "demo": lazy("diffkd.demo"),
     "visualize": lazy("diffkd.visualize"),
+    "yolo": lambda: YOLO,
 }
 
 
