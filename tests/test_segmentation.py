@@ -360,11 +360,11 @@ def test_one_diffkd_training_step_of_each_student_on_cityscapes_files(tmp_path, 
     optimizer = torch.optim.SGD(learner.trainable_parameters(), lr=0.01, momentum=0.9)
     learner.module.train()
     step = learner.compute(learner.module, inputs, targets)
-    assert set(step.terms) == {"task", "diffkd_classifier/kd", "diffkd_classifier/diffusion"}
-    assert torch.isfinite(step.total) and float(step.terms["diffkd_classifier/kd"].detach()) > 0
+    assert set(step.terms) == {"task", "diffkd_logits/kd", "diffkd_logits/diffusion"}
+    assert torch.isfinite(step.total) and float(step.terms["diffkd_logits/kd"].detach()) > 0
     optimizer.zero_grad()
     step.total.backward()
-    projector = learner.module.methods["diffkd_classifier"].diffkd.projector.weight
+    projector = learner.module.methods["diffkd_logits"].diffkd.projector.weight
     assert projector.grad is not None and float(projector.grad.abs().sum()) > 0
     optimizer.step()
     student_after, teacher_after = learner.student.state_dict(), learner.module.teacher.state_dict()
