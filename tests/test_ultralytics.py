@@ -453,7 +453,7 @@ def test_auto_weights_calibrate_against_the_per_image_task_loss(tmp_path, one_th
     assert sorted(factors) == ["p3", "p4", "p5"] and all(0 < f < 1e6 for f in factors.values())
     # the window closed at the first epoch's end (2 steps); the task loss it measured is the per-image sum of
     # Ultralytics' loss items, whose epoch means are results.csv's train columns
-    assert weights.steps.tolist() == [2, 2, 2] and weights.fixed.all()
+    assert weights.window.steps == [2, 2, 2] and weights.fixed.all()
     rows = trainer.read_results_csv()
     task = sum(rows[f"train/{k}"][-1] for k in ("box_loss", "cls_loss", "dfl_loss"))
     for i, level in enumerate(weights.auto_levels):
