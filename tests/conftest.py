@@ -65,6 +65,19 @@ def torchrun_worker(kind: str, out: Path, processes: int, batch: int) -> list[di
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 
 
+def ddp_matches_one_process(kind: str, out: Path) -> tuple[dict, dict]:
+    """2 gloo processes x 4 images against 1 x 8 (tests/integration_workers.py): weights in sync between the
+    ranks and equal to one process's, the method modules trained; (one process's result, rank 0's)."""
+    one, = torchrun_worker(kind, out / "one", 1, 8)
+    ranks = torchrun_worker(kind, out / "two", 2, 4)
+    for part in ("student", "methods"):
+        for k, v in one[part].items():
+            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), (part, k)  # DDP kept the processes in sync
+            assert torch.allclose(ranks[0][part][k], v, atol=1e-6), (part, k)
+    assert any(not torch.equal(one["methods"][k], v) for k, v in one["initial"].items())
+    return one, ranks[0]
+
+
 def weighted_terms(out) -> dict:
     """A MethodOutput's terms times the method's own weights (what a level of weight 1 optimises)."""
     return {k: out.weights.get(k, 1.0) * v for k, v in out.terms.items()}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from conftest import one_line, torchrun_worker
+from conftest import ddp_matches_one_process, one_line
 from diffkd import Level
 from diffkd.integrations.transformers import INDEX_COLUMN, DISTILLER_FILE, DistillationTrainer
 
@@ -259,14 +259,8 @@ def test_resume_from_checkpoint_restores_the_method_modules(tmp_path, build):
 @pytest.mark.timeout(300)
 def test_two_gloo_processes_under_torchrun_match_one_process_with_the_same_global_batch(tmp_path):
     """CNNs without BatchNorm, deterministic methods (mse, kd): 2 x 4 images per step give one process's 8."""
-    one, = torchrun_worker("hf", tmp_path / "one", 1, 8)
-    ranks = torchrun_worker("hf", tmp_path / "two", 2, 4)
-    for part in ("student", "methods"):
-        for k, v in one[part].items():
-            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), (part, k)  # DDP kept the processes in sync
-            assert torch.allclose(ranks[0][part][k], v, atol=1e-6), (part, k)
-    assert any(not torch.equal(one["methods"][k], v) for k, v in one["initial"].items())
-    logged = [{k: v for k, v in h.items() if k.startswith(("distill/", "task_loss"))} for h in ranks[0]["history"] if "loss" in h]
+    one, rank0 = ddp_matches_one_process("hf", tmp_path)
+    logged = [{k: v for k, v in h.items() if k.startswith(("distill/", "task_loss"))} for h in rank0["history"] if "loss" in h]
     expected = [{k: v for k, v in h.items() if k.startswith(("distill/", "task_loss"))} for h in one["history"] if "loss" in h]
     assert len(logged) == 3 and logged[0].keys() == {"task_loss", "distill/feature", "distill/logits"}
     for a, b in zip(logged, expected):  # each term averaged over both processes is the one-process term
