@@ -492,3 +492,27 @@ def test_the_criterion_adds_weighted_kd_terms_as_ultralytics_sums_its_loss():
         expected.append(value)
     torch.testing.assert_close(loss[:-1], plain_loss)
     torch.testing.assert_close(loss[-1], 2 * sum(expected))  # x batch size, as Ultralytics' own terms
+
+
+def test_the_benchmark_exports_coco_mosaics_to_yolo_labels(tmp_path):
+    import json
+
+    sys.path.insert(0, str(SRC.parent))
+    from benchmarks.yolo import export_yolo
+
+    mosaics = tmp_path / "mosaics"
+    for split in ("train", "val"):
+        (mosaics / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((40, 80), np.uint8)).save(mosaics / split / "000001.png")
+    (mosaics / "annotations").mkdir()
+    document = {"images": [{"id": 1, "file_name": "000001.png", "width": 80, "height": 40}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 4, 20, 8]}],
+                "categories": [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]}
+    for split in ("train", "val"):
+        (mosaics / "annotations" / f"instances_{split}.json").write_text(json.dumps(document))
+    spec = export_yolo(mosaics, tmp_path / "yolo")
+    # category 3 -> class 2; centre (20, 8) and size (20, 8) over an 80 x 40 image
+    assert (tmp_path / "yolo/labels/train/000001.txt").read_text() == "2 0.250000 0.200000 0.250000 0.200000\n"
+    assert (tmp_path / "yolo/images/val/000001.png").is_file()
+    assert "names:\n  0: c1\n  1: c2\n  2: c3\n" in spec.read_text()
+    assert export_yolo(mosaics, tmp_path / "yolo") == spec  # written once, then reused

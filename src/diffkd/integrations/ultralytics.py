@@ -6,7 +6,9 @@ teacher's layers up to those maps. The student gets no hook and no extra module:
 modules and the teacher belong to the trainer, so the EMA, best.pt and last.pt are plain Ultralytics
 checkpoints that `YOLO(path)` loads without diffkd. The distillation modules are a param group of
 Ultralytics' optimizer (so their optimizer state is in last.pt's) and are saved beside last.pt in
-`weights/kd_modules.pt` (settings, epoch, a plain state_dict); `resume=True` restores both.
+`weights/kd_modules.pt` (settings, epoch, plain state_dicts of the modules and of their loss weights);
+`resume=True` restores both. Every kd weight is applied by `diffkd.weighting.LossWeights` (`kd_weight`: a number,
+or "auto" against Ultralytics' per-image task loss).
 """
 from __future__ import annotations
 
