@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
+
+PIL_OPEN = Image.open  # conftest is imported before any test module, so before ultralytics patches it
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +84,14 @@ def ddp_matches_one_process(kind: str, out: Path) -> tuple[dict, dict]:
 def weighted_terms(out) -> dict:
     """A MethodOutput's terms times the method's own weights (what a level of weight 1 optimises)."""
     return {k: out.weights.get(k, 1.0) * v for k, v in out.terms.items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pil_as_installed():
+    """Importing ultralytics (test_ultralytics does so when collected) replaces PIL.Image.open process-wide with
+    a lazy HEIF loader that tries to pip-install pi-heif on the first file PIL cannot read; every module runs
+    with PIL's own opener, so the tests of unreadable images see PIL's error whatever was imported before."""
+    from PIL import Image
+
+    Image.open = PIL_OPEN
+    yield
