@@ -125,6 +125,21 @@ def test_a_tiny_term_would_be_an_absurd_weight_and_is_refused():
         d(torch.randn(4, 6), task_loss=torch.tensor(1e3))
 
 
+def test_a_term_that_is_not_finite_in_the_window_is_refused():
+    teacher, student = tiny_pair()
+    d = Distiller(teacher, student, [Level("2", "2", "regression_l1", weight="auto", window=1)], input_shape=(6,))
+    x = torch.randn(4, 6)
+    x[0, 0] = float("nan")  # both logits go NaN on that row, and so does the term
+    with pytest.raises(ValueError, match=r"its terms \(all terms\) averaged nan; weight='auto' needs them finite"):
+        d(x, task_loss=torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("calibrate", [[], [1], 3])
+def test_calibrate_must_name_terms(calibrate):
+    with pytest.raises(ValueError, match=r"calibrate must name the level's terms to calibrate"):
+        Level("2", "2", "kd", weight="auto", calibrate=calibrate)
+
+
 def test_a_task_loss_that_is_zero_or_not_finite_is_refused():
     teacher, student = tiny_pair()
     for value, shown in ((0.0, "averaged 0;"), (float("inf"), "averaged inf;")):

@@ -190,8 +190,7 @@ class LossWeights(nn.Module):
 
     def end_windows(self) -> None:
         """Fix every open window now (the engine calls it when the first epoch ends before the window does)."""
-        for name in self.auto_levels:
-            i = self.auto_levels.index(name)
+        for i, name in enumerate(self.auto_levels):
             if not self._host_fixed()[i] and self.window.steps[i]:
                 self.close(name)
 
