@@ -31,12 +31,17 @@ from diffkd.engine import resume_or_restart, run
 from diffkd.segmentation import mosaic
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "segmentation"
-METHODS = {  # name -> (config file, engine mode)
-    "student": ("mosaic_student.yaml", "train"),
-    "kd": ("mosaic_kd.yaml", "distill"),
-    "dist": ("mosaic_dist.yaml", "distill"),
-    "diffkd": ("mosaic_diffkd.yaml", "distill"),
-    "cwd": ("mosaic_cwd.yaml", "distill"),
+# "*_auto" keep the recipe and let `weight: auto` scale the level so that it equals the segmentation loss over
+# the first 100 steps (ratio 1; diffkd: its kd term, while its diffusion loss keeps weight 1).
+AUTO = ("levels.0.weight=auto",)
+METHODS = {  # name -> (config file, engine mode, overrides)
+    "student": ("mosaic_student.yaml", "train", ()),
+    "kd": ("mosaic_kd.yaml", "distill", ()),
+    "dist": ("mosaic_dist.yaml", "distill", ()),
+    "diffkd": ("mosaic_diffkd.yaml", "distill", ()),
+    "cwd": ("mosaic_cwd.yaml", "distill", ()),
+    "diffkd_auto": ("mosaic_diffkd.yaml", "distill", AUTO),
+    "cwd_auto": ("mosaic_cwd.yaml", "distill", AUTO),
 }
 DEFAULT_METHODS = ("student", "dist", "diffkd", "cwd")
 log = logging.getLogger("diffkd")
@@ -67,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_config(file: str, args: argparse.Namespace, run_dir: Path, data: Path, seed: int, epochs: int,
-                teacher_dir: Path | None) -> Config:
+                teacher_dir: Path | None, extra: tuple[str, ...] = ()) -> Config:
     """A mosaic recipe with the benchmark's sizes as overrides."""
     canvas = args.grid * args.cell
     overrides = [
@@ -75,7 +80,7 @@ def make_config(file: str, args: argparse.Namespace, run_dir: Path, data: Path, 
         f"segmentation.crop_size=[{canvas},{canvas}]", f"segmentation.width_mult={args.width}",
         f"segmentation.teacher_width_mult={args.teacher_width}",
         f"optim.lr={args.lr}", f"train.epochs={epochs}", f"train.seed={seed}", f"train.device={args.device}",
-        "train.progress=false", "output.tensorboard=false", f"output.dir={run_dir}",
+        "train.progress=false", "output.tensorboard=false", f"output.dir={run_dir}", *extra,
     ]  # fmt: skip
     cfg = load_config(CONFIGS / file, overrides)
     for section in ("model", "student"):
@@ -143,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": train_teacher(args, out, data), "methods": {},
     }  # fmt: skip
     for method in args.methods:
-        file, mode = METHODS[method]
+        file, mode, extra = METHODS[method]
         for seed in args.seeds:
-            cfg = make_config(file, args, out / f"{method}_seed{seed}", data, seed, args.epochs, out / "teacher")
+            cfg = make_config(file, args, out / f"{method}_seed{seed}", data, seed, args.epochs, out / "teacher", extra)
             result = run(cfg, mode=mode, **resume_or_restart(Path(cfg.output.dir)))
             results["methods"].setdefault(method, []).append({
                 "seed": seed, "best_miou": result.best_top1, "final_miou": result.final_top1,
