@@ -285,16 +285,29 @@ class RecordTargets(Method):
         return MethodOutput({"zero": student.sum() * 0})
 
 
+class RecordSplit(RecordTargets):
+    """A test method that also declares an extra input, the output of the student's `split` by default."""
+
+    extra_inputs = {"halves": "split"}
+
+    def forward(self, student, teacher, targets=None, *, halves=None):
+        self.halves = halves
+        return super().forward(student, teacher, targets)
+
+
 class Halves(nn.Module):
-    """A model whose `split` submodule returns a tuple: the kind of capture a level's targets can come from."""
+    """A model whose `split` submodule returns a tuple holding a dict: an output no tap could hand out."""
 
     def __init__(self) -> None:
         super().__init__()
         self.split = Split()
+        self.other = Split()
         self.head = nn.Linear(2, 3)
 
     def forward(self, x):
         first, _ = self.split(x)
+        if x.shape[0] > 1:
+            self.other(x)
         return self.head(first)
 
 
@@ -303,20 +316,41 @@ class Split(nn.Module):
         return x[:, :2], {"rest": x[:, 2:]}
 
 
-def test_a_level_takes_its_targets_from_a_raw_capture_of_the_student(monkeypatch):
+def test_a_method_gets_the_extra_inputs_it_declares_as_the_student_produced_them(monkeypatch):
     monkeypatch.setitem(METHODS, "record", RecordTargets)
+    monkeypatch.setitem(METHODS, "split", RecordSplit)
     torch.manual_seed(0)
-    d = Distiller(Halves(), Halves(), [Level("head", "head", "record", name="own"),
-                                        Level("head", "head", "record", name="split", targets="split")],
+    d = Distiller(Halves(), Halves(), [Level("head", "head", "record", name="plain"),
+                                        Level("head", "head", "split", name="own"),
+                                        Level("head", "head", "split", name="other", inputs={"halves": "other"})],
                   input_shape=(4,))
     x, y = torch.randn(5, 4), torch.arange(5)
     d(x, y)
-    assert d.methods["own"].seen is y  # the targets given to forward
-    first, rest = d.methods["split"].seen  # the student's `split` output, as produced
-    assert torch.equal(first, x[:, :2]) and torch.equal(rest["rest"], x[:, 2:])
-    assert "targets='split'" in repr(d.levels[1])
-    with pytest.raises(ValueError, match=r"tap 'bad/targets': unknown module path 'splt' .* closest paths: 'split'"):
-        Distiller(Halves(), Halves(), [Level("head", "head", "record", name="bad", targets="splt")], input_shape=(4,))
+    assert all(d.methods[n].seen is y for n in ("plain", "own", "other"))  # the targets given to forward, always
+    assert not hasattr(d.methods["plain"], "halves")
+    for name in ("own", "other"):
+        first, rest = d.methods[name].halves  # the module's output, as produced: a tuple holding a dict
+        assert torch.equal(first, x[:, :2]) and torch.equal(rest["rest"], x[:, 2:])
+    assert d.methods["own"].halves is not d.methods["other"].halves  # two modules, two outputs
+    assert "inputs={'halves': 'other'}" in repr(d.levels[2])
+    with pytest.raises(RuntimeError, match=r"level 'other' \(split\): input 'halves' \(module 'other'\): the module did not run"):
+        d(torch.randn(1, 4), torch.arange(1))  # Halves skips `other` on a batch of one: never the stale output
+    d.close()
+
+
+def test_extra_input_mistakes_get_one_line_each(monkeypatch):
+    monkeypatch.setitem(METHODS, "split", RecordSplit)
+    with pytest.raises(ValueError, match=r"level 'bad' \(split\): input 'halves': unknown module path 'splt' .* closest paths: 'split'"):
+        Distiller(Halves(), Halves(), [Level("head", "head", "split", name="bad", inputs={"halves": "splt"})], input_shape=(4,))
+    with pytest.raises(ValueError, match=r"level 'bad': method 'split' reads no input 'boxes'; its extra inputs: halves"):
+        Distiller(Halves(), Halves(), [Level("head", "head", "split", name="bad", inputs={"boxes": "split"})], input_shape=(4,))
+    with pytest.raises(ValueError, match="Level inputs map an input name to a student module path"):
+        Level("head", "head", "split", inputs={"halves": 3})
+    with pytest.raises(ValueError, match=r"Level\(targets=...\) is replaced by inputs=\{name: student module path\}"):
+        Level("head", "head", "split", targets="split")
+    monkeypatch.setattr(RecordSplit, "extra_inputs", {"halves": None})  # a method with no default module
+    with pytest.raises(ValueError, match=r"level 'need': method 'split' needs its input 'halves': give Level\(inputs=\{'halves': <student module path>\}\)"):
+        Distiller(Halves(), Halves(), [Level("head", "head", "split", name="need")], input_shape=(4,))
 
 
 class KeywordStudent(nn.Module):

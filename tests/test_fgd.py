@@ -120,7 +120,7 @@ def test_fgd_equals_its_formula_written_with_loops():
         for block in (method.student_context, method.teacher_context):
             block.transform[-1].weight.normal_(generator=generator)
             block.transform[-1].bias.normal_(generator=generator)
-    out = method(s, t, image_list(2, 12, 20, [torch.tensor(b) for b in boxes]))
+    out = method(s, t, boxes=image_list(2, 12, 20, [torch.tensor(b) for b in boxes]))
     expected = loop_fgd(method, s, t, boxes, (12, 20))
     assert set(out.terms) == set(expected)
     terms = weighted_terms(out)
@@ -141,7 +141,7 @@ def test_fgd_on_a_case_computed_by_hand():
     student = torch.tensor([[[[0.0, 0, 0, 0]], [[2.0, 2, 2, 2]]]])
     method = build_method("fgd", student.shape, teacher.shape, fg_weight=1.0, bg_weight=1.0, attention_weight=1.0,
                           global_weight=1.0, temperature=0.5)
-    out = method(student, teacher, image_list(1, 4, 16, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])]))
+    out = method(student, teacher, boxes=image_list(1, 4, 16, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])]))
     assert out.terms["fg"].item() == pytest.approx(1.0)
     assert out.terms["bg"].item() == pytest.approx(2.0)
     assert out.terms["attention"].item() == pytest.approx(2 * math.tanh(2.0), rel=1e-6)
@@ -184,14 +184,14 @@ def test_boxes_are_scaled_into_the_resized_padded_frame():
     # min(32/20, 64/40) = 1.6 -> 32 x 64. The batch is padded to 32 x 64, so P3 (stride 8) is 4 x 8 and a
     # box in input pixels maps to the level by (resize factor) x 8/64 horizontally and x 4/32 vertically.
     teacher, student = resizing_detector(0), resizing_detector(1)
-    distiller = Distiller(teacher, student, [Level("backbone['0']", "backbone['0']", "fgd", name="p3", targets="transform",
+    distiller = Distiller(teacher, student, [Level("backbone['0']", "backbone['0']", "fgd", name="p3",
                                                    family="fcos")], input_shape=(3, 32, 64))
     images = [torch.rand(3, 40, 50), torch.rand(3, 20, 40)]
     boxes = [torch.tensor([[5.0, 10.0, 25.0, 30.0]]), torch.tensor([[2.0, 1.0, 12.0, 9.0], [20.0, 5.0, 38.0, 15.0]])]
     targets = [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
     distiller.train()
     out = distiller((images, targets), targets)
-    captured_images, captured_targets = distiller.student_taps["p3/targets"]
+    captured_images, captured_targets = distiller.student_outputs["p3/boxes"]
     assert tuple(captured_images.tensors.shape[-2:]) == (32, 64)
     for factor, original, resized in zip((0.8, 1.6), boxes, captured_targets):
         assert torch.allclose(resized["boxes"], original * factor)
@@ -228,12 +228,14 @@ def test_fgd_errors_say_what_to_fix():
     method = build_method("fgd", shape, shape, family="retinanet", temperature=1.0)
     assert (method.fg_weight, method.temperature) == (FAMILY_WEIGHTS["retinanet"][0], 1.0)  # one weight overridden
     plain_targets = [{"boxes": torch.zeros(0, 4)}] * 2
-    with pytest.raises(ValueError, match="give its level `targets: transform`"):
-        method(torch.randn(shape), torch.randn(shape), plain_targets)
+    with pytest.raises(ValueError, match="fgd needs its input `boxes` in the frame of the feature maps: .* got list"):
+        method(torch.randn(shape), torch.randn(shape), boxes=plain_targets)
+    with pytest.raises(ValueError, match="fgd needs its input `boxes` .* got NoneType"):
+        method(torch.randn(shape), torch.randn(shape), plain_targets)  # the batch's own targets are not read
     with pytest.raises(ValueError, match="ran without targets"):
-        method(torch.randn(shape), torch.randn(shape), (image_list(2, 16, 16, [])[0], None))
+        method(torch.randn(shape), torch.randn(shape), boxes=(image_list(2, 16, 16, [])[0], None))
     with pytest.raises(ValueError, match="1 images have boxes but the feature batch holds 2"):
-        method(torch.randn(shape), torch.randn(shape), image_list(1, 16, 16, [torch.zeros(0, 4)]))
+        method(torch.randn(shape), torch.randn(shape), boxes=image_list(1, 16, 16, [torch.zeros(0, 4)]))
 
 
 def test_student_channels_get_a_1x1_align_conv():
@@ -250,7 +252,7 @@ def test_fgd_recipes_follow_the_authors_setting(path: Path):
     assert parse_name(cfg.teacher.name).family_name == family
     expected_keys = ["0", "1", "2", "3"] if family == "fasterrcnn" else ["0", "1", "2", "p6", "p7"]  # the authors' levels
     assert [lv.student for lv in cfg.levels] == [f"backbone['{k}']" for k in expected_keys]
-    assert all(lv.teacher == lv.student and lv.method == "fgd" and lv.targets == "transform" and lv.weight == 1.0
+    assert all(lv.teacher == lv.student and lv.method == "fgd" and lv.inputs is None and lv.weight == 1.0
                and lv.options == {"family": family} for lv in cfg.levels)
     if cfg.data.name == "coco":
         assert (cfg.train.epochs, cfg.train.clip_grad_norm, cfg.data.batch_size) == (24, 35.0, 16)
@@ -265,7 +267,7 @@ def recipe_distiller(path: Path, stand_in: bool) -> Distiller:
         names = [f"{parse_name(cfg.student.name).family_name}_resnet18_fpn"] * 2
     options = SMALL_RCNN if names[0].startswith("fasterrcnn") else {}
     teacher, student = (build_detector(name, 3, min_size=64, max_size=64, **options) for name in names)
-    levels = [Level(lv.student, lv.teacher, lv.method, lv.weight, lv.name, lv.targets, **lv.options) for lv in cfg.levels]
+    levels = [Level(lv.student, lv.teacher, lv.method, lv.weight, lv.name, inputs=lv.inputs, **lv.options) for lv in cfg.levels]
     return Distiller(teacher, student, levels, input_shape=(3, 64, 64))
 
 

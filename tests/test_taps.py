@@ -574,7 +574,7 @@ def test_wrong_rank_for_an_explicit_layout(layout: str, shape: tuple[int, ...], 
 
 def test_layout_field_parsing_and_construction_errors() -> None:
     assert Tap.parse({"path": "enc", "layout": "sequence"}) == Tap("enc", layout="sequence")
-    with pytest.raises(ValueError, match="Tap.layout must be one of 'map', 'vector', 'sequence', 'tokens', 'raw', 'object' or None, got 'grid'"):
+    with pytest.raises(ValueError, match="Tap.layout must be one of 'map', 'vector', 'sequence', 'tokens', 'raw' or None, got 'grid'"):
         Tap("x", layout="grid")
     with pytest.raises(ValueError, match="are for layout='tokens', not layout='sequence'"):
         Tap("x", layout="sequence", prefix_tokens=1)
@@ -584,6 +584,8 @@ def test_layout_field_parsing_and_construction_errors() -> None:
         Tap("x", layout="sequence", channels_last=True)
     with pytest.raises(TypeError, match="tokens_to_map must be a bool"):
         Tap("x", tokens_to_map="no")
+    with pytest.raises(ValueError, match="Tap.layout must be one of .* got 'object'"):  # a capture as produced is an extra input now
+        Tap("x", layout="object")
 
 
 def test_rule_holds_for_a_selected_element() -> None:
@@ -594,33 +596,6 @@ def test_rule_holds_for_a_selected_element() -> None:
         values, indices = pool(x)
         assert torch.equal(taps["values"], values) and torch.equal(taps["indices"], indices)
         assert taps.layouts() == {"values": "sequence", "indices": "sequence"}
-
-
-def test_object_layout_keeps_any_object_as_produced() -> None:
-    class Meta(nn.Module):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            return x, {"boxes": [x.sum()]}
-
-    model = nn.Sequential(OrderedDict(m=Meta()))
-    x = torch.randn(1, 2)
-    with FeatureTaps(model, {"all": Tap("m", layout="object"), "meta": {"path": "m", "select": 1, "layout": "object"}}) as taps:
-        model(x)
-        whole = taps["all"]
-        assert isinstance(whole, tuple) and torch.equal(whole[0], x) and taps["meta"]["boxes"][0] == x.sum()
-        assert taps.layouts() == {"all": "object", "meta": "object"}
-    with pytest.raises(ValueError, match="Tap.channels_last is for .* maps, not layout='object'"):
-        Tap("m", layout="object", channels_last=True)
-
-
-def test_an_object_capture_of_none_is_not_mistaken_for_a_module_that_did_not_run() -> None:
-    class NoneOut(nn.Module):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-            return x, None
-
-    model = nn.Sequential(OrderedDict(m=NoneOut()))
-    with FeatureTaps(model, {"n": Tap("m", select=1, layout="object")}) as taps:
-        model(torch.randn(1, 2))
-        assert taps["n"] is None
 
 
 # ------------------------------------------------------------------ one way to call a model (issue 23)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .atomic import save_atomic
 from .methods import build_method, method_class
 from .models.probe import resolve_aliases
+from .module_outputs import ModuleOutputs
 from .taps import FeatureTaps, ProbedFeature, Tap, call_model, probe_features, resolve_module
 from .weighting import LossWeights, WeightedTerms, weight_spec
 
@@ -35,25 +36,29 @@ class Level:
     A side may list several taps (`student=["layer1", "layer2"]`) for methods that take lists
     (ReviewKD, VID): the method then gets their shapes and captures as lists, in the order given.
 
-    `targets` says what the method gets as its targets: None, those given to `Distiller.forward`; a
-    tap spec, that capture of the student's latest forward, kept as produced (a tap of layout "object"). A torchvision
-    detector's "transform" gives (ImageList, targets) with the boxes resized into the frame of the
-    padded batch its feature maps are in, which the batch's own targets (input-image pixels) are not.
+    `inputs` names the student module each of the method's extra inputs is read from (input name -> module
+    path), where it differs from the method's default (`Method.extra_inputs`): FGD reads `boxes` from a
+    torchvision detector's `transform` unless told otherwise.
     """
 
     def __init__(self, student: TapSpec | list[TapSpec], teacher: TapSpec | list[TapSpec], method: str,
-                 weight: float | str = 1.0, name: str | None = None, targets: TapSpec | None = None, *,
+                 weight: float | str = 1.0, name: str | None = None, *, inputs: Mapping[str, str] | None = None,
                  ratio: float | None = None, window: int | None = None, calibrate: Sequence[str] | None = None,
                  **options: Any):
+        if "targets" in options:
+            raise ValueError("Level(targets=...) is replaced by inputs={name: student module path}: methods declare "
+                             "the extra inputs they read (fgd reads 'boxes' from the detector's 'transform' by itself)")
+        if inputs is not None and not (isinstance(inputs, Mapping) and all(isinstance(v, str) for v in inputs.values())):
+            raise ValueError(f"Level inputs map an input name to a student module path, e.g. {{'boxes': 'transform'}}, got {inputs!r}")
         self.student, self.teacher, self.method = student, teacher, method
         self.weight_spec = weight_spec(weight, ratio, window, calibrate)
-        self.weight, self.targets, self.options = weight, targets, options
+        self.weight, self.inputs, self.options = weight, dict(inputs or {}), options
         self.name = name or default_level_name(method, student)
 
     def __repr__(self) -> str:
-        targets = "" if self.targets is None else f", targets={self.targets!r}"
+        inputs = f", inputs={self.inputs!r}" if self.inputs else ""
         return (f"Level({self.student!r}, {self.teacher!r}, {self.method!r}, weight={self.weight}, "
-                f"name={self.name!r}{targets}, options={self.options})")
+                f"name={self.name!r}{inputs}, options={self.options})")
 
 
 def default_level_name(method: str, student: TapSpec | list[TapSpec]) -> str:
@@ -115,8 +120,6 @@ class Distiller(nn.Module):
         student_specs = {n: spec for lv in levels for n, spec in zip(self._tap_names[lv.name][0], _as_list(lv.student))}
         teacher_specs = {n: spec for lv in levels for n, spec in zip(self._tap_names[lv.name][1], _as_list(lv.teacher))}
         student_specs = resolve_aliases(student_specs, student, example_input, input_shape=input_shape, role="student")
-        student_specs.update({f"{lv.name}/targets": replace(Tap.parse(lv.targets), layout="object")
-                              for lv in levels if lv.targets is not None})  # captured as produced: see Level
         teacher_input, teacher_shape = ((example_input, input_shape) if teacher_example_input is None
                                         else (teacher_example_input, None))
         teacher_specs = resolve_aliases(teacher_specs, teacher, teacher_input, input_shape=teacher_shape, role="teacher")
@@ -136,6 +139,7 @@ class Distiller(nn.Module):
                 raise ValueError(f"level {lv.name!r} ({lv.student!r} -> {lv.teacher!r}): {exc}") from None
         self.student_taps = FeatureTaps(student, student_specs)
         self.teacher_taps = FeatureTaps(teacher, teacher_specs)
+        self.student_outputs = _extra_inputs(student, levels, self.methods)
         self.task_loss = task_loss
         self.weighting = LossWeights({lv.name: lv.weight_spec for lv in levels},
                                      {lv.name: self.methods[lv.name].calibrated_terms for lv in levels})
@@ -198,9 +202,10 @@ class Distiller(nn.Module):
             student_names, teacher_names = self._tap_names[level.name]
             student = _captures(level.student, student_names, self.student_taps)
             teacher = _captures(level.teacher, teacher_names, self.teacher_taps)
-            level_targets = targets if level.targets is None else self.student_taps[f"{level.name}/targets"]
-            extra = {"indices": indices} if method.needs_indices else {}
-            outputs[level.name] = out = method(student, teacher, level_targets, **extra)
+            extra = {name: self.student_outputs[f"{level.name}/{name}"] for name in method.extra_inputs}
+            if method.needs_indices:
+                extra["indices"] = indices
+            outputs[level.name] = out = method(student, teacher, targets, **extra)
             for key, value in out.stats.items():
                 stats[f"{level.name}/{key}"] = value
         weighed: WeightedTerms = self.weighting(outputs, task_loss)
@@ -247,9 +252,10 @@ class Distiller(nn.Module):
         return save_atomic(self.student_state_dict(), path, overwrite=overwrite)
 
     def close(self) -> None:
-        """Remove the feature hooks from both models."""
+        """Remove the feature hooks from both models and the extra-input hooks from the student."""
         self.student_taps.close()
         self.teacher_taps.close()
+        self.student_outputs.close()
 
 
 def _as_list(spec: Any) -> list[Any]:
@@ -272,6 +278,25 @@ def _probed(spec: Any, names: list[str], probed: Mapping[str, ProbedFeature]) ->
     if isinstance(spec, list):
         return [probed[n].shape for n in names], [probed[n].layout for n in names]
     return probed[names[0]].shape, probed[names[0]].layout
+
+
+def _extra_inputs(student: nn.Module, levels: Sequence[Level], methods: nn.ModuleDict) -> ModuleOutputs:
+    """Hook the student module each level's extra inputs come from (the method's default or the level's own)."""
+    paths, what = {}, {}
+    for lv in levels:
+        declared = methods[lv.name].extra_inputs
+        unknown = sorted(set(lv.inputs) - set(declared))
+        if unknown:
+            raise ValueError(f"level {lv.name!r}: method {lv.method!r} reads no input {unknown[0]!r}; "
+                             f"its extra inputs: {', '.join(declared) or 'none'}")
+        for name, default in declared.items():
+            path = lv.inputs.get(name, default)
+            if path is None:
+                raise ValueError(f"level {lv.name!r}: method {lv.method!r} needs its input {name!r}: "
+                                 f"give Level(inputs={{{name!r}: <student module path>}})")
+            paths[f"{lv.name}/{name}"] = path
+            what[f"{lv.name}/{name}"] = f"level {lv.name!r} ({lv.method}): input {name!r}"
+    return ModuleOutputs(student, paths, what)
 
 
 def _captures(spec: Any, names: list[str], taps: FeatureTaps) -> Tensor | list[Tensor]:

@@ -31,9 +31,6 @@ Layouts. Every capture is handed out channel-first, so a method never has to gue
   sequence instead.
 * ``"raw"``: exactly as produced, any rank (e.g. a detector's (B, anchors, 4) box regression,
   compared element by element).
-* ``"object"``: the selected capture exactly as produced, any object, not even checked to be a
-  tensor (e.g. a detector transform's ``(ImageList, targets)``). It is what a level's ``targets``
-  reads (see :class:`diffkd.distiller.Level`); no method takes it as a feature.
 
 ``layout=None`` (the default) decides only what is certain: rank 2 is a vector, rank 4 a map;
 ``prefix_tokens``, ``token_hw`` or ``tokens_to_map=False`` say tokens (today's ViT syntax). A rank-3
@@ -52,7 +49,7 @@ layers default to (N, B, C). Any other rank-3 capture raises, at access (and pro
 error that names the tap and the shape and asks for ``layout="tokens"`` (B, N, C) or
 ``layout="sequence"`` (B, C, L). A capture whose rank does not fit an explicit layout is an error
 naming the layout and the shape. :meth:`FeatureTaps.layouts` tells what each capture was handed out
-as: "map", "vector", "sequence", "raw" or "object" (tokens come out as a map or a sequence).
+as: "map", "vector", "sequence" or "raw" (tokens come out as a map or a sequence).
 
 Semantics worth knowing:
 
@@ -91,8 +88,8 @@ _QUOTED_RE = re.compile(r"""(?P<q>['"])(?P<key>.*)(?P=q)""")
 _MAX_PREFIX_HINT = 16  # how many leading tokens the non-square error tries when suggesting prefix_tokens
 
 
-Layout = Literal["map", "vector", "sequence", "tokens", "raw", "object"]
-LAYOUTS: tuple[str, ...] = ("map", "vector", "sequence", "tokens", "raw", "object")
+Layout = Literal["map", "vector", "sequence", "tokens", "raw"]
+LAYOUTS: tuple[str, ...] = ("map", "vector", "sequence", "tokens", "raw")
 
 
 @dataclass(frozen=True)
@@ -196,10 +193,8 @@ def _where(name: str, tap: Tap) -> str:
 
 
 def _select(name: str, tap: Tap, value: Any) -> Any:
-    """Pick the tensor (any object for layout "object") the tap asks for out of a module's output or input."""
+    """Pick the tensor the tap asks for out of a module's output or input."""
     where = _where(name, tap)
-    if tap.select is None and tap.layout == "object":
-        return value
     if tap.select is None:
         if isinstance(value, Mapping):
             keys = list(value.keys())
@@ -234,7 +229,7 @@ def _select(name: str, tap: Tap, value: Any) -> Any:
             f"{where}: select={tap.select!r} was given but the capture is a single "
             f"{type(value).__name__}, not a tuple/list/dict; drop select"
         )
-    if tap.layout != "object" and not isinstance(chosen, torch.Tensor):
+    if not isinstance(chosen, torch.Tensor):
         raise TypeError(f"{where}: {what} is a {type(chosen).__name__}, not a tensor")
     return chosen
 
@@ -321,9 +316,7 @@ def _resolve(where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, 
 def _arrange(
     where: str, tap: Tap, t: torch.Tensor, rule: _SequenceRule | None, producer: str
 ) -> tuple[torch.Tensor, str]:
-    """The capture channel-first, with what it was handed out as: "map", "vector", "sequence", "raw" or "object"."""
-    if tap.layout == "object":
-        return t, "object"
+    """The capture channel-first, with what it was handed out as: "map", "vector", "sequence" or "raw"."""
     layout = _resolve(where, tap, t, rule, producer)
     shape = tuple(t.shape)
     if layout == "raw":
@@ -386,13 +379,14 @@ class _Failure:
     message: str
 
 
-class _Hook:
-    """A module hook that calls one FeatureTaps method through a weak reference; copies are inert."""
+class WeakHook:
+    """A module hook that calls one method of its owner (a FeatureTaps, a ModuleOutputs) through a weak
+    reference; copies are inert."""
 
     __slots__ = ("_owner", "_method", "_name")
 
-    def __init__(self, owner: FeatureTaps | None, method: str, name: str) -> None:
-        """Remember the owner weakly so a forgotten FeatureTaps can be collected (and unhook itself)."""
+    def __init__(self, owner: Any, method: str, name: str) -> None:
+        """Remember the owner weakly so a forgotten owner can be collected (and unhook itself)."""
         self._owner = None if owner is None else weakref.ref(owner)
         self._method = method
         self._name = name
@@ -404,12 +398,12 @@ class _Hook:
             getattr(owner, self._method)(self._name, *hook_args)
 
     def __reduce__(self) -> tuple[type, tuple[None, str, str]]:
-        """Deepcopy/pickle a hooked model into inert hooks rather than ones feeding this FeatureTaps."""
-        return (_Hook, (None, self._method, self._name))
+        """Deepcopy/pickle a hooked model into inert hooks rather than ones feeding this owner."""
+        return (WeakHook, (None, self._method, self._name))
 
 
-def _remove_handles(handles: list[RemovableHandle]) -> None:
-    """Remove every hook handle (also called by the finalizer when a FeatureTaps is collected)."""
+def remove_handles(handles: list[RemovableHandle]) -> None:
+    """Remove every hook handle (also called by the finalizer when their owner is collected)."""
     for handle in handles:
         handle.remove()
     handles.clear()
@@ -471,13 +465,13 @@ class FeatureTaps:
         self._captures: dict[str, torch.Tensor | _Failure] = {}
         self._layouts: dict[str, str] = {}
         self._forwards = 0
-        handles = [model.register_forward_pre_hook(_Hook(self, "_begin_forward", ""), prepend=True)]
+        handles = [model.register_forward_pre_hook(WeakHook(self, "_begin_forward", ""), prepend=True)]
         for name, tap in parsed.items():
             if tap.capture == "input":
-                handles.append(modules[name].register_forward_pre_hook(_Hook(self, "_capture_input", name)))
+                handles.append(modules[name].register_forward_pre_hook(WeakHook(self, "_capture_input", name)))
             else:
-                handles.append(modules[name].register_forward_hook(_Hook(self, "_capture_output", name)))
-        self._finalizer = weakref.finalize(self, _remove_handles, handles)
+                handles.append(modules[name].register_forward_hook(WeakHook(self, "_capture_output", name)))
+        self._finalizer = weakref.finalize(self, remove_handles, handles)
         self._closed = False  # read in forwards instead of _finalizer.alive: torch.compile would guard the
         # finalizer's class-wide registry, which any finalize object anywhere changes (a guard failure)
 
@@ -544,7 +538,7 @@ class FeatureTaps:
         return value
 
     def layout(self, name: str) -> str:
-        """What tap ``name``'s latest capture was handed out as: "map", "vector", "sequence", "raw" or "object"."""
+        """What tap ``name``'s latest capture was handed out as: "map", "vector", "sequence" or "raw"."""
         self[name]  # the same errors as the capture itself (unknown, stale, unprocessable)
         return self._layouts[name]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 
 @dataclass
@@ -70,14 +70,19 @@ class LevelConfig:
     method: str
     weight: float | Literal["auto"] = 1.0
     name: str | None = None
-    targets: str | int | dict[str, Any] | None = None  # what the method gets as targets: see diffkd.distiller.Level
+    inputs: dict[str, str] | None = None  # extra input -> student module path, where not the method's own: see Level
     ratio: float | None = None  # weight auto: weighted terms / task loss (default 1)
     window: int | None = None  # weight auto: calibration steps (default 100, or the first epoch if shorter)
     calibrate: list[str] | None = None  # weight auto: the terms scaled (default: the method's, e.g. diffkd's kd)
     options: dict[str, Any] = field(default_factory=dict)
+    # Keys of earlier releases, each with what replaced it (diffkd.config.checking names it in the error).
+    REPLACED_KEYS: ClassVar[dict[str, str]] = {
+        "targets": "methods now declare the extra inputs they read (fgd reads 'boxes' from the detector's "
+                   "'transform' by itself): delete the key, or name another student module with `inputs: {boxes: <path>}`",
+    }
 
     def __post_init__(self) -> None:
-        self.student, self.teacher, self.targets = (_int_as_path(v) for v in (self.student, self.teacher, self.targets))
+        self.student, self.teacher = (_int_as_path(v) for v in (self.student, self.teacher))
 
 
 def _int_as_path(spec: Any) -> Any:

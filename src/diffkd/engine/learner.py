@@ -131,7 +131,7 @@ class DistillLearner(Learner):
                 raise ConfigError(str(err)) from None
             name = lv.name or default_level_name(lv.method, lv.student)  # named by the taps as written, as the API does
             try:
-                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, name, targets=lv.targets,
+                levels.append(Level(student_tap, teacher_tap, lv.method, lv.weight, name, inputs=lv.inputs,
                                     ratio=lv.ratio, window=lv.window, calibrate=lv.calibrate, **lv.options))
             except ValueError as err:  # a bad weight: name the config entry
                 raise ConfigError(f"levels.{i}: {err}") from None

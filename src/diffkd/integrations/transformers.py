@@ -140,7 +140,7 @@ class DistillationTrainer(transformers.Trainer):
     def _require_columns(self, batch: Mapping[str, Any]) -> None:
         """The batch holds what the levels' methods read: labels for those that need targets, "indices" for CRD."""
         needs = [(lv.name, self._label_keys[0], "targets") for lv in self.distiller.levels
-                 if lv.targets is None and self.distiller.methods[lv.name].needs_targets]
+                 if self.distiller.methods[lv.name].needs_targets]
         needs += [(name, INDEX_COLUMN, "dataset indices") for name, m in self.distiller.methods.items() if m.needs_indices]
         for level, column, what in needs:
             if column in batch:

@@ -275,8 +275,8 @@ class DistillationCriterion:
                  weights: LossWeights, oriented: bool, progress: Callable[[], tuple[float, int]], columns: set[str]):
         self.base, self.teacher, self.modules, self.levels = base, teacher, modules, levels
         self.weights, self.oriented, self.progress, self.columns = weights, oriented, progress, columns
-        self.needs_boxes = any(getattr(m, "needs_targets", False) or isinstance(m, method_class("fgd"))
-                               for m in modules.values())
+        # The one extra input a method here may declare (FGD's): the batch's boxes, in the frame of its images.
+        self.needs_boxes = any("boxes" in getattr(m, "extra_inputs", {}) for m in modules.values())
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
@@ -297,13 +297,14 @@ class DistillationCriterion:
         student_maps = head_inputs(preds)
         with torch.no_grad():
             teacher_maps = layer_outputs(self.teacher, batch["img"], {lv.teacher_layer for lv in self.levels})
-        targets = batch_boxes(batch, self.oriented) if self.needs_boxes else None
+        boxes = batch_boxes(batch, self.oriented) if self.needs_boxes else None
         epoch, epochs = self.progress()
         outputs = {}
         for level in self.levels:
             method = self.modules[level.name]
             method.set_progress(epoch, epochs)
-            outputs[level.name] = method(student_maps[level.student_position], teacher_maps[level.teacher_layer], targets)
+            extra = {"boxes": boxes} if "boxes" in getattr(method, "extra_inputs", {}) else {}
+            outputs[level.name] = method(student_maps[level.student_position], teacher_maps[level.teacher_layer], **extra)
         images = batch["img"].shape[0]
         # Ultralytics' loss vector holds batch sums (mean x batch size): the task loss auto weights compare with is
         # its per-image sum, and the weighted kd sum joins the vector scaled the same way.

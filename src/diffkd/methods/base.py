@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +46,9 @@ class Method(nn.Module):
     teacher_module_options: tuple[str, ...] = ()
     # The terms `weight: auto` calibrates against the task loss (None: all); the others keep their weights.
     calibrated_terms: tuple[str, ...] | None = None
+    # Input name -> the student module whose latest output, as produced, forward gets under that name (a
+    # level may name another module: Level(inputs=...)); None where the level must always name it.
+    extra_inputs: Mapping[str, str | None] = MappingProxyType({})
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "Method":

@@ -7,12 +7,15 @@ student's and the teacher's attention. Global: a GcBlock per side models the rel
 pixels, and the two outputs are matched. Terms and defaults follow the authors' release (docs/design.md §5).
 
 The boxes have to be in the frame of the feature maps. A torchvision detector resizes and pads its
-images inside its `transform`, so the level takes its targets from there (`targets: transform`):
-(ImageList, targets) with the boxes in pixels of the padded batch; they are scaled to the level by
-feature size / padded input size. The authors' code divides by each image's unpadded size instead.
+images inside its `transform`, so FGD declares the extra input `boxes`, read by default from the
+student's `transform`: (ImageList, targets) with the boxes in pixels of the padded batch; they are
+scaled to the level by feature size / padded input size. The authors' code divides by each image's
+unpadded size instead. Another framework gives `boxes` in the same form (the YOLO integration builds it
+from its batch).
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -86,19 +89,19 @@ class GlobalContext(nn.Module):
         return x + self.transform(context)
 
 
-def boxes_and_frame(targets: Any) -> tuple[list[Tensor], tuple[int, int]]:
+def boxes_and_frame(boxes: Any) -> tuple[list[Tensor], tuple[int, int]]:
     """The per-image boxes and the (H, W) of the padded batch from a torchvision transform's output."""
     from torchvision.models.detection.image_list import ImageList
 
-    if isinstance(targets, (tuple, list)) and len(targets) == 2 and isinstance(targets[0], ImageList):
-        images, resized = targets
+    if isinstance(boxes, (tuple, list)) and len(boxes) == 2 and isinstance(boxes[0], ImageList):
+        images, resized = boxes
         if resized is None:
             raise ValueError("fgd: the detector's transform ran without targets; call the distiller with the boxes, d((images, targets), targets)")
         return [t["boxes"] for t in resized], tuple(images.tensors.shape[-2:])
     raise ValueError(
-        "fgd needs the boxes in the frame of the feature maps: give its level `targets: transform` (the torchvision "
-        f"detector's transform output, boxes resized into the padded batch), got {type(targets).__name__}; the "
-        "batch's own targets are in input-image pixels, which the detector resizes and pads"
+        "fgd needs its input `boxes` in the frame of the feature maps: the (ImageList, targets) a torchvision "
+        f"detector's transform returns, with the boxes resized into the padded batch, got {type(boxes).__name__}; "
+        "the Distiller reads it from the student's `transform` (name another module with Level(inputs={'boxes': ...}))"
     )
 
 
@@ -110,6 +113,7 @@ class FGD(Method):
     """
 
     layouts = frozenset({"map"})
+    extra_inputs = MappingProxyType({"boxes": "transform"})  # a torchvision detector's resize-and-pad step
 
     def __init__(self, student_channels: int, teacher_channels: int, fg_weight: float, bg_weight: float,
                  attention_weight: float, global_weight: float, temperature: float):
@@ -142,21 +146,21 @@ class FGD(Method):
     def option_names(cls) -> list[str]:
         return ["family", *WEIGHT_NAMES]  # the channels are sized from the taps
 
-    def forward(self, student: Tensor, teacher: Tensor, targets: Any = None) -> MethodOutput:
+    def forward(self, student: Tensor, teacher: Tensor, targets: Any = None, *, boxes: Any = None) -> MethodOutput:
         if student.shape[-2:] != teacher.shape[-2:]:
             raise ValueError(
                 f"fgd: student and teacher maps differ in size, {tuple(student.shape)} vs {tuple(teacher.shape)}; "
                 "both detectors need the same input resize"
             )
-        boxes, frame = boxes_and_frame(targets)
-        if len(boxes) != student.shape[0]:
-            raise ValueError(f"fgd: {len(boxes)} images have boxes but the feature batch holds {student.shape[0]}")
+        per_image, frame = boxes_and_frame(boxes)
+        if len(per_image) != student.shape[0]:
+            raise ValueError(f"fgd: {len(per_image)} images have boxes but the feature batch holds {student.shape[0]}")
         aligned = self.align(student) if self.align is not None else student
         s, t = aligned.float(), teacher.float()
         batch = s.shape[0]
         spatial_t, channel_t = attention(t, self.temperature)
         spatial_s, channel_s = attention(s, self.temperature)
-        fg, bg = box_masks([b.to(s.device) for b in boxes], tuple(s.shape[-2:]), frame)
+        fg, bg = box_masks([b.to(s.device) for b in per_image], tuple(s.shape[-2:]), frame)
         weighted = spatial_t.unsqueeze(1) * channel_t[:, :, None, None] * (s - t) ** 2  # (B, C, H, W)
         focal_fg = (fg.unsqueeze(1) * weighted).sum() / batch
         focal_bg = (bg.unsqueeze(1) * weighted).sum() / batch

@@ -1,0 +1,70 @@
+"""ModuleOutputs: the latest output of named modules, any object, never stale, inert when copied."""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from diffkd.module_outputs import ModuleOutputs
+
+
+class Meta(nn.Module):
+    """Returns a tensor with a dict of lists: an object, not a feature."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return x * 2, {"boxes": [x.sum()]}
+
+
+class NoneOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> None:
+        return None
+
+
+class Skipping(nn.Module):
+    """Runs `meta` only on batches of more than one item, and `none` always."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta, self.none = Meta(), NoneOut()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.none(x)
+        return self.meta(x)[0] if len(x) > 1 else x
+
+
+def test_outputs_are_kept_as_produced_and_refreshed_every_forward() -> None:
+    model = Skipping()
+    outputs = ModuleOutputs(model, {"m": "meta", "n": "none"})
+    with pytest.raises(RuntimeError, match=r"output 'm' \(module 'meta'\): the model has not run a forward"):
+        outputs["m"]
+    x = torch.randn(3, 2)
+    model(x)
+    doubled, meta = outputs["m"]
+    assert torch.equal(doubled, x * 2) and meta["boxes"][0] == x.sum()
+    assert outputs["n"] is None  # an output of None is kept, not taken for a module that did not run
+    model(torch.randn(1, 2))  # meta does not run: its earlier output is never handed out
+    with pytest.raises(RuntimeError, match="the module did not run in the model's latest forward"):
+        outputs["m"]
+    with pytest.raises(KeyError, match=r"no module output named 'x'; names: \['m', 'n'\]"):
+        outputs["x"]
+    outputs.close()
+    model(x)
+    with pytest.raises(RuntimeError):
+        outputs["n"]  # closed: nothing is captured any more
+
+
+def test_unknown_paths_are_named_with_the_closest_and_copies_are_inert() -> None:
+    model = nn.Sequential(OrderedDict(meta=Meta()))
+    with pytest.raises(ValueError, match=r"the input: unknown module path 'mta' in Sequential; closest paths: 'meta'"):
+        ModuleOutputs(model, {"m": "mta"}, {"m": "the input"})
+    outputs = ModuleOutputs(model, {"m": "meta"})
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 2)
+    twin(x)  # the copy's hooks feed nothing
+    with pytest.raises(RuntimeError, match="has not run a forward"):
+        outputs["m"]
+    model(x)
+    assert torch.equal(outputs["m"][0], x * 2)
