@@ -110,6 +110,25 @@ def config_from_dict(data: Any) -> Config:
     return cfg
 
 
+def saved_config(data: Any) -> Config:
+    """A config read back from a checkpoint, which an earlier release may have written: keys renamed since
+    are carried over where the meaning is the same, then the data is checked like a config file's."""
+    if isinstance(data, dict) and isinstance(data.get("levels"), list):
+        data = {**data, "levels": [_upgrade_level(lv) for lv in data["levels"]]}
+    return config_from_dict(data)
+
+
+def _upgrade_level(level: Any) -> Any:
+    """`targets: <path>` was how FGD read its boxes: now its extra input, and "transform" its default."""
+    if not isinstance(level, dict) or "targets" not in level or level.get("method") != "fgd":
+        return level  # a `targets` key on another method is refused with the schema's message
+    level = dict(level)
+    path = level.pop("targets")
+    if path is not None and path != "transform":
+        level["inputs"] = {"boxes": path}
+    return level
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain python data (dicts, lists, scalars): what YAML files and checkpoints hold."""
     return dataclasses.asdict(cfg)
