@@ -16,6 +16,7 @@ from diffkd.config import (
     dump_config,
     load_config,
     save_config,
+    saved_config,
 )
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "fashion_mnist").glob("*.yaml"))
@@ -93,6 +94,20 @@ def test_unknown_key_names_the_valid_keys_and_closest_match() -> None:
         "unknown key 'optim.lrr'. Did you mean 'optim.lr'? Valid keys in optim: "
         "name, lr, momentum, nesterov, weight_decay, no_decay_norm_bias, eps, alpha, betas"
     )
+
+
+def test_a_replaced_level_key_names_its_replacement_and_old_checkpoints_carry_it_over() -> None:
+    """`targets` (FGD's boxes, before methods declared their inputs): refused in a config, carried over from a checkpoint."""
+    level = {"student": "backbone['0']", "teacher": "backbone['0']", "method": "fgd", "options": {"family": "fcos"}}
+    with pytest.raises(ConfigError, match=r"^levels.0.targets: this key was replaced; .* `inputs: \{boxes: <path>\}`$"):
+        check({"levels": [{**level, "targets": "transform"}]})
+    old = {"levels": [{**level, "targets": "transform"}, {**level, "targets": "my_resize"}]}
+    default, own = saved_config(old).levels
+    assert default.inputs is None and own.inputs == {"boxes": "my_resize"}
+    assert "targets" in old["levels"][0]  # the checkpoint's own data is left as it was
+    assert config_to_dict(saved_config(old))["levels"][0] == config_to_dict(check({"levels": [level]}))["levels"][0]
+    with pytest.raises(ConfigError, match=r"^levels.0.targets: this key was replaced"):  # no other method read it
+        saved_config({"levels": [{**level, "method": "mse", "options": {}, "targets": "transform"}]})
 
 
 def test_unknown_top_level_and_list_item_keys() -> None:
