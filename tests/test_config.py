@@ -101,9 +101,10 @@ def test_a_replaced_level_key_names_its_replacement_and_old_checkpoints_carry_it
     level = {"student": "backbone['0']", "teacher": "backbone['0']", "method": "fgd", "options": {"family": "fcos"}}
     with pytest.raises(ConfigError, match=r"^levels.0.targets: this key was replaced; .* `inputs: \{boxes: <path>\}`$"):
         check({"levels": [{**level, "targets": "transform"}]})
-    old = {"levels": [{**level, "targets": "transform"}, {**level, "targets": "my_resize"}]}
-    default, own = saved_config(old).levels
-    assert default.inputs is None and own.inputs == {"boxes": "my_resize"}
+    other = {"student": "layer3", "teacher": "layer3", "method": "mse", "targets": None}  # every level saved the key
+    old = {"levels": [{**level, "targets": "transform"}, {**level, "targets": "my_resize"}, other]}
+    default, own, plain = saved_config(old).levels
+    assert default.inputs is None and own.inputs == {"boxes": "my_resize"} and plain.inputs is None
     assert "targets" in old["levels"][0]  # the checkpoint's own data is left as it was
     assert config_to_dict(saved_config(old))["levels"][0] == config_to_dict(check({"levels": [level]}))["levels"][0]
     with pytest.raises(ConfigError, match=r"^levels.0.targets: this key was replaced"):  # no other method read it

@@ -119,9 +119,12 @@ def saved_config(data: Any) -> Config:
 
 
 def _upgrade_level(level: Any) -> Any:
-    """`targets: <path>` was how FGD read its boxes: now its extra input, and "transform" its default."""
-    if not isinstance(level, dict) or "targets" not in level or level.get("method") != "fgd":
-        return level  # a `targets` key on another method is refused with the schema's message
+    """`targets` (saved as null on every level) was how FGD read its boxes: now its extra input, with
+    "transform" its default. A `targets` path on another method is left for the schema to refuse."""
+    if not isinstance(level, dict) or "targets" not in level:
+        return level
+    if level["targets"] is not None and level.get("method") != "fgd":
+        return level
     level = dict(level)
     path = level.pop("targets")
     if path is not None and path != "transform":
