@@ -47,8 +47,8 @@ SCALED_FGD = tuple(f"levels.{i}.options.{k}={v * 5e-4:.3g}" for i in range(5) fo
 # "*_auto" start from the paper's (authors') weights and let `weight: auto` scale each of the five
 # levels so that it equals the detection loss over the first epoch (ratio 1; diffkd: its kd term).
 AUTO = tuple(f"levels.{i}.weight=auto" for i in range(5))
-# "diffkd_auto_shared": the same, but the five levels share the detection loss's size (ratio 0.2 each, so their
-# sum equals it) instead of each matching it: a sensitivity row, not a default.
+# "*_auto_shared": the same, but the five levels share the detection loss's size (ratio 0.2 each, so their sum
+# equals it) instead of each matching it.
 AUTO_SHARED = AUTO + tuple(f"levels.{i}.ratio=0.2" for i in range(5))
 METHODS = {  # name -> (config file, engine mode, overrides)
     "student": ("fcos_r18_student.yaml", "train", ()),
@@ -60,6 +60,7 @@ METHODS = {  # name -> (config file, engine mode, overrides)
     "diffkd_auto": ("fcos_r50_r18_diffkd.yaml", "distill", AUTO),
     "fgd_auto": ("fcos_r50_r18_fgd.yaml", "distill", AUTO),
     "diffkd_auto_shared": ("fcos_r50_r18_diffkd.yaml", "distill", AUTO_SHARED),
+    "fgd_auto_shared": ("fcos_r50_r18_fgd.yaml", "distill", AUTO_SHARED),
 }
 
 

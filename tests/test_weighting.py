@@ -70,6 +70,24 @@ def test_auto_diffkd_scales_its_kd_term_while_diffusion_keeps_its_weight():
     assert d.auto_weights()["diffkd_2"] == pytest.approx(sum(task) / sum(kd), rel=1e-6)
 
 
+def test_auto_levels_without_a_ratio_share_the_task_loss_evenly():
+    """Three auto levels: the two without a ratio take 1/3 each; the one with its own keeps it."""
+    teacher, student = tiny_pair()
+    levels = [Level("0", "0", "mse", weight="auto", window=2, name="a"), Level("2", "2", "kd", weight="auto", window=2),
+              Level("1", "1", "mse", weight="auto", window=2, ratio=2.0, name="c"), Level("2", "2", "mse", weight=0.5)]
+    d = Distiller(teacher, student, levels, input_shape=(6,), task_loss=ce)
+    task, raw = [], {"a": [], "kd_2": [], "c": []}
+    for _ in range(2):
+        out = d(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+        task.append(out.task_loss.item())
+        for name in raw:
+            raw[name].append(out.raw[name].item())
+    expected = {"a": 1 / 3, "kd_2": 1 / 3, "c": 2.0}
+    assert d.auto_weights() == {n: pytest.approx(r * sum(task) / sum(raw[n]), rel=1e-6) for n, r in expected.items()}
+    out = d(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    assert out.weights["mse_2"] == 0.5  # a number weight is untouched
+
+
 def test_calibrate_names_the_unit_and_an_unknown_term_is_refused():
     teacher, student = tiny_pair()
     d = Distiller(teacher, student, [Level("2", "2", "diffkd", weight="auto", window=1, calibrate=["kd", "diffusion"])],

@@ -29,7 +29,8 @@ class Level:
     """One distilled pair: student tap, teacher tap, method name, loss weight and method options.
 
     `weight` is a number >= 0, or "auto": the level's calibrated terms (its method's `calibrated_terms`, or
-    `calibrate`) are scaled so that they equal `ratio` (default 1) times the task loss, measured over the
+    `calibrate`) are scaled so that they equal `ratio` times the task loss (default: 1 / the number of auto
+    levels, so that together they equal it), measured over the
     first `window` steps (default 100, or the first epoch if shorter), during which they count 0. See
     `diffkd.weighting`; the Distiller then needs the task loss (its `task_loss` argument).
 

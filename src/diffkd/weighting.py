@@ -5,6 +5,7 @@ A term's weight is its level's weight times the term's own weight, which its met
 its calibrated terms (the method's `calibrated_terms`, or the level's `calibrate`) count 0 for the
 first steps (the window) while the task loss and those terms are measured; then one factor is fixed so
 that the weighted terms equal `ratio` times the task loss, and kept (checkpointed, never recalibrated).
+`ratio` defaults to 1 / (the number of auto levels): together the automatic levels equal the task loss.
 Terms outside the unit (DiffKD's diffusion and autoencoder losses) train from the first step.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ class WeightSpec:
     """A level's weight: a number (`value`), or automatic (`value` None) with its ratio, window and unit."""
 
     value: float | None = 1.0
-    ratio: float = 1.0
+    ratio: float | None = None  # None: the auto levels share the task loss evenly (see LossWeights)
     window: int = DEFAULT_WINDOW
     calibrate: tuple[str, ...] | None = None  # the auto unit's terms; None: the method's calibrated_terms
 
@@ -54,8 +55,8 @@ def weight_spec(weight: Any = 1.0, ratio: Any = None, window: Any = None, calibr
             raise ValueError(f"{', '.join(given)} only apply to weight='auto', but the weight is {weight!r}; "
                              "set weight='auto' or drop them")
         return WeightSpec(float(weight))
-    ratio = 1.0 if ratio is None else ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio) or ratio <= 0:
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
+                              or not math.isfinite(ratio) or ratio <= 0):
         raise ValueError(f"ratio (weighted terms / task loss for weight='auto') must be a finite number > 0, "
                          f"got {ratio!r}")
     window = DEFAULT_WINDOW if window is None else window
@@ -67,7 +68,7 @@ def weight_spec(weight: Any = 1.0, ratio: Any = None, window: Any = None, calibr
         if not isinstance(calibrate, Sequence) or not calibrate or not all(isinstance(t, str) for t in calibrate):
             raise ValueError(f"calibrate must name the level's terms to calibrate (e.g. ['kd']), got {calibrate!r}")
         calibrate = tuple(calibrate)
-    return WeightSpec(None, float(ratio), int(window), calibrate)
+    return WeightSpec(None, None if ratio is None else float(ratio), int(window), calibrate)
 
 
 def term_key(level: str, term: str, terms: Mapping[str, Any]) -> str:
@@ -117,6 +118,9 @@ class LossWeights(nn.Module):
         self.auto_levels = [name for name, spec in self.specs.items() if spec.auto]
         self.units = {name: self.specs[name].calibrate or calibrated_terms.get(name) for name in self.auto_levels}
         count = len(self.auto_levels)
+        # A level without its own ratio takes an even share: the auto levels together equal the task loss.
+        self.ratios = {name: 1.0 / count if self.specs[name].ratio is None else self.specs[name].ratio
+                       for name in self.auto_levels}
         # Per auto level: its factor (0 until calibrated) and whether it is fixed; none without auto levels,
         # so a run of fixed weights checkpoints exactly what it did before.
         self.register_buffer("factors", torch.zeros(count) if count else None)
@@ -202,7 +206,7 @@ class LossWeights(nn.Module):
             totals = totals.to(self._reduce_device())
             dist.all_reduce(totals)
         task, unit, steps = (float(v) for v in totals.tolist())
-        spec, terms = self.specs[name], "+".join(self.units[name] or ("all terms",))
+        terms = "+".join(self.units[name] or ("all terms",))
         where = f"level {name!r} (weight='auto'): over the {int(steps)} calibration steps"
         task_mean, unit_mean = task / max(steps, 1), unit / max(steps, 1)
         if not math.isfinite(task_mean) or task_mean <= 0:
@@ -211,7 +215,7 @@ class LossWeights(nn.Module):
         if not math.isfinite(unit_mean) or unit_mean <= 0:
             raise ValueError(f"{where} its terms ({terms}) averaged {unit_mean:.4g}; weight='auto' needs them finite "
                              "and > 0: check the level's taps, or give it a number weight")
-        factor = spec.ratio * task_mean / unit_mean
+        factor = self.ratios[name] * task_mean / unit_mean
         if factor > MAX_AUTO_WEIGHT:
             raise ValueError(
                 f"{where} its terms ({terms}) averaged {unit_mean:.3g} against a task loss of {task_mean:.3g}, so "
@@ -222,7 +226,7 @@ class LossWeights(nn.Module):
         self.fixed[i] = True
         self._host_fixed()[i] = True
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-            log.info(f"auto weight: level {name!r} ({terms}) x {factor:.4g} = ratio {spec.ratio:g} x task loss "
+            log.info(f"auto weight: level {name!r} ({terms}) x {factor:.4g} = ratio {self.ratios[name]:.4g} x task loss "
                      f"{task_mean:.4g} / {unit_mean:.4g} (mean over {int(steps)} steps)")
 
     def _reduce_device(self) -> torch.device:

@@ -71,7 +71,7 @@ class LevelConfig:
     weight: float | Literal["auto"] = 1.0
     name: str | None = None
     inputs: dict[str, str] | None = None  # extra input -> student module path, where not the method's own: see Level
-    ratio: float | None = None  # weight auto: weighted terms / task loss (default 1)
+    ratio: float | None = None  # weight auto: weighted terms / task loss (default 1 / number of auto levels)
     window: int | None = None  # weight auto: calibration steps (default 100, or the first epoch if shorter)
     calibrate: list[str] | None = None  # weight auto: the terms scaled (default: the method's, e.g. diffkd's kd)
     options: dict[str, Any] = field(default_factory=dict)
