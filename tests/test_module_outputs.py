@@ -68,3 +68,10 @@ def test_unknown_paths_are_named_with_the_closest_and_copies_are_inert() -> None
         outputs["m"]
     model(x)
     assert torch.equal(outputs["m"][0], x * 2)
+
+
+def test_no_paths_hook_nothing() -> None:
+    model = Skipping()
+    outputs = ModuleOutputs(model, {})
+    assert not model._forward_pre_hooks and not model.meta._forward_hooks  # nothing runs per forward
+    assert outputs.names() == []

@@ -28,7 +28,8 @@ class ModuleOutputs:
         self._paths = dict(paths)
         self._outputs: dict[str, Any] = {}
         self._forwards = 0
-        handles = [model.register_forward_pre_hook(WeakHook(self, "_begin_forward", ""), prepend=True)]
+        # No paths, no hooks: a student without extra inputs pays nothing per forward.
+        handles = [model.register_forward_pre_hook(WeakHook(self, "_begin_forward", ""), prepend=True)] if modules else []
         handles += [module.register_forward_hook(WeakHook(self, "_keep", name)) for name, module in modules.items()]
         self._finalizer = weakref.finalize(self, remove_handles, handles)
 
