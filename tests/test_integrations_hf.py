@@ -284,7 +284,8 @@ def test_weight_auto_calibrates_against_the_students_own_loss_and_resumes_its_fa
     factor = trainer.distiller.auto_weights()["logits"]
     assert factor == pytest.approx(0.5 * task.item() / kd.item(), rel=1e-4)
     first, second = [h for h in trainer.state.log_history if "loss" in h]
-    assert first["distill/logits"] == 0.0 and first["loss"] == pytest.approx(first["task_loss"])  # the window counts 0
+    assert first["distill/logits"] == pytest.approx(0.5 * task.item(), rel=1e-4)  # the window's step uses its factor
+    assert first["loss"] == pytest.approx(first["task_loss"] + first["distill/logits"], rel=1e-4)
     assert first["auto_weight/logits"] == second["auto_weight/logits"] == pytest.approx(factor)
     assert second["distill/logits"] > 0
     saved = torch.load(tmp_path / "run" / "checkpoint-1" / DISTILLER_FILE, weights_only=True)

@@ -35,7 +35,7 @@ def test_level_and_method_weights_multiply_once():
     assert out.loss.item() == pytest.approx(1.5 * out.raw["rkd_0/distance"].item() + 3.5 * out.raw["rkd_0/angle"].item())
 
 
-def test_auto_weight_is_ratio_times_mean_task_over_mean_term_and_counts_zero_in_the_window():
+def test_auto_weight_is_ratio_times_mean_task_over_mean_term_and_runs_live_in_the_window():
     teacher, student = tiny_pair()
     d = Distiller(teacher, student, [Level("2", "2", "mse", weight="auto", ratio=0.5, window=3)], input_shape=(6,),
                   task_loss=ce)
@@ -45,17 +45,20 @@ def test_auto_weight_is_ratio_times_mean_task_over_mean_term_and_counts_zero_in_
     for _ in range(3):
         x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
         out = d(x, y)
-        assert out.losses["mse_2"].item() == 0.0 and out.raw["mse_2"].item() > 0  # counts 0, still measured
         assert out.task_loss.item() == pytest.approx(F.cross_entropy(student(x), y).item(), rel=1e-6)
         tasks.append(out.task_loss.item())
         terms.append(out.raw["mse_2"].item())
+        running = 0.5 * sum(tasks) / sum(terms)  # the window so far, this step included
+        assert out.weights["mse_2"].item() == pytest.approx(running, rel=1e-6)
+        assert out.losses["mse_2"].item() == pytest.approx(running * terms[-1], rel=1e-6)
         opt.zero_grad()
         (out.task_loss + out.loss).backward()
         opt.step()
     expected = 0.5 * (sum(tasks) / 3) / (sum(terms) / 3)
-    assert d.auto_weights() == {"mse_2": pytest.approx(expected, rel=1e-6)}
+    assert d.auto_weights() == {"mse_2": pytest.approx(expected, rel=1e-6)} and d.weighting.fixed.tolist() == [True]
     out = d(torch.randn(8, 6), torch.randint(0, 3, (8,)))
     assert out.losses["mse_2"].item() == pytest.approx(expected * out.raw["mse_2"].item(), rel=1e-6)
+    assert d.weighting.window.steps == [3]  # a fixed factor measures nothing more
 
 
 def test_auto_diffkd_scales_its_kd_term_while_diffusion_keeps_its_weight():
@@ -64,10 +67,27 @@ def test_auto_diffkd_scales_its_kd_term_while_diffusion_keeps_its_weight():
     kd, task = [], []
     for _ in range(2):
         out = d(torch.randn(8, 6), torch.randint(0, 3, (8,)))
-        assert out.weights["diffkd_2/kd"].item() == 0.0 and out.weights["diffkd_2/diffusion"] == 1.0
         kd.append(out.raw["diffkd_2/kd"].item())
         task.append(out.task_loss.item())
+        assert out.weights["diffkd_2/kd"].item() == pytest.approx(sum(task) / sum(kd), rel=1e-6)
+        assert out.weights["diffkd_2/diffusion"] == 1.0  # no AE: the tap widths are equal
     assert d.auto_weights()["diffkd_2"] == pytest.approx(sum(task) / sum(kd), rel=1e-6)
+
+
+def test_a_window_not_usable_so_far_trains_without_its_terms_until_it_is():
+    """While the window's term sum is still 0 its running factor would be infinite: that step weighs 0."""
+    teacher, student = tiny_pair()
+    with torch.no_grad():
+        student.load_state_dict(teacher.state_dict())
+    d = Distiller(teacher, student, [Level("2", "2", "regression_l1", weight="auto", window=3)], input_shape=(6,))
+    x = torch.randn(4, 6)
+    out = d(x, task_loss=torch.tensor(1.0))
+    assert out.raw["regression_l1_2"].item() == 0.0 and out.weights["regression_l1_2"].item() == 0.0
+    with torch.no_grad():
+        student[2].bias.add_(0.5)
+    out = d(x, task_loss=torch.tensor(1.0))
+    term = out.raw["regression_l1_2"].item()
+    assert term > 0 and out.weights["regression_l1_2"].item() == pytest.approx(2.0 / term, rel=1e-6)
 
 
 def test_auto_levels_without_a_ratio_share_the_task_loss_evenly():
@@ -175,8 +195,10 @@ def test_the_first_epoch_ends_a_longer_window():
         out = d(torch.randn(8, 6), torch.randint(0, 3, (8,)))
         tasks.append(out.task_loss.item())
         terms.append(out.raw["mse_2"].item())
-    assert d.auto_weights()["mse_2"] == 0.0
+    assert d.weighting.fixed.tolist() == [False]  # open: its factor is the running one
+    assert d.auto_weights()["mse_2"] == pytest.approx(sum(tasks) / sum(terms), rel=1e-6)
     d.set_progress(1.0, 3)
+    assert d.weighting.fixed.tolist() == [True]
     assert d.auto_weights()["mse_2"] == pytest.approx(sum(tasks) / sum(terms), rel=1e-6)
 
 
@@ -219,21 +241,41 @@ def _ddp_worker(rank, world, port, results):
     ddp = torch.nn.parallel.DistributedDataParallel(d)  # it copies process 0's buffers at every forward
     torch.manual_seed(10 + rank)  # each process sees other data and another task loss
     sums = torch.zeros(2, dtype=torch.float64)
+    used = []
     for step in range(2):
         task = torch.tensor(1.0 + rank + step)
         out = ddp(torch.randn(4, 6), task_loss=task)
         out.loss.backward()
-        sums += torch.tensor([task.item(), out.raw["mse_2"].item()], dtype=torch.float64)
-    dist.all_reduce(sums)
-    results[rank] = (d.auto_weights()["mse_2"], (sums[0] / sums[1]).item())
+        step_sums = torch.tensor([task.item(), out.raw["mse_2"].item()], dtype=torch.float64)
+        dist.all_reduce(step_sums)
+        sums += step_sums
+        used.append((out.weights["mse_2"].item(), (sums[0] / sums[1]).item()))
+    results[rank] = (d.auto_weights()["mse_2"], used)
     dist.destroy_process_group()
 
 
 @pytest.mark.integration
 def test_ddp_processes_calibrate_on_every_process_statistics_and_agree():
+    """Every step of the window, open (the running factor) or closing, uses both processes' figures."""
     results = spawn_processes(_ddp_worker)
-    (w0, expected0), (w1, _) = results[0], results[1]
-    assert w0 == w1 and w0 == pytest.approx(expected0, rel=1e-6) and math.isfinite(w0)
+    (w0, used0), (w1, used1) = results[0], results[1]
+    assert [u for u, _ in used0] == [u for u, _ in used1]  # the same weight on both, every step
+    for weight, expected in used0:
+        assert weight == pytest.approx(expected, rel=1e-6)
+    assert w0 == w1 == used0[-1][0] and math.isfinite(w0)
+
+
+def test_a_run_resumed_inside_the_window_carries_its_sums_on():
+    teacher, student = tiny_pair()
+    make = lambda: Distiller(teacher, student, [Level("2", "2", "mse", weight="auto", window=3)], input_shape=(6,))
+    d = make()
+    first = d(torch.randn(4, 6), task_loss=torch.tensor(2.0))
+    fresh = make()
+    fresh.load_state_dict(d.state_dict())
+    second = fresh(torch.randn(4, 6), task_loss=torch.tensor(3.0))
+    terms = first.raw["mse_2"].item() + second.raw["mse_2"].item()
+    assert fresh.weighting.window.steps == [2] and fresh.weighting.fixed.tolist() == [False]
+    assert second.weights["mse_2"].item() == pytest.approx(5.0 / terms, rel=1e-6)
 
 
 @pytest.mark.integration

@@ -30,8 +30,8 @@ class Level:
 
     `weight` is a number >= 0, or "auto": the level's calibrated terms (its method's `calibrated_terms`, or
     `calibrate`) are scaled so that they equal `ratio` times the task loss (default: 1 / the number of auto
-    levels, so that together they equal it), measured over the
-    first `window` steps (default 100, or the first epoch if shorter), during which they count 0. See
+    levels, so that together they equal it), measured over the first `window` steps (default 100, or the
+    first epoch if shorter), during which they train with the running estimate of that factor. See
     `diffkd.weighting`; the Distiller then needs the task loss (its `task_loss` argument).
 
     A side may list several taps (`student=["layer1", "layer2"]`) for methods that take lists
@@ -230,7 +230,7 @@ class Distiller(nn.Module):
         self.weighting.end_windows()
 
     def auto_weights(self) -> dict[str, float]:
-        """Each level with weight "auto": its calibrated factor (0 while its window is open)."""
+        """Each level with weight "auto": its factor (the running estimate while its window is open)."""
         return self.weighting.current()
 
     # ----------------------------------------------------------------------------- parameters, export

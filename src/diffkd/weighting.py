@@ -2,11 +2,12 @@
 
 A term's weight is its level's weight times the term's own weight, which its method hands over as data
 (a number, or a schedule's current value such as a warm-up ramp). A level may instead take `weight="auto"`:
-its calibrated terms (the method's `calibrated_terms`, or the level's `calibrate`) count 0 for the
-first steps (the window) while the task loss and those terms are measured; then one factor is fixed so
-that the weighted terms equal `ratio` times the task loss, and kept (checkpointed, never recalibrated).
-`ratio` defaults to 1 / (the number of auto levels): together the automatic levels equal the task loss.
-Terms outside the unit (DiffKD's diffusion and autoencoder losses) train from the first step.
+over its first steps (the window) the task loss and its calibrated terms (the method's `calibrated_terms`,
+or the level's `calibrate`) are summed, and the terms train with the running factor those sums give; at
+the window's end the factor is fixed so that the weighted terms equal `ratio` times the task loss, and kept
+(checkpointed, never recalibrated). `ratio` defaults to 1 / (the number of auto levels): together the
+automatic levels equal the task loss. Terms outside the unit (DiffKD's diffusion and autoencoder losses)
+keep their own weights from the first step.
 """
 from __future__ import annotations
 
@@ -86,10 +87,11 @@ class WeightedTerms:
 
 
 class WindowSums(nn.Module):
-    """Each process's own calibration sums (task loss, weighted unit) and step counts, per auto level.
+    """The calibration sums (task loss, weighted unit) and step counts per auto level, over every process.
 
-    Kept as the module's extra state, not as buffers: DDP copies every buffer from process 0 at each
-    forward, which would replace each process's sums with process 0's before they are reduced.
+    Each step's figures are reduced over processes as they are added, so every process holds the same sums
+    and trains with the same running factor. Kept as the module's extra state rather than as buffers, so
+    that a checkpoint holds them without DDP's per-forward buffer copy having any say in them.
     """
 
     def __init__(self, count: int):
@@ -155,17 +157,16 @@ class LossWeights(nn.Module):
         for name, out in outputs.items():
             spec = self.specs[name]
             unit = self._unit(name, out.terms) if spec.auto else ()
+            if spec.auto and self.training and not self._host_fixed()[self.auto_levels.index(name)]:
+                # measured before it is weighed: a window's step trains with the factor that includes it
+                unit_sum = sum(out.weights.get(term, 1.0) * out.terms[term].detach() for term in unit)
+                self._measure(name, task_loss, unit_sum)  # type: ignore[arg-type]
             factor = self._factor(name) if spec.auto else spec.value
-            unit_sum = None
             for term, value in out.terms.items():
                 key = term_key(name, term, out.terms)
                 own = out.weights.get(term, 1.0)
                 weight = own * factor if term in unit else (own if spec.auto else own * spec.value)
                 weighted[key], raw[key], weights[key] = weight * value, value, weight
-                if term in unit:
-                    unit_sum = own * value.detach() if unit_sum is None else unit_sum + own * value.detach()
-            if spec.auto and self.training and not self._host_fixed()[self.auto_levels.index(name)]:
-                self._measure(name, task_loss, unit_sum)  # type: ignore[arg-type]
         return WeightedTerms(weighted, raw, weights)
 
     def _unit(self, name: str, terms: Mapping[str, Tensor]) -> tuple[str, ...]:
@@ -183,14 +184,23 @@ class LossWeights(nn.Module):
         return self.factors[self.auto_levels.index(name)]
 
     def _measure(self, name: str, task_loss: Tensor, unit_sum: Tensor) -> None:
-        """Add one training step to an open window; close it once it holds `window` steps."""
+        """Add one training step (summed over processes) to an open window and update its running factor;
+        close the window once it holds `window` steps."""
         i = self.auto_levels.index(name)
         with torch.no_grad():
             step = torch.stack([task_loss.detach().double().reshape(()), unit_sum.double().reshape(())])
+            if dist.is_available() and dist.is_initialized():
+                step = step.to(self._reduce_device())
+                dist.all_reduce(step)
             self.window.sums[i] += step.cpu()
         self.window.steps[i] += 1
         if self.window.steps[i] >= self.specs[name].window:
             self.close(name)
+            return
+        task, unit = self.window.sums[i].tolist()
+        running = self.ratios[name] * task / unit if unit > 0 and math.isfinite(task) else 0.0
+        # a window that is not usable so far trains without the terms; its close says what is wrong
+        self.factors[i] = running if math.isfinite(running) and 0 <= running <= MAX_AUTO_WEIGHT else 0.0
 
     def end_windows(self) -> None:
         """Fix every open window now (the engine calls it when the first epoch ends before the window does)."""
@@ -199,13 +209,11 @@ class LossWeights(nn.Module):
                 self.close(name)
 
     def close(self, name: str) -> None:
-        """Fix a level's factor from its window: ratio x mean task loss / mean unit, reduced over processes."""
+        """Fix a level's factor from its window: ratio x mean task loss / mean unit (sums over every process)."""
         i = self.auto_levels.index(name)
-        totals = torch.cat([self.window.sums[i], torch.tensor([float(self.window.steps[i])], dtype=torch.float64)])
-        if dist.is_available() and dist.is_initialized():
-            totals = totals.to(self._reduce_device())
-            dist.all_reduce(totals)
-        task, unit, steps = (float(v) for v in totals.tolist())
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        task, unit = self.window.sums[i].tolist()
+        steps = self.window.steps[i] * world
         terms = "+".join(self.units[name] or ("all terms",))
         where = f"level {name!r} (weight='auto'): over the {int(steps)} calibration steps"
         task_mean, unit_mean = task / max(steps, 1), unit / max(steps, 1)
@@ -236,5 +244,5 @@ class LossWeights(nn.Module):
         return torch.device("cpu")
 
     def current(self) -> dict[str, float]:
-        """The automatic factors as they stand (0 before calibration), by level: for logs and metrics."""
+        """The automatic factors as they stand (the running estimate while a window is open), by level: for logs."""
         return dict(zip(self.auto_levels, self.factors.tolist())) if self.has_auto else {}

@@ -228,7 +228,7 @@ class DistillationTrainer(transformers.Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Training logs (those with "loss") also get each term's mean since the last log, over all processes,
-        and the automatic weights as they stand (0 while a level's calibration window is open)."""
+        and the automatic weights as they stand (a running estimate while a calibration window is open)."""
         if "loss" in logs and self._term_batches:
             names = sorted(self._term_sums)
             means = torch.stack([self._term_sums[n] for n in names]) / self._term_batches
