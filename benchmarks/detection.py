@@ -44,12 +44,12 @@ NORMALIZED = tuple(f"levels.{i}.options.normalize_target=true" for i in range(5)
 # detection loss's size (chosen, as for DiffKD, from the training losses of the paper-weight run).
 FGD_FCOS = {"fg_weight": 1.6e-3, "bg_weight": 8e-4, "attention_weight": 8e-4, "global_weight": 8e-6}
 SCALED_FGD = tuple(f"levels.{i}.options.{k}={v * 5e-4:.3g}" for i in range(5) for k, v in FGD_FCOS.items())
-# "*_auto" start from the paper's (authors') weights and let `weight: auto` scale each of the five
-# levels so that it equals the detection loss over the first epoch (ratio 1; diffkd: its kd term).
+# "*_auto_shared" start from the paper's (authors') weights and let `weight: auto` (its default ratio, written
+# out: 0.2 on each of the five levels) scale the levels so that together they equal the detection loss over the
+# first epoch (diffkd: its kd terms). "*_auto": the first default, ratio 1 on each level, so that each matches it.
 AUTO = tuple(f"levels.{i}.weight=auto" for i in range(5))
-# "*_auto_shared": the same, but the five levels share the detection loss's size (ratio 0.2 each, so their sum
-# equals it) instead of each matching it.
 AUTO_SHARED = AUTO + tuple(f"levels.{i}.ratio=0.2" for i in range(5))
+AUTO_PER_LEVEL = AUTO + tuple(f"levels.{i}.ratio=1.0" for i in range(5))
 METHODS = {  # name -> (config file, engine mode, overrides)
     "student": ("fcos_r18_student.yaml", "train", ()),
     "diffkd": ("fcos_r50_r18_diffkd.yaml", "distill", ()),
@@ -57,8 +57,8 @@ METHODS = {  # name -> (config file, engine mode, overrides)
     "diffkd_norm": ("fcos_r50_r18_diffkd.yaml", "distill", NORMALIZED),
     "fgd": ("fcos_r50_r18_fgd.yaml", "distill", ()),  # the authors' FCOS weights on P3-P7
     "fgd_x5e-4": ("fcos_r50_r18_fgd.yaml", "distill", SCALED_FGD),
-    "diffkd_auto": ("fcos_r50_r18_diffkd.yaml", "distill", AUTO),
-    "fgd_auto": ("fcos_r50_r18_fgd.yaml", "distill", AUTO),
+    "diffkd_auto": ("fcos_r50_r18_diffkd.yaml", "distill", AUTO_PER_LEVEL),
+    "fgd_auto": ("fcos_r50_r18_fgd.yaml", "distill", AUTO_PER_LEVEL),
     "diffkd_auto_shared": ("fcos_r50_r18_diffkd.yaml", "distill", AUTO_SHARED),
     "fgd_auto_shared": ("fcos_r50_r18_fgd.yaml", "distill", AUTO_SHARED),
 }
