@@ -74,20 +74,28 @@ def test_auto_diffkd_scales_its_kd_term_while_diffusion_keeps_its_weight():
     assert d.auto_weights()["diffkd_2"] == pytest.approx(sum(task) / sum(kd), rel=1e-6)
 
 
-def test_a_window_not_usable_so_far_trains_without_its_terms_until_it_is():
-    """While the window's term sum is still 0 its running factor would be infinite: that step weighs 0."""
+@pytest.mark.parametrize("offset,task,why", [
+    (0.0, 1.0, "a term sum of 0: an infinite factor"),
+    (1e-3, 1e4, "a term of 1e-3 against a task loss of 1e4: a factor of 1e7, over the cap"),
+    (0.5, float("nan"), "a task loss that is not finite"),
+])
+def test_a_window_not_usable_so_far_trains_without_its_terms_until_it_is(offset, task, why):
+    """A window step whose running factor is unusable weighs 0; once the sums are usable it is live again."""
     teacher, student = tiny_pair()
     with torch.no_grad():
         student.load_state_dict(teacher.state_dict())
-    d = Distiller(teacher, student, [Level("2", "2", "regression_l1", weight="auto", window=3)], input_shape=(6,))
+        student[2].bias.add_(offset)
+    d = Distiller(teacher, student, [Level("2", "2", "regression_l1", weight="auto", window=5)], input_shape=(6,))
     x = torch.randn(4, 6)
-    out = d(x, task_loss=torch.tensor(1.0))
-    assert out.raw["regression_l1_2"].item() == 0.0 and out.weights["regression_l1_2"].item() == 0.0
+    out = d(x, task_loss=torch.tensor(task))
+    assert out.weights["regression_l1_2"].item() == 0.0, why
+    first_term = out.raw["regression_l1_2"].item()
     with torch.no_grad():
         student[2].bias.add_(0.5)
     out = d(x, task_loss=torch.tensor(1.0))
-    term = out.raw["regression_l1_2"].item()
-    assert term > 0 and out.weights["regression_l1_2"].item() == pytest.approx(2.0 / term, rel=1e-6)
+    # a NaN task loss stays in the sums (weight 0 on, and the close refuses the window); the others recover
+    expected = (task + 1.0) / (first_term + out.raw["regression_l1_2"].item()) if math.isfinite(task) else 0.0
+    assert out.weights["regression_l1_2"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_auto_levels_without_a_ratio_share_the_task_loss_evenly():

@@ -198,9 +198,10 @@ class LossWeights(nn.Module):
             self.close(name)
             return
         task, unit = self.window.sums[i].tolist()
-        running = self.ratios[name] * task / unit if unit > 0 and math.isfinite(task) else 0.0
-        # a window that is not usable so far trains without the terms; its close says what is wrong
-        self.factors[i] = running if math.isfinite(running) and 0 <= running <= MAX_AUTO_WEIGHT else 0.0
+        running = self.ratios[name] * task / unit if unit > 0 else math.inf
+        # a window not usable so far (a term sum of 0, a weight over the cap, a task loss < 0 or not finite)
+        # trains without the terms; its close says what is wrong if it stays so
+        self.factors[i] = running if 0 <= running <= MAX_AUTO_WEIGHT else 0.0
 
     def end_windows(self) -> None:
         """Fix every open window now (the engine calls it when the first epoch ends before the window does)."""
