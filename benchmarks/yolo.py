@@ -1,18 +1,22 @@
-"""YOLO benchmark on Fashion-MNIST mosaics: a YOLOv8n student alone, with Ultralytics' native KD, and with diffkd's
-mse, cwd, fgd and DiffKD (without and with the autoencoder) from a YOLOv8s teacher, all inside Ultralytics' trainer.
+"""YOLO benchmark inside Ultralytics' own trainer: a YOLOv8n student alone, with Ultralytics' native KD, and with
+diffkd's methods from a YOLOv8s teacher, in two workflows on Fashion-MNIST mosaics (offline, real training).
 
-Builds the mosaics offline (src/diffkd/detection/mosaics.py) and exports them to YOLO format, trains the teacher
-once (reused from OUT while its spec matches), then runs every row for every seed, each in its own process, and
-writes OUT/results.json and OUT/results.md: mAP50-95 and mAP50 from Ultralytics' validator on the final epoch's
-EMA (no selection on the scored set), the median seconds of a training epoch (validation excluded) and the peak
-resident memory of the run's process. A finished run (its result.json) is reused, so an interrupted benchmark
-continues where it stopped.
+- Source task: mosaics of Fashion-MNIST classes 0-4. YOLOv8s and YOLOv8n are trained on it once: they stand for the
+  COCO weights a YOLO user starts from.
+- Target task: mosaics of classes 5-9 (other classes). The teacher is the source YOLOv8s fine-tuned on it.
+- Workflow `scratch`: students from random weights, a long schedule. Workflow `finetune`: students from the source
+  YOLOv8n, a short schedule (how most YOLO users work).
 
-    OMP_NUM_THREADS=1 python benchmarks/yolo.py --out runs/bench/yolo
+Everything is cached in OUT (a cached stage whose spec changed is refused) and every run is its own process that
+writes its result.json, so an interrupted benchmark continues where it stopped and a rerun rewrites the tables from
+the finished runs. Scored: Ultralytics' validator on the final epoch's EMA (no selection on the scored set).
+
+    OMP_NUM_THREADS=1 python benchmarks/yolo.py --out runs/bench/yolo --workflows scratch finetune --seeds 0 1 2
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import resource
@@ -22,36 +26,77 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROWS = ("student", "native", "mse", "cwd", "fgd", "diffkd", "diffkd_ae", "diffkd_auto")
-LABELS = {"student": "student alone", "native": "Ultralytics native KD (dis 6)", "mse": "diffkd mse",
-          "cwd": "diffkd cwd", "fgd": "diffkd fgd", "diffkd": "DiffKD", "diffkd_ae": "DiffKD + AE (latent 64)",
-          "diffkd_auto": "DiffKD, kd_weight auto"}
+SOURCE_CLASSES = (0, 1, 2, 3, 4)  # T-shirt/top, Trouser, Pullover, Dress, Coat
+TARGET_CLASSES = (5, 6, 7, 8, 9)  # Sandal, Shirt, Sneaker, Bag, Ankle boot
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: how a student is trained (`method` None: Ultralytics alone, "native": its own KD)."""
+
+    label: str
+    method: str | None = None
+    kd_weight: float | str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+
+
+# Every diffkd row uses one weight rule, fixed before any row ran: kd_weight=auto, so that the distillation terms of
+# the three neck levels together equal Ultralytics' task loss (box + cls + dfl) over the first epoch (the paper's
+# "a similar amount of loss value"). Apart from that, each method keeps its own defaults.
+ROWS: dict[str, Row] = {
+    "student": Row("student alone"),
+    "native": Row("Ultralytics native KD (dis 6)", "native"),
+    "mse": Row("mse (FitNet)", "mse"),
+    "cwd": Row("cwd", "cwd"),
+    "fgd": Row("fgd", "fgd"),
+    "mgd": Row("mgd", "mgd"),
+    "pkd": Row("pkd", "pkd"),
+    "diffkd": Row("DiffKD (preset)", "diffkd"),
+    "diffkd_att": Row("DiffKD, attention-MSE", "diffkd", options={"distance": "attention_mse"}),
+}
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """How the students start and how long they train."""
+
+    label: str
+    pretrained: bool
+    epochs: int
+
+
+WORKFLOWS = {"scratch": Workflow("from scratch", False, 20), "finetune": Workflow("fine-tuning pretrained weights", True, 10)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench/yolo", help="folder for the data, the runs and the results")
-    p.add_argument("--canvas", type=int, default=96, help="mosaic side in pixels, also imgsz")
-    p.add_argument("--train-images", type=int, default=192)
-    p.add_argument("--val-images", type=int, default=100)
+    p.add_argument("--out", default="runs/bench/yolo", help="folder for the data, the cached models, the runs, the results")
+    p.add_argument("--canvas", type=int, default=128, help="mosaic side in pixels, also imgsz")
+    p.add_argument("--source-images", type=int, default=2000)
+    p.add_argument("--train-images", type=int, default=800, help="target training images")
+    p.add_argument("--val-images", type=int, default=400, help="target validation images (the scored set)")
     p.add_argument("--teacher", default="yolov8s.yaml")
     p.add_argument("--student", default="yolov8n.yaml")
-    p.add_argument("--teacher-epochs", type=int, default=15)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.002, help="AdamW learning rate of every run")
+    p.add_argument("--source-epochs", type=int, default=20)
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, help="override every workflow's student epochs (for quick checks)")
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="+", default=list(ROWS[:-1]), choices=ROWS)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--workflows", nargs="+", default=list(WORKFLOWS), choices=list(WORKFLOWS))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="mixed precision (Ultralytics' amp=True; a GPU check)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--data-root", help="Fashion-MNIST folder (default: diffkd's usual places)")
-    p.add_argument("--profile", action="store_true",
-                   help="only time the parts of a step (CPU seconds per batch, random weights): where the time goes")
-    p.add_argument("--run", choices=ROWS, help=argparse.SUPPRESS)  # one run, in its own process
+    p.add_argument("--prepare", action="store_true", help="only build the data and the cached models")
+    p.add_argument("--run", help=argparse.SUPPRESS)  # WORKFLOW/ROW: one run, in its own process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--stage", help=argparse.SUPPRESS)  # one cached model, in its own process
     return p.parse_args(argv)
 
 
@@ -67,6 +112,7 @@ def offline_ultralytics(folder: Path) -> None:
     os.environ["YOLO_CONFIG_DIR"] = str(folder)
 
 
+# ----------------------------------------------------------------------------------------------- data
 def export_yolo(mosaics: Path, out: Path) -> Path:
     """The COCO-format mosaics as a YOLO data folder (images/, labels/, data.yaml), written once; the yaml's path."""
     if (out / "data.yaml").is_file():
@@ -88,153 +134,145 @@ def export_yolo(mosaics: Path, out: Path) -> Path:
             shutil.copy(mosaics / split / image["file_name"], tmp / "images" / split / image["file_name"])
             label = tmp / "labels" / split / Path(image["file_name"]).with_suffix(".txt").name
             label.write_text("".join(f"{line}\n" for line in lines[image["id"]]))
-    yaml_names = "".join(f"  {i}: {name}\n" for i, name in sorted(names.items()))
+    yaml_names = "".join(f"  {i}: {json.dumps(name)}\n" for i, name in sorted(names.items()))
     (tmp / "data.yaml").write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{yaml_names}")
     tmp.rename(out)
     return out / "data.yaml"
 
 
-def prepare_data(args: argparse.Namespace, out: Path) -> Path:
+def task_data(args: argparse.Namespace, out: Path, task: str) -> Path:
+    """The source or target task's YOLO data yaml (mosaics generated and exported once)."""
     from diffkd.detection.mosaics import MosaicSpec, ensure_mosaics
 
-    spec = MosaicSpec(canvas=args.canvas, train_images=args.train_images, val_images=args.val_images)
-    tag = f"c{args.canvas}-t{args.train_images}-v{args.val_images}"
-    mosaics = ensure_mosaics(out / f"mosaics-{tag}", spec, args.data_root)
-    return export_yolo(mosaics, out / f"yolo-{tag}")
+    if task == "source":
+        spec = MosaicSpec(canvas=args.canvas, train_images=args.source_images, val_images=200, classes=SOURCE_CLASSES,
+                          seed=1)
+    else:
+        spec = MosaicSpec(canvas=args.canvas, train_images=args.train_images, val_images=args.val_images,
+                          classes=TARGET_CLASSES, seed=0)
+    tag = f"{task}-c{spec.canvas}-t{spec.train_images}-v{spec.val_images}"
+    mosaics = ensure_mosaics(out / "data" / f"mosaics-{tag}", spec, args.data_root)
+    return export_yolo(mosaics, out / "data" / f"yolo-{tag}")
 
 
+# ----------------------------------------------------------------------------------------------- training
 def common_args(args: argparse.Namespace, data: Path, project: Path, name: str, seed: int, epochs: int) -> dict:
-    """Ultralytics train arguments shared by every run. Its defaults, apart from the size, the seed, no per-epoch
-    validation, and a schedule for a few short epochs: AdamW at a fixed rate, one warm-up epoch and an optimizer
-    step per batch (nbs = batch; the default 64 would leave a handful of steps per epoch)."""
+    """Ultralytics train arguments of every run: its defaults (optimizer auto, 3 warm-up epochs, mosaic closed for the
+    last 10 epochs), apart from the size, the seed, final validation only, and an optimizer step per batch (nbs =
+    batch; the default 64 would leave a dozen steps per epoch)."""
     return dict(data=str(data), imgsz=args.canvas, epochs=epochs, batch=args.batch, nbs=args.batch, seed=seed,
-                device=args.device, workers=0, project=str(project), name=name, exist_ok=True, plots=False, val=False,
-                verbose=False, deterministic=False, optimizer="AdamW", lr0=args.lr, warmup_epochs=1)
+                device=args.device, workers=0, project=str(project), name=name, exist_ok=False, plots=False,
+                val=False, verbose=False, deterministic=False, amp=args.amp)
 
 
-def teacher_checkpoint(args: argparse.Namespace, out: Path, data: Path) -> Path:
-    """The teacher's last.pt, trained once and reused while its spec matches (another spec is refused)."""
-    folder = out / "teacher"
-    spec = {"model": args.teacher, "epochs": args.teacher_epochs, "data": str(data), "imgsz": args.canvas,
-            "batch": args.batch, "lr": args.lr}
-    if (folder / "spec.json").is_file():
-        found = json.loads((folder / "spec.json").read_text())
-        if found != spec:
-            raise SystemExit(f"{folder} holds a teacher trained with {found}, not {spec}; use another --out")
-        return folder / "weights" / "last.pt"
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished teacher (no spec.json): started again
+def stage_specs(args: argparse.Namespace, out: Path) -> dict[str, dict]:
+    """The cached models: name -> what determines it (model, data, epochs, starting weights)."""
+    source, target = task_data(args, out, "source"), task_data(args, out, "target")
+    common = {"imgsz": args.canvas, "batch": args.batch}
+    return {
+        "source-teacher": {"model": args.teacher, "data": str(source), "epochs": args.source_epochs, **common},
+        "source-student": {"model": args.student, "data": str(source), "epochs": args.source_epochs, **common},
+        "teacher": {"model": args.teacher, "data": str(target), "epochs": args.teacher_epochs,
+                    "pretrained": str(out / "source-teacher" / "weights" / "last.pt"), **common},
+    }
+
+
+def train_stage(args: argparse.Namespace, out: Path, name: str) -> None:
+    """Train one cached model in this process (the teacher waits for its source weights)."""
     from ultralytics.models.yolo.detect import DetectionTrainer
 
+    spec = stage_specs(args, out)[name]
+    folder = out / name
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished stage (no spec.json): started again
     start = time.time()
-    trainer = DetectionTrainer(overrides={"model": args.teacher, **common_args(args, data, out, "teacher", 0,
-                                                                               args.teacher_epochs)})
+    extra = {"pretrained": spec["pretrained"]} if "pretrained" in spec else {}
+    trainer = DetectionTrainer(overrides={"model": spec["model"], **extra,
+                                          **common_args(args, Path(spec["data"]), out, name, 0, spec["epochs"])})
     trainer.train()
-    metrics = trainer.metrics
-    (folder / "spec.json").write_text(json.dumps(spec))
-    summary = {"mAP50-95": metrics["metrics/mAP50-95(B)"], "mAP50": metrics["metrics/mAP50(B)"],
+    summary = {"mAP50-95": trainer.metrics["metrics/mAP50-95(B)"], "mAP50": trainer.metrics["metrics/mAP50(B)"],
                "seconds": time.time() - start}
     (folder / "summary.json").write_text(json.dumps(summary))
-    return folder / "weights" / "last.pt"
+    (folder / "spec.json").write_text(json.dumps(spec))
 
 
-def one_run(args: argparse.Namespace, out: Path, data: Path, teacher: Path) -> None:
-    """Train one row for one seed in this process and write its result.json."""
+def ensure_stages(args: argparse.Namespace, out: Path, passed: list[str]) -> None:
+    """Train the cached models that are missing (the two source models side by side), refusing changed specs."""
+    specs = stage_specs(args, out)
+
+    def ready(name: str) -> bool:
+        spec_file = out / name / "spec.json"
+        if not spec_file.is_file():
+            return False
+        found = json.loads(spec_file.read_text())
+        if found != specs[name]:
+            raise SystemExit(f"{out / name} holds a model trained with {found}, not {specs[name]}; use another --out")
+        return True
+
+    for group in (("source-teacher", "source-student"), ("teacher",)):
+        todo = [name for name in group if not ready(name)]
+        running = [subprocess.Popen([sys.executable, __file__, *passed, "--stage", name]) for name in todo]
+        if any(p.wait() for p in running):
+            raise SystemExit(f"training a cached model failed ({', '.join(todo)})")
+
+
+def one_run(args: argparse.Namespace, out: Path, workflow_name: str, row_name: str, seed: int) -> None:
+    """Train one row of one workflow for one seed in this process and write its result.json."""
     from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import callbacks as ultralytics_callbacks
 
     from diffkd.integrations.ultralytics import distill
 
-    row, seed = args.run, args.seed
-    name = f"{row}-s{seed}"
-    epoch_seconds: list[float] = []  # wall clock
+    workflow, row = WORKFLOWS[workflow_name], ROWS[row_name]
+    teacher = out / "teacher" / "weights" / "last.pt"
+    data = task_data(args, out, "target")
+    name = f"{row_name}-s{seed}"
+    project = out / "runs" / workflow_name
+    epoch_wall: list[float] = []
     epoch_cpu: list[float] = []  # this process's CPU time: on one thread, the cost whatever else loads the machine
     started: list[tuple[float, float]] = []
 
     def epoch_end(trainer: Any) -> None:
         wall, cpu = started[-1]
-        epoch_seconds.append(time.perf_counter() - wall)
+        epoch_wall.append(time.perf_counter() - wall)
         epoch_cpu.append(time.process_time() - cpu)
 
     callbacks = {"on_train_epoch_start": [lambda trainer: started.append((time.perf_counter(), time.process_time()))],
                  "on_train_epoch_end": [epoch_end]}
-    train_args = common_args(args, data, out / "runs", name, seed, args.epochs)
-    if row in ("student", "native"):
-        from ultralytics.utils import callbacks as ultralytics_callbacks
-
+    train_args = common_args(args, data, project, name, seed, args.epochs or workflow.epochs)
+    if workflow.pretrained:
+        train_args["pretrained"] = str(out / "source-student" / "weights" / "last.pt")
+    if row.method in (None, "native"):
         events = ultralytics_callbacks.get_default_callbacks()
         for event, functions in callbacks.items():
             events[event].extend(functions)
-        native = {"distill_model": str(teacher)} if row == "native" else {}
+        native = {"distill_model": str(teacher)} if row.method == "native" else {}
         trainer = DetectionTrainer(overrides={"model": args.student, **train_args, **native}, _callbacks=events)
         trainer.train()
     else:
-        method = "diffkd" if row.startswith("diffkd") else row
-        latent = 64 if row == "diffkd_ae" else None
-        weight = "auto" if row == "diffkd_auto" else 1.0
-        trainer = distill(args.student, str(teacher), method=method, kd_latent=latent, kd_weight=weight,
-                          callbacks=callbacks, **train_args)
+        trainer = distill(args.student, str(teacher), method=row.method, kd_weight=row.kd_weight,
+                          method_options=row.options or None, callbacks=callbacks, **train_args)
     final = trainer.read_results_csv()
-    result = {"row": row, "seed": seed, "mAP50-95": final["metrics/mAP50-95(B)"][-1], "mAP50": final["metrics/mAP50(B)"][-1],
-              "epoch_seconds": statistics.median(epoch_seconds), "epoch_cpu_seconds": statistics.median(epoch_cpu),
-              "all_epoch_seconds": epoch_seconds, "all_epoch_cpu_seconds": epoch_cpu, "peak_rss_mib": peak_rss_mib()}
-    (out / "runs" / name / "result.json").write_text(json.dumps(result))
+    result = {"workflow": workflow_name, "row": row_name, "seed": seed, "mAP50-95": final["metrics/mAP50-95(B)"][-1],
+              "mAP50": final["metrics/mAP50(B)"][-1], "epoch_cpu_seconds": statistics.median(epoch_cpu),
+              "epoch_seconds": statistics.median(epoch_wall), "all_epoch_cpu_seconds": epoch_cpu,
+              "peak_rss_mib": peak_rss_mib(), "epochs": balance(project / name / "results.csv")}
+    (project / name / "result.json").write_text(json.dumps(result))
 
 
-def profile(args: argparse.Namespace) -> None:
-    """CPU seconds per batch (this process, median of 5 after a warm-up) of each part of a distillation step at the
-    benchmark's size, with random weights: the student's forward and backward, the teacher's forward, and each
-    method's levels (forward and backward on the neck maps)."""
-    import torch
-    from ultralytics.nn.tasks import DetectionModel
-    from ultralytics.utils import DEFAULT_CFG
-
-    from diffkd.integrations.ultralytics import KDSettings, batch_boxes, build_levels, head_inputs, layer_outputs
-
-    def seconds(step: Any) -> float:
-        step()
-        times = []
-        for _ in range(5):
-            start = time.process_time()
-            step()
-            times.append(time.process_time() - start)
-        return statistics.median(times)
-
-    torch.manual_seed(0)
-    student = DetectionModel(args.student, nc=10, verbose=False)
-    student.args = DEFAULT_CFG
-    teacher = DetectionModel(args.teacher, nc=10, verbose=False).fuse(verbose=False).eval().requires_grad_(False)
-    images = torch.rand(args.batch, 3, args.canvas, args.canvas)
-    layers = set(teacher.model[-1].f)
-    student_layers = list(student.model[-1].f)
-
-    def student_step() -> None:
-        preds = student.train()(images)
-        sum(x.float().mean() for x in (preds["boxes"], preds["scores"])).backward()
-
-    print(f"student {args.student} forward + backward: {seconds(student_step):.3f} s / batch of {args.batch}")
-    with torch.no_grad():
-        print(f"teacher {args.teacher} forward to its neck: "
-              f"{seconds(lambda: layer_outputs(teacher, images, layers)):.3f} s")
-        teacher_maps = layer_outputs(teacher, images, layers)
-        student_maps = head_inputs(student.train()(images))
-    batch = {"img": images, "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]] * args.batch),
-             "batch_idx": torch.arange(args.batch, dtype=torch.float)}
-    for method, latent in (("mse", None), ("cwd", None), ("fgd", None), ("diffkd", None), ("diffkd", 64)):
-        modules, levels, _ = build_levels(student, teacher, KDSettings("t.pt", method=method, kd_latent=latent),
-                                          args.canvas, 3)
-        parts = []
-        for level in levels:
-            s = student_maps[level.student_position].detach().requires_grad_()
-            t = teacher_maps[level.teacher_layer]
-            module = modules[level.name]
-
-            def level_step() -> None:
-                out = module(s, t, batch_boxes(batch, False))
-                sum(out.weights.get(k, 1.0) * v for k, v in out.terms.items()).backward()
-
-            parts.append(f"{level.name} {tuple(t.shape[1:])} {seconds(level_step):.3f}")
-        label = f"{method} latent {latent}" if latent else method
-        print(f"{label} levels (s / batch): {', '.join(parts)}")
+def balance(results_csv: Path) -> list[dict[str, float]]:
+    """Per epoch, from Ultralytics' results.csv: the task loss (box + cls + dfl), every kd column (the weighted kd,
+    diffusion and other terms of each level) and their sum."""
+    with open(results_csv) as f:
+        rows = list(csv.DictReader(f))
+    task_columns = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
+    epochs = []
+    for row in rows:
+        row = {k.strip(): v for k, v in row.items()}
+        terms = {k.split("/", 1)[1]: float(v) for k, v in row.items()
+                 if k.startswith("train/") and k not in task_columns and not k.endswith("_w")}
+        epochs.append({"task": sum(float(row[c]) for c in task_columns), "kd_total": sum(terms.values()), **terms})
+    return epochs
 
 
 def peak_rss_mib() -> float:
@@ -245,27 +283,36 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# ----------------------------------------------------------------------------------------------- tables
 def spread(values: list[float]) -> str:
     mean = statistics.mean(values)
     return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
-def write_tables(results: list[dict], out: Path, teacher_summary: dict | None, command: str) -> str:
+def write_tables(results: list[dict], out: Path, command: str) -> str:
+    """results.md (one table per workflow, a line on the teacher) and results.json (every run, with its epochs)."""
     lines = [f"`{command}`", ""]
-    if teacher_summary:
-        lines += [f"Teacher: mAP50-95 {teacher_summary['mAP50-95']:.4f}, mAP50 {teacher_summary['mAP50']:.4f} "
-                  f"({teacher_summary['seconds']:.0f} s to train)", ""]
-    lines += ["| row | seeds | mAP50-95 | mAP50 | CPU s / epoch | x student | x native KD | wall s / epoch | peak RSS (MiB) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    by_row = {row: [r for r in results if r["row"] == row] for row in ROWS}
-    cpu = {row: statistics.mean(r["epoch_cpu_seconds"] for r in runs) for row, runs in by_row.items() if runs}
-    for row, runs in by_row.items():
+    for name in ("source-teacher", "source-student", "teacher"):
+        summary = out / name / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            lines.append(f"- {name}: mAP50-95 {s['mAP50-95']:.4f}, mAP50 {s['mAP50']:.4f} ({s['seconds']:.0f} s)")
+    for workflow in WORKFLOWS:
+        runs = [r for r in results if r["workflow"] == workflow]
         if not runs:
             continue
-        ratios = [f"{cpu[row] / cpu[base]:.2f}" if base in cpu else "-" for base in ("student", "native")]
-        lines.append(f"| {LABELS[row]} | {', '.join(str(r['seed']) for r in runs)} | {spread([r['mAP50-95'] for r in runs])} "
-                     f"| {spread([r['mAP50'] for r in runs])} | {cpu[row]:.1f} | {' | '.join(ratios)} | "
-                     f"{statistics.mean(r['epoch_seconds'] for r in runs):.1f} | {max(r['peak_rss_mib'] for r in runs):.0f} |")
+        lines += ["", f"### {WORKFLOWS[workflow].label}", "",
+                  "| row | seeds | mAP50-95 | mAP50 | CPU s / epoch | x student | x native KD | peak RSS (MiB) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        by_row = {row: [r for r in runs if r["row"] == row] for row in ROWS}
+        cpu = {row: statistics.mean(r["epoch_cpu_seconds"] for r in rs) for row, rs in by_row.items() if rs}
+        for row, rs in by_row.items():
+            if not rs:
+                continue
+            ratios = " | ".join(f"{cpu[row] / cpu[base]:.2f}" if base in cpu else "-" for base in ("student", "native"))
+            lines.append(f"| {ROWS[row].label} | {', '.join(str(r['seed']) for r in rs)} | "
+                         f"{spread([r['mAP50-95'] for r in rs])} | {spread([r['mAP50'] for r in rs])} | {cpu[row]:.1f} | "
+                         f"{ratios} | {max(r['peak_rss_mib'] for r in rs):.0f} |")
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -281,28 +328,30 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.profile:
-        profile(args)
+    passed = list(argv if argv is not None else sys.argv[1:])
+    if args.stage:
+        train_stage(args, out, args.stage)
         return
-    data = prepare_data(args, out)
-    teacher = teacher_checkpoint(args, out, data)
     if args.run:
-        one_run(args, out, data, teacher)
+        workflow, row = args.run.split("/")
+        one_run(args, out, workflow, row, args.seed)
         return
-    passed = [a for a in (argv if argv is not None else sys.argv[1:])]
+    ensure_stages(args, out, passed)
+    if args.prepare:
+        return
     results = []
+    command = "OMP_NUM_THREADS=1 python benchmarks/yolo.py " + " ".join(passed)
     for seed in args.seeds:
-        for row in args.rows:
-            result_file = out / "runs" / f"{row}-s{seed}" / "result.json"
-            if not result_file.is_file():
-                shutil.rmtree(result_file.parent, ignore_errors=True)  # an unfinished run: started again
-                print(f"{row} seed {seed} ...", flush=True)
-                subprocess.run([sys.executable, __file__, *passed, "--run", row, "--seed", str(seed)], check=True)
-            results.append(json.loads(result_file.read_text()))
-            summary = out / "teacher" / "summary.json"
-            command = "OMP_NUM_THREADS=1 python benchmarks/yolo.py " + " ".join(passed)
-            print(write_tables(results, out, json.loads(summary.read_text()) if summary.is_file() else None, command),
-                  flush=True)
+        for workflow in args.workflows:
+            for row in args.rows:
+                result_file = out / "runs" / workflow / f"{row}-s{seed}" / "result.json"
+                if not result_file.is_file():
+                    shutil.rmtree(result_file.parent, ignore_errors=True)  # an unfinished run: started again
+                    print(f"{workflow} / {row} seed {seed} ...", flush=True)
+                    subprocess.run([sys.executable, __file__, *passed, "--run", f"{workflow}/{row}", "--seed",
+                                    str(seed)], check=True)
+                results.append(json.loads(result_file.read_text()))
+                print(write_tables(results, out, command), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Each image is a black square canvas with a few Fashion-MNIST items pasted at random scales and
 places (train items from Fashion-MNIST's train split, val items from its test split). An item's box
 is the extent of its nonzero pixels after scaling; its category is its Fashion-MNIST class (ids 1..10).
-Boxes overlap at most `max_overlap` IoU; where items touch, the brighter pixel wins. The same spec
-always writes the same files, so the whole detection pipeline can run and be tested without COCO.
+Boxes overlap at most `max_overlap` IoU; where items touch, the brighter pixel wins. `classes` keeps
+some Fashion-MNIST classes only (numbered 1..k in the order given), so two specs with disjoint
+classes make a source and a target task. The same spec always writes the same files, so the whole
+detection pipeline can run and be tested without COCO.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class MosaicSpec:
     max_scale: float = 2.5
     max_overlap: float = 0.3
     seed: int = 0
+    classes: tuple[int, ...] | None = None  # Fashion-MNIST class indices to draw from (None: all ten)
 
     def __post_init__(self) -> None:
         """Reject specs that cannot produce an image."""
@@ -53,6 +56,12 @@ class MosaicSpec:
             raise ValueError(f"items of up to {ITEM_SIZE * self.max_scale:.0f} px do not fit a {self.canvas} px canvas")
         if self.train_images < 1 or self.val_images < 1:
             raise ValueError("mosaics need at least one train and one val image")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes))
+            if not self.classes or len(set(self.classes)) != len(self.classes) or not all(
+                    isinstance(c, int) and 0 <= c < len(CLASSES) for c in self.classes):
+                raise ValueError(f"mosaic classes must be distinct Fashion-MNIST class indices 0..{len(CLASSES) - 1}, "
+                                 f"got {self.classes!r}")
 
 
 def scaled_item(item: Tensor, side: int) -> tuple[Tensor, Tensor] | None:
@@ -98,13 +107,18 @@ def compose(items: Tensor, labels: Tensor, spec: MosaicSpec, generator: torch.Ge
 def write_split(folder: Path, split: str, spec: MosaicSpec, source_root: str | Path | None = None) -> None:
     """Write folder/<split>/*.png and folder/annotations/instances_<split>.json."""
     source = build_dataset("fashion_mnist", SPLITS[split], source_root, augment=False)
+    items, labels = source.images, source.targets
+    kept = spec.classes or tuple(range(len(CLASSES)))
+    if spec.classes is not None:  # keep those classes' items, labelled by their position in `classes`
+        chosen = torch.isin(labels, torch.tensor(kept))
+        items, labels = items[chosen], torch.tensor([kept.index(int(c)) for c in labels[chosen]])
     count = spec.train_images if split == "train" else spec.val_images
     generator = torch.Generator().manual_seed(spec.seed * 2 + (split == "val"))
     (folder / split).mkdir(parents=True)
     (folder / "annotations").mkdir(exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, count + 1):
-        canvas, placed = compose(source.images, source.targets, spec, generator)
+        canvas, placed = compose(items, labels, spec, generator)
         name = f"{image_id:06d}.png"
         Image.fromarray(canvas.numpy(), mode="L").save(folder / split / name)
         images.append({"id": image_id, "file_name": name, "width": spec.canvas, "height": spec.canvas})
@@ -113,7 +127,7 @@ def write_split(folder: Path, split: str, spec: MosaicSpec, source_root: str | P
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": cls + 1, "bbox": box,
                 "area": box[2] * box[3], "iscrowd": 0,
             })  # fmt: skip
-    categories = [{"id": i + 1, "name": name, "supercategory": "fashion"} for i, name in enumerate(CLASSES)]
+    categories = [{"id": i + 1, "name": CLASSES[c], "supercategory": "fashion"} for i, c in enumerate(kept)]
     document = {"images": images, "annotations": annotations, "categories": categories}
     (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(document))
 
@@ -146,7 +160,7 @@ def ensure_mosaics(root: str | Path, spec: MosaicSpec = MosaicSpec(), source_roo
 
 def _check_spec(root: Path, spec: MosaicSpec) -> None:
     """Refuse a mosaic folder generated from another spec."""
-    found, wanted = json.loads((root / SPEC_FILE).read_text()), asdict(spec)
-    if found != wanted:
-        changed = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in wanted.items() if found.get(k) != v)
+    found, wanted = json.loads((root / SPEC_FILE).read_text()), json.loads(json.dumps(asdict(spec)))
+    changed = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in wanted.items() if found.get(k) != v)
+    if changed:  # a folder written before a field existed holds that field's default
         raise ValueError(f"{root} holds mosaics of another spec ({changed}); use another data.root or delete it")

@@ -43,14 +43,17 @@ from ..atomic import save_atomic
 from ..methods import MethodOutput, build_method, method_class
 from ..weighting import LossWeights, term_key, weight_spec
 
-SUPPORTED_METHODS = ("diffkd", "mse", "cwd", "fgd")
+SUPPORTED_METHODS = ("diffkd", "mse", "cwd", "fgd", "mgd", "pkd")
 # Each method's options on YOLO neck maps. diffkd: the paper's detection setting (attention-weighted MSE, tau 0.5,
-# kd term x5, diffusion x1, no autoencoder); fgd: the authors' one-stage (FCOS) weights; cwd: its defaults.
+# kd term x5, diffusion x1, no autoencoder); fgd: the authors' one-stage (FCOS) weights; cwd, mgd, pkd: their defaults
+# (mgd and pkd: the authors' FPN settings).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "diffkd": {"distance": "attention_mse", "tau": 0.5, "kd_weight": 5.0},
     "mse": {},
     "cwd": {},
     "fgd": {"family": "fcos"},
+    "mgd": {},
+    "pkd": {},
 }
 KD_KEYS = ("teacher", "method", "kd_weight", "kd_latent", "teacher_layers", "student_layers", "method_options",
            "allow_download")

@@ -13,7 +13,9 @@ from .dist import DIST
 from .dkd import DKD
 from .fgd import FGD
 from .kd import KD
+from .mgd import MGD
 from .mse import MSE
+from .pkd import PKD
 from .pkt import PKT
 from .regression_l1 import RegressionL1
 from .reviewkd import ReviewKD
@@ -36,6 +38,8 @@ METHODS: dict[str, type[Method]] = {
     "srrl": SRRL,
     "fgd": FGD,
     "cwd": CWD,
+    "mgd": MGD,
+    "pkd": PKD,
 }
 
 Shapes = torch.Size | list[torch.Size]  # a list: one shape per tap of a multi-tap level
