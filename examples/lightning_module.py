@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             LitClassifier(width=8), teacher.eval().requires_grad_(False),
             [Level("@feature", "@feature", "diffkd", latent_channels=16, name="maps"),
              Level("@logits", "@logits", "kd", tau=1.0, name="logits")],
-            task_loss=F.cross_entropy, input_shape=(3, SIZE, SIZE))
+            input_shape=(3, SIZE, SIZE))  # the task loss: LitClassifier's own training_step
         print("student taps:", {k: t.path for k, t in module.distiller.student_taps.taps.items()})
         student_accuracy, logged = fit(module, train, test, epochs, out)
         print("logged:", {k: round(v, 4) for k, v in logged.items() if k.endswith("_epoch")})

@@ -248,7 +248,12 @@ def test_resume_from_checkpoint_restores_the_method_modules(tmp_path, build):
         a, b = getattr(whole.distiller, part).state_dict(), getattr(resumed.distiller, part).state_dict()
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
 
-    (tmp_path / "whole" / "run" / "checkpoint-2" / DISTILLER_FILE).unlink()
+    saved = tmp_path / "whole" / "run" / "checkpoint-2" / DISTILLER_FILE
+    saved.write_bytes(saved.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(ValueError) as exc:
+        build(tmp_path / "again", max_steps=4).train(resume_from_checkpoint=str(saved.parent))
+    assert "truncated, corrupt or incomplete" in one_line(exc) and "weights_only" not in str(exc.value)
+    saved.unlink()
     with pytest.raises(FileNotFoundError, match=f"{DISTILLER_FILE} is missing: resume_from_checkpoint needs a checkpoint "
                                                 "written by DistillationTrainer") as exc:
         build(tmp_path / "again", max_steps=4).train(resume_from_checkpoint=str(tmp_path / "whole" / "run" / "checkpoint-2"))
@@ -305,3 +310,20 @@ def test_the_methods_schedules_follow_the_trainers_progress(tmp_path, monkeypatc
     monkeypatch.setattr(trainer.distiller, "set_progress", lambda epoch, epochs: seen.append((epoch, epochs)))
     trainer.train()
     assert seen == [(0.0, 2), (0.25, 2), (0.5, 2), (0.75, 2), (1.0, 2), (1.25, 2)]  # before each step
+
+
+def test_a_teacher_sharing_a_module_with_the_student_or_being_it_is_refused(tmp_path):
+    teacher, student = frozen(vit(2, 16)), vit(1, 16)
+    student.vit.embeddings = teacher.vit.embeddings  # a user's shortcut: reuse the teacher's embeddings
+    levels = [Level("@logits", "@logits", "kd")]
+    with pytest.raises(ValueError) as exc:
+        DistillationTrainer(model=student, teacher=teacher, levels=levels, args=arguments(tmp_path), train_dataset=Pictures())
+    assert "the teacher's module 'vit.embeddings' is the student's module 'vit.embeddings'" in one_line(exc)
+    student = vit(1, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the warning that it would be frozen
+        with pytest.raises(ValueError) as exc:
+            DistillationTrainer(model=student, teacher=student, levels=levels, args=arguments(tmp_path),
+                                train_dataset=Pictures())
+    assert one_line(exc).startswith("the teacher is the student:")
+    assert all(p.requires_grad for p in student.parameters())  # nothing was frozen

@@ -49,8 +49,8 @@ def frozen(model: nn.Module) -> nn.Module:
 def module(levels=None, student=None, **options) -> DistillationModule:
     torch.manual_seed(0)
     levels = levels or [Level("net.0", "0", "mse", name="maps"), Level("net.4", "4", "kd", tau=2.0, name="logits")]
-    return DistillationModule(student or LitStudent(), frozen(cnn(8)), levels, task_loss=F.cross_entropy,
-                              input_shape=(3, SIZE, SIZE), **options)
+    options = {"task_loss": F.cross_entropy, **options}
+    return DistillationModule(student or LitStudent(), frozen(cnn(8)), levels, input_shape=(3, SIZE, SIZE), **options)
 
 
 def loader(n: int = 16, batch: int = 4, indices: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
@@ -231,3 +231,99 @@ def test_the_methods_schedules_follow_the_trainers_progress(tmp_path, monkeypatc
     monkeypatch.setattr(wrapped.distiller, "set_progress", lambda epoch, epochs: seen.append((epoch, epochs)))
     trainer(tmp_path, max_steps=6).fit(wrapped, loader())  # 16 items, batches of 4: 4 steps an epoch, 2 epochs
     assert seen == [(0.0, 2), (0.25, 2), (0.5, 2), (0.75, 2), (1.0, 2), (1.25, 2)]  # before each step
+
+
+def test_a_teacher_sharing_a_module_with_the_student_or_being_part_of_it_is_refused():
+    teacher, student = frozen(cnn(8)), LitStudent(width=8)
+    student.net[0] = teacher[0]
+    levels = [Level("net.4", "4", "kd")]
+    with pytest.raises(ValueError) as exc:
+        DistillationModule(student, teacher, levels, task_loss=F.cross_entropy, input_shape=(3, SIZE, SIZE))
+    assert "the teacher's module '0' is the student's module 'net.0'" in one_line(exc)
+    student = LitStudent(width=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the warning that it would be frozen
+        with pytest.raises(ValueError) as exc:
+            DistillationModule(student, student.net, [Level("net.4", "4", "kd")], task_loss=F.cross_entropy,
+                               input_shape=(3, SIZE, SIZE))
+    assert one_line(exc).startswith("the teacher is the student's module 'net':")
+    assert all(p.requires_grad for p in student.parameters())  # nothing was frozen
+
+
+class WithOwnStep(LitStudent):
+    """A student with its own training_step that adds a term beyond the cross-entropy, and logs."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y) + 0.5 * self.net[0].weight.pow(2).sum()
+        self.log("own_term", loss.detach())
+        return {"loss": loss}
+
+
+@pytest.mark.integration
+def test_the_students_own_training_step_gives_the_task_loss_its_extra_term_kept(tmp_path):
+    levels = [Level("net.4", "4", "kd", tau=2.0, weight=0.5, name="logits")]
+    torch.manual_seed(0)
+    wrapped = DistillationModule(WithOwnStep(), frozen(cnn(8)), levels, input_shape=(3, SIZE, SIZE))
+    x, y = next(iter(loader()))
+    with torch.no_grad():
+        s, t = wrapped.student(x), wrapped.distiller.teacher(x)
+        own = F.cross_entropy(s, y) + 0.5 * wrapped.student.net[0].weight.pow(2).sum()
+    kd = F.kl_div(F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean") * 4
+    run = trainer(tmp_path, max_steps=1)
+    run.fit(wrapped, loader())
+    logged = run.callback_metrics
+    assert logged["train/task_loss_step"].item() == pytest.approx(own.item(), rel=1e-5)
+    assert logged["own_term"].item() == pytest.approx(own.item(), rel=1e-5)  # the student's own log, kept
+    assert logged["train/loss_step"].item() == pytest.approx((own + 0.5 * kd).item(), rel=1e-5)
+
+
+def test_a_task_loss_is_given_once_and_must_be_a_loss():
+    with pytest.raises(ValueError) as exc:
+        DistillationModule(WithOwnStep(), frozen(cnn(8)), [Level("net.4", "4", "kd")], task_loss=F.cross_entropy,
+                           input_shape=(3, SIZE, SIZE))
+    assert "has its own training_step, whose loss is the task loss here: drop task_loss=" in one_line(exc)
+    with pytest.raises(ValueError) as exc:
+        DistillationModule(LitStudent(), frozen(cnn(8)), [Level("net.4", "4", "kd")], input_shape=(3, SIZE, SIZE))
+    assert "give task_loss=fn(student_output, targets)" in one_line(exc)
+    x, y = next(iter(loader()))
+    wrapped = module(task_loss=lambda output, targets: None)
+    with pytest.raises(ValueError) as exc:
+        wrapped.distiller(x, y)
+    assert "the task_loss function returned NoneType; it must return the task loss" in one_line(exc)
+
+    class TwoForwards(LitStudent):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y) + F.cross_entropy(self(x.flip(3)), y)
+
+    class NoLoss(LitStudent):
+        def training_step(self, batch, batch_idx):
+            self(batch[0])
+
+    for student, expected in ((TwoForwards(), "ran its forward 2 times"), (NoLoss(), "returned NoneType")):
+        wrapped = DistillationModule(student, frozen(cnn(8)), [Level("net.4", "4", "kd")], input_shape=(3, SIZE, SIZE))
+        wrapped._current_fx_name = "training_step"
+        with pytest.raises(ValueError) as exc:
+            wrapped._distil_own_step((x, y), 0, x, y, None)
+        assert expected in one_line(exc)
+
+
+@pytest.mark.integration
+def test_resuming_a_checkpoint_of_other_levels_is_one_line(tmp_path):
+    first = module()
+    run = trainer(tmp_path, max_steps=1)
+    run.fit(first, loader())
+    run.save_checkpoint(tmp_path / "one.ckpt")
+    for levels in ([Level("net.0", "0", "mse", name="maps")],  # no logits level, which holds no state
+                   [Level("net.0", "0", "mse", name="maps"), Level("net.4", "4", "kd", tau=4.0, name="logits")]):
+        with pytest.raises(ValueError) as exc:
+            trainer(tmp_path, max_steps=2).fit(module(levels), loader(), ckpt_path=tmp_path / "one.ckpt")
+        assert "the checkpoint was trained with other levels" in one_line(exc)
+    checkpoint = torch.load(tmp_path / "one.ckpt", weights_only=False)
+    del checkpoint["diffkd_levels"]  # a checkpoint without the record: its keys still tell
+    torch.save(checkpoint, tmp_path / "keys.ckpt")
+    with pytest.raises(ValueError) as exc:
+        trainer(tmp_path, max_steps=2).fit(module([Level("net.0", "0", "mse", name="other")]), loader(),
+                                           ckpt_path=tmp_path / "keys.ckpt")
+    assert "does not fit these levels" in one_line(exc) and "methods.other" in str(exc.value)

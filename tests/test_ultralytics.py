@@ -146,6 +146,17 @@ class StopHere(Exception):
     """Raised by a test callback to end a training at a chosen point."""
 
 
+def teacher_file(path: Path, cfg: str = "yolov8s.yaml", seed: int = 0, nc: int = 2) -> Path:
+    """A YOLO checkpoint as Ultralytics writes one ({"model": the model in half precision, ...}), of random weights."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    model = DetectionModel(cfg, nc=nc, verbose=False)
+    model.task = "detect"
+    torch.save({"model": model.half(), "train_args": {}, "date": "2026-12-07"}, path)
+    return path
+
+
 @pytest.mark.integration
 def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thread):
     saved: dict[str, object] = {}
@@ -156,8 +167,10 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
         saved["exp_avg"] = [trainer.optimizer.state[p]["exp_avg"].clone() for p in params]
         raise StopHere
 
+    teacher = teacher_file(tmp_path / "teacher.pt")
     with pytest.raises(StopHere):
-        run(tmp_path, "detect", epochs=2, optimizer="AdamW", nbs=4, callbacks={"on_model_save": [stop_after_first_save]})
+        run(tmp_path, "detect", teacher=str(teacher), epochs=2, optimizer="AdamW", nbs=4,
+            callbacks={"on_model_save": [stop_after_first_save]})
     last = tmp_path / "runs" / "run" / "weights" / "last.pt"
     restored: dict[str, object] = {}
 
@@ -169,27 +182,118 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
 
     with pytest.raises(StopHere):
         yolo_kd.distill(resume=str(last), callbacks={"on_pretrain_routine_end": [after_setup]})
-    assert restored["settings"].teacher == MODELS["detect"].replace("n", "s", 1)
+    assert restored["settings"].teacher == str(teacher)
     assert restored["kd"].keys() == saved["kd"].keys()
     for key, value in saved["kd"].items():
         assert torch.equal(restored["kd"][key], value), key
     assert len(restored["exp_avg"]) == len(saved["exp_avg"]) > 0
     for found, expected in zip(restored["exp_avg"], saved["exp_avg"]):  # last.pt keeps optimizer state in fp16
         torch.testing.assert_close(found, expected, atol=1e-3, rtol=1e-2)
-    # never a silent resume with other kd modules or settings
+    # a checkpoint Ultralytics' trainer wrote reads safely, as a teacher too
+    assert isinstance(yolo_kd.load_teacher(str(last), "detect", {"nc": 2, "channels": 3}), torch.nn.Module)
+    # never a silent resume with other kd modules, settings or teacher weights
     with pytest.raises(ValueError) as excinfo:
         yolo_kd.distill(teacher="yolov8m.yaml", resume=str(last))
-    assert "resume continues the run's distillation" in one_line_error(excinfo)
+    assert f"teacher is {str(teacher)!r} there, 'yolov8m.yaml' given" in one_line_error(excinfo)
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.distill(resume=str(last), kd_weight=0.5, method="mse")
+    message = one_line_error(excinfo)
+    assert "method is 'diffkd' there, 'mse' given" in message and "kd_weight is 1.0 there, 0.5 given" in message
+    yolo_kd.resumed_settings(restored["settings"], {"kd_weight": 1, "teacher": str(teacher)})  # the same: accepted
+    original = teacher.read_bytes()
+    for other in (teacher_file(tmp_path / "other.pt", seed=1), teacher_file(tmp_path / "wider.pt", "yolov8m.yaml")):
+        teacher.write_bytes(other.read_bytes())  # same path, other weights (then another width)
+        with pytest.raises(ValueError) as excinfo:
+            yolo_kd.distill(resume=str(last))
+        assert f"teacher {teacher} has changed since the run started" in one_line_error(excinfo)
+    teacher.write_bytes(original)
     state_file = last.parent / yolo_kd.STATE_FILE
     state = torch.load(state_file, weights_only=True)
-    torch.save({**state, "epoch": state["epoch"] + 1}, state_file)
+    assert [snap["epoch"] for snap in state["snapshots"]] == [0]
+    torch.save({**state, "snapshots": [{**snap, "epoch": 1} for snap in state["snapshots"]]}, state_file)
     with pytest.raises(ValueError) as excinfo:
         yolo_kd.distill(resume=str(last))
-    assert "is from epoch 2 but last.pt from epoch 1" in one_line_error(excinfo)
+    assert "holds the kd modules of epoch 2 but last.pt is from epoch 1" in one_line_error(excinfo)
+    for damaged in (b"", b"PK\x03\x04 truncated"):
+        state_file.write_bytes(damaged)
+        with pytest.raises(ValueError) as excinfo:
+            yolo_kd.distill(resume=str(last))
+        assert "cannot read checkpoint" in one_line_error(excinfo) and "weights_only" not in str(excinfo.value)
     state_file.unlink()
     with pytest.raises(ValueError) as excinfo:
         yolo_kd.distill(resume=str(last))
     assert "kd_modules.pt is missing" in one_line_error(excinfo)
+
+
+@pytest.mark.integration
+def test_a_stop_between_the_two_saves_resumes_from_the_older_pair(tmp_path, one_thread, monkeypatch):
+    """kd_modules.pt is written before last.pt and keeps the save before: a stop between the two writes of epoch 2
+    leaves last.pt of epoch 1 beside a kd file that still holds epoch 1's modules, which resume takes."""
+    from ultralytics.engine.trainer import BaseTrainer
+
+    saves: list[dict] = []
+    plain_save = BaseTrainer.save_model
+
+    def save_once(trainer):
+        saves.append({k: v.detach().clone() for k, v in trainer.kd_modules.state_dict().items()})
+        if len(saves) == 2:
+            raise StopHere  # after kd_modules.pt of epoch 2, before last.pt of epoch 2
+        return plain_save(trainer)
+
+    monkeypatch.setattr(BaseTrainer, "save_model", save_once)
+    with pytest.raises(StopHere):
+        run(tmp_path, "detect", epochs=3, val=False)
+    monkeypatch.undo()
+    last = tmp_path / "runs" / "run" / "weights" / "last.pt"
+    state = torch.load(last.parent / yolo_kd.STATE_FILE, weights_only=True)
+    assert [snap["epoch"] for snap in state["snapshots"]] == [1, 0]
+    restored = {}
+
+    def after_setup(trainer):
+        restored.update({k: v.detach().clone() for k, v in trainer.kd_modules.state_dict().items()})
+        raise StopHere
+
+    with pytest.raises(StopHere):
+        yolo_kd.distill(resume=str(last), callbacks={"on_pretrain_routine_end": [after_setup]})
+    assert restored.keys() == saves[0].keys()
+    assert all(torch.equal(restored[k], v) for k, v in saves[0].items())
+    assert any(not torch.equal(saves[1][k], v) for k, v in saves[0].items() if v.is_floating_point())
+
+
+@pytest.mark.integration
+def test_a_finished_run_says_so_on_resume_and_a_random_teacher_is_named(tmp_path, one_thread, capsys):
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    from diffkd.cli import main
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    kept = Kept()
+    LOGGER.addHandler(kept)
+    data = write_dataset(tmp_path / "data", "detect")
+    pairs = [f"{k}={v}" for k, v in {**FAST, "epochs": 1, "val": False, "project": tmp_path / "runs", "name": "done"}.items()]
+    try:
+        assert main(["yolo", "student=yolov8n.yaml", "teacher=yolov8s.yaml", f"data={data}", *pairs]) == 0
+    finally:
+        LOGGER.removeHandler(kept)
+    warned = [line for line in kept.lines if "distilled from random weights" in line]
+    assert len(warned) == 1 and "\n" not in warned[0]  # one warning line, at the start
+    assert kept.lines.index(warned[0]) < next(i for i, line in enumerate(kept.lines) if "Starting training" in line)
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[-1].endswith("(distilled from a random teacher: a model .yaml)")
+    state = torch.load(tmp_path / "runs/done/weights" / yolo_kd.STATE_FILE, weights_only=True)
+    assert state["teacher"]["random_weights"] is True
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.distill(resume=str(tmp_path / "runs/done/weights/last.pt"))
+    assert "is finished (all its epochs are trained): there is nothing to resume" in one_line_error(excinfo)
 
 
 @pytest.mark.integration
@@ -204,7 +308,7 @@ def test_the_trainer_rebuilds_as_ultralytics_ddp_launcher_rebuilds_it(tmp_path, 
     from ultralytics.utils import callbacks as ultralytics_callbacks
 
     events = ultralytics_callbacks.get_default_callbacks()
-    events[yolo_kd.SETTINGS_KEY] = [settings]
+    events[yolo_kd.SETTINGS_KEY] = [yolo_kd.Preflight(settings)]
     overrides = {**FAST, "model": MODELS["detect"], "data": str(data), "project": str(tmp_path / "runs"), "name": "ddp"}
     trainer = yolo_kd.DistillationDetectionTrainer(overrides=overrides, _callbacks=events)
     by_reference = pickle.dumps(type(trainer))
@@ -244,7 +348,7 @@ def one_line_error(excinfo) -> str:
 def test_a_method_yolo_cannot_feed_is_refused(method, reason):
     with pytest.raises(ValueError) as excinfo:
         yolo_kd.KDSettings("teacher.pt", method=method)
-    assert reason in one_line_error(excinfo) and "diffkd, mse, cwd, fgd" in str(excinfo.value)
+    assert reason in one_line_error(excinfo) and "diffkd, mse, cwd, fgd, mgd, pkd" in str(excinfo.value)
 
 
 def test_settings_are_checked():
@@ -277,17 +381,6 @@ def teacher_data(task: str = "detect", nc: int = 2) -> dict:
     return {"nc": nc, "names": {i: str(i) for i in range(nc)}, "channels": 3, **({"kpt_shape": [3, 3]} if task == "pose" else {})}
 
 
-def builder(task: str, data: dict):
-    from ultralytics.nn.tasks import DetectionModel, PoseModel
-
-    def build(cfg, weights=None, verbose=False):
-        if task == "pose":
-            return PoseModel(cfg, nc=data["nc"], data_kpt_shape=tuple(data["kpt_shape"]), verbose=False)
-        return DetectionModel(cfg, nc=data["nc"], verbose=False)
-
-    return build
-
-
 def test_a_teacher_that_is_not_a_yolo_checkpoint_is_refused(tmp_path):
     state_dict = tmp_path / "weights.pt"
     torch.save({"conv.weight": torch.zeros(2, 2)}, state_dict)
@@ -295,10 +388,10 @@ def test_a_teacher_that_is_not_a_yolo_checkpoint_is_refused(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     for path in (state_dict, garbage):
         with pytest.raises(ValueError) as excinfo:
-            yolo_kd.load_teacher(str(path), "detect", teacher_data(), builder("detect", teacher_data()))
+            yolo_kd.load_teacher(str(path), "detect", teacher_data())
         assert "is not an Ultralytics YOLO checkpoint" in one_line_error(excinfo)
     with pytest.raises(ValueError, match="is not a file"):
-        yolo_kd.load_teacher(str(tmp_path / "missing.pt"), "detect", teacher_data(), builder("detect", teacher_data()))
+        yolo_kd.load_teacher(str(tmp_path / "missing.pt"), "detect", teacher_data())
 
 
 def test_a_teacher_of_another_task_or_class_count_is_refused(tmp_path):
@@ -306,18 +399,18 @@ def test_a_teacher_of_another_task_or_class_count_is_refused(tmp_path):
 
     data = teacher_data()
     with pytest.raises(ValueError) as excinfo:
-        yolo_kd.load_teacher("yolov8s-seg.yaml", "detect", data, builder("detect", data))
+        yolo_kd.load_teacher("yolov8s-seg.yaml", "detect", data)
     assert "is a segment model but the student is a detect model" in one_line_error(excinfo)
     checkpoint = tmp_path / "three_classes.pt"
     model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     model.task = "detect"
     torch.save({"model": model}, checkpoint)
     with pytest.raises(ValueError) as excinfo:
-        yolo_kd.load_teacher(str(checkpoint), "detect", data, builder("detect", data))
+        yolo_kd.load_teacher(str(checkpoint), "detect", data)
     assert "predicts 3 classes but the data has 2" in one_line_error(excinfo)
     with pytest.raises(ValueError, match="is a detect model but the student is a pose model"):
-        yolo_kd.load_teacher(str(checkpoint), "pose", teacher_data("pose"), builder("pose", teacher_data("pose")))
-    teacher = yolo_kd.load_teacher(str(checkpoint), "detect", teacher_data(nc=3), builder("detect", teacher_data(nc=3)))
+        yolo_kd.load_teacher(str(checkpoint), "pose", teacher_data("pose"))
+    teacher = yolo_kd.load_teacher(str(checkpoint), "detect", teacher_data(nc=3))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
@@ -515,5 +608,106 @@ def test_the_benchmark_exports_coco_mosaics_to_yolo_labels(tmp_path):
     # category 3 -> class 2; centre (20, 8) and size (20, 8) over an 80 x 40 image
     assert (tmp_path / "yolo/labels/train/000001.txt").read_text() == "2 0.250000 0.200000 0.250000 0.200000\n"
     assert (tmp_path / "yolo/images/val/000001.png").is_file()
-    assert "names:\n  0: c1\n  1: c2\n  2: c3\n" in spec.read_text()
+    assert 'names:\n  0: "c1"\n  1: "c2"\n  2: "c3"\n' in spec.read_text()
     assert export_yolo(mosaics, tmp_path / "yolo") == spec  # written once, then reused
+
+
+# ------------------------------------------------------------------------------------------- issue 32: files, pairing, folders
+class RunsCode:
+    """Unpickling this runs a shell command (what a hostile checkpoint does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread_wherever_it_is_given(tmp_path):
+    data = write_dataset(tmp_path / "data", "detect", images=2)
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model": RunsCode(marker), "train_args": {}}, hostile)
+    cases = {"teacher": dict(student="yolov8n.yaml", teacher=str(hostile)),
+             "student": dict(student=str(hostile), teacher="yolov8s.yaml"),
+             "pretrained": dict(student="yolov8n.yaml", teacher="yolov8s.yaml", pretrained=str(hostile))}
+    for role, given in cases.items():
+        with pytest.raises(ValueError) as excinfo:
+            yolo_kd.distill(**given, data=str(data), project=str(tmp_path / "runs"), name=role, **FAST_ARGS)
+        message = one_line_error(excinfo)
+        assert f"{role} {hostile} is refused for safety: it holds posix.system" in message, message
+        assert not marker.exists() and not (tmp_path / "runs" / role).exists()
+    # the kd modules beside a resumed last.pt are read by diffkd's own safe reader
+    run_dir = tmp_path / "runs" / "resumed" / "weights"
+    run_dir.mkdir(parents=True)
+    last = teacher_file(run_dir / "last.pt", "yolov8n.yaml")
+    checkpoint = torch.load(last, weights_only=False)
+    torch.save({**checkpoint, "epoch": 0}, last)
+    torch.save({"format": yolo_kd.STATE_FORMAT, "settings": RunsCode(marker)}, run_dir / yolo_kd.STATE_FILE)
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.distill(resume=str(last))
+    assert "refused for safety" in one_line_error(excinfo) and not marker.exists()
+    # a checkpoint as Ultralytics writes one still loads
+    teacher = yolo_kd.load_teacher(str(teacher_file(tmp_path / "genuine.pt")), "detect", teacher_data())
+    assert not teacher.training
+
+
+FAST_ARGS = {k: v for k, v in FAST.items() if k != "exist_ok"}
+
+
+def test_maps_of_different_strides_are_paired_only_when_asked_and_the_head_is_no_map():
+    from ultralytics.nn.tasks import DetectionModel
+
+    student, teacher = (DetectionModel(cfg, nc=2, verbose=False) for cfg in ("yolov8n.yaml", "yolov8s.yaml"))
+    for layers, expected in (({"teacher_layers": (15, 15, 15)}, "student layer 18 is a 4x4 map (stride 16) but teacher "
+                                                                "layer 15 is 8x8 (stride 8)"),
+                             ({"teacher_layers": (15,), "student_layers": (21,)}, "student layer 21 is a 2x2 map (stride "
+                                                                                  "32) but teacher layer 15 is 8x8")):
+        with pytest.raises(ValueError) as excinfo:
+            yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", **layers), 64, 3)
+        message = one_line_error(excinfo)
+        assert expected in message and "resize_maps=True" in message, message
+    _, levels, _ = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="mse", teacher_layers=(15,),
+                                                                             student_layers=(21,), resize_maps=True), 64, 3)
+    assert [(lv.name, lv.teacher_layer) for lv in levels] == [("p5", 15)]
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", teacher_layers=(15, 18, 22)), 64, 3)
+    assert "teacher layer 22 (Detect) gives no feature map" in one_line_error(excinfo)
+
+
+def test_a_run_folder_in_use_is_refused_and_failed_checks_leave_no_folder(tmp_path):
+    from diffkd.engine.runlock import RunLock
+
+    data = write_dataset(tmp_path / "data", "detect", images=2)
+    folder = tmp_path / "runs" / "shared"
+    held = RunLock(folder)
+    held.acquire()  # another live run (here: this process) writes the folder
+    try:
+        with pytest.raises(ValueError) as excinfo:
+            yolo_kd.distill("yolov8n.yaml", "yolov8s.yaml", data=str(data), project=str(tmp_path / "runs"),
+                            name="shared", exist_ok=True, **FAST_ARGS)
+        assert "is already in use" in one_line_error(excinfo) and "name= (or project=)" in str(excinfo.value)
+        assert not folder.exists()  # nothing written into it
+    finally:
+        held.release()
+    three_classes = teacher_file(tmp_path / "three.pt", nc=3)
+    for teacher, expected in ((str(three_classes), "predicts 3 classes but the data has 2"),
+                              ("yolov8s-seg.yaml", "is a segment model")):
+        with pytest.raises(ValueError) as excinfo:
+            yolo_kd.distill("yolov8n.yaml", teacher, data=str(data), project=str(tmp_path / "runs"), name="failed",
+                            **FAST_ARGS)
+        assert expected in one_line_error(excinfo)
+        assert not (tmp_path / "runs" / "failed").exists()
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.distill("yolov8n.yaml", "yolov8s.yaml", data=str(data), project=str(tmp_path / "runs"), name="failed",
+                        teacher_layers=[15, 15, 15], **FAST_ARGS)
+    assert "stride" in one_line_error(excinfo) and not (tmp_path / "runs" / "failed").exists()
+
+
+def test_an_unknown_method_gets_the_methods_yolo_takes():
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.KDSettings("t.pt", method="difkd")
+    message = one_line_error(excinfo)
+    assert "unknown method 'difkd' (did you mean 'diffkd'?)" in message
+    assert message.endswith("YOLO distillation takes one of diffkd, mse, cwd, fgd, mgd, pkd")
+    assert "crd" not in message and "regression_l1" not in message

@@ -111,6 +111,7 @@ class Distiller(nn.Module):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"level names must be unique, got {duplicates} twice; pass name=... to Level")
+        check_separate(teacher, student)
         self.levels = list(levels)
         self.student = student
         self.separate_teacher_inputs = teacher_example_input is not None
@@ -184,18 +185,28 @@ class Distiller(nn.Module):
                 "teacher_inputs was given, but this Distiller probed the teacher with the student's example input: "
                 "build it with teacher_example_input=... too"
             )
+        self.run_teacher(inputs if teacher_inputs is None else teacher_inputs)
+        student_output = call_model(self.student, inputs)
+        if task_loss is None and self.task_loss is not None and (targets is not None or self.training):
+            # in eval mode without targets (visualize) there is none to compute
+            task_loss = checked_task_loss(self.task_loss(student_output, targets), "the task_loss function")
+        return self.distil(student_output, targets, indices, task_loss)
+
+    def run_teacher(self, inputs: Any) -> None:
+        """Call the frozen teacher on `inputs` (no gradient), so its taps hold this batch's features."""
+        with torch.no_grad():
+            call_model(self.teacher, inputs)
+
+    def distil(self, student_output: Any, targets: Tensor | None = None, indices: Tensor | None = None,
+               task_loss: Tensor | None = None) -> DistillOutput:
+        """Every level's method on the features both models' latest forwards captured, weighted: for a front end
+        that calls the student itself (then the teacher with `run_teacher`) on the same batch."""
         if indices is None and self.needs_indices:
             needing = [n for n, m in self.methods.items() if m.needs_indices]
             raise ValueError(
                 f"level {needing[0]!r} needs each sample's dataset index: call the distiller as d(inputs, targets, "
                 "indices=...) with the (B,) indices of the batch's items (wrap the dataset in diffkd.data.WithIndices)"
             )
-        with torch.no_grad():
-            call_model(self.teacher, inputs if teacher_inputs is None else teacher_inputs)
-        student_output = call_model(self.student, inputs)
-        if task_loss is None and self.task_loss is not None and (targets is not None or self.training):
-            # in eval mode without targets (visualize) there is none to compute
-            task_loss = self.task_loss(student_output, targets)
         outputs = {}
         stats: dict[str, Tensor] = {}
         for level in self.levels:
@@ -257,6 +268,37 @@ class Distiller(nn.Module):
         self.student_taps.close()
         self.teacher_taps.close()
         self.student_outputs.close()
+
+
+def checked_task_loss(loss: Any, source: str) -> Tensor:
+    """The task loss as a one-element tensor, or one line naming what `source` returned instead."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{source} returned {shown}; it must return the task loss as one number in a tensor "
+                         "(e.g. F.cross_entropy(output, targets))")
+    return loss
+
+
+def check_separate(teacher: nn.Module, student: nn.Module) -> None:
+    """Refuse a teacher that shares a module, parameter or buffer with the student: freezing the teacher would
+    freeze that part of the student without a word (a teacher that is the student freezes all of it)."""
+    in_student = {id(m): name for name, m in student.named_modules(remove_duplicate=False)}
+    for name, module in teacher.named_modules(remove_duplicate=False):
+        holds_state = next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
+        if id(module) in in_student and holds_state:
+            theirs = in_student[id(module)]
+            what = ("the teacher is the student" if not name and not theirs else
+                    f"the teacher is the student's module {theirs!r}" if not name else
+                    f"the teacher's module {name!r} is the student's {'module ' + repr(theirs) if theirs else 'whole model'}")
+            raise ValueError(f"{what}: distillation freezes the teacher, and with it that part of the student; give the "
+                             "teacher its own copy (copy.deepcopy) or a separately trained model")
+    student_tensors = {id(t): name for name, t in [*student.named_parameters(remove_duplicate=False),
+                                                   *student.named_buffers(remove_duplicate=False)]}
+    for name, tensor in [*teacher.named_parameters(remove_duplicate=False), *teacher.named_buffers(remove_duplicate=False)]:
+        if id(tensor) in student_tensors:
+            raise ValueError(f"the teacher's {name!r} is the student's {student_tensors[id(tensor)]!r} (a shared tensor): "
+                             "distillation freezes the teacher, which would freeze it in the student too; give the "
+                             "teacher its own copy (copy.deepcopy)")
 
 
 def _as_list(spec: Any) -> list[Any]:

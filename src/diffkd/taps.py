@@ -512,6 +512,11 @@ class FeatureTaps:
         """The parsed taps by name (read-only)."""
         return MappingProxyType(self._taps)
 
+    @property
+    def forwards(self) -> int:
+        """How many forwards of the model the taps have seen (a front end counts the calls it did not make)."""
+        return self._forwards
+
     def names(self) -> list[str]:
         """Tap names in the order given."""
         return list(self._taps)

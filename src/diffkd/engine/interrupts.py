@@ -13,14 +13,15 @@ HELD = (signal.SIGINT, signal.SIGTERM)
 def interrupts_held() -> Iterator[None]:
     """Run the block with SIGINT/SIGTERM held, then act on the first one received as its handler would.
 
-    Outside the main thread (where Python runs no signal handler) the block runs as it is.
+    A signal ignored on entry (SIGINT in a process started in the background) stays ignored: there is nothing to
+    hold. Outside the main thread (where Python runs no signal handler) the block runs as it is.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    handlers = {sig: signal.getsignal(sig) for sig in HELD}
-    for sig in HELD:
+    handlers = {sig: signal.getsignal(sig) for sig in HELD if signal.getsignal(sig) != signal.SIG_IGN}
+    for sig in handlers:
         signal.signal(sig, lambda signum, _frame: received.append(signum))
     try:
         yield

@@ -1,20 +1,22 @@
 """Distil inside Lightning: `DistillationModule`, a LightningModule wrapping the user's own LightningModule.
 
     module = DistillationModule(LitClassifier(), teacher, levels=[Level("@logits", "@logits", "kd")],
-                                task_loss=F.cross_entropy, input_shape=(3, 32, 32))
+                                input_shape=(3, 32, 32))  # the task loss: LitClassifier's own training_step
     L.Trainer(...).fit(module, train_loader)
 
 The wrapped module (the student) keeps its forward, `configure_optimizers` (run with the method
-modules attached, so an optimizer over `self.parameters()` covers them), validation, test and
-predict steps; training runs diffkd's `Distiller`, which computes `task_loss` and adds the levels'
-terms (levels with `weight="auto"` calibrate against the task loss). The module tree is `student` +
+modules attached, so an optimizer over `self.parameters()` covers them), training, validation, test and
+predict steps. Its own `training_step` gives the task loss, every term it adds included (its forward
+inside runs once on the batch's inputs, and the teacher on the same); a student without one gets
+`task_loss(output, targets)`. diffkd's `Distiller` adds the levels' terms (levels with
+`weight="auto"` calibrate against the task loss). The module tree is `student` +
 `methods` + `weighting` (the automatic weights): checkpoints and DDP hold them; the teacher stays
 outside, frozen, in eval mode, moved with the module. `export_student` writes the student alone.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,18 +28,20 @@ except ImportError:  # the extra is optional
     raise ImportError("diffkd.integrations.lightning needs lightning: pip install diffkd[lightning]") from None
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ..distiller import Distiller, Level
+from ..distiller import Distiller, DistillOutput, Level, check_separate, checked_task_loss
 from .checks import check_teacher_and_levels, warn_if_teacher_trainable
 
 __all__ = ["DistillationModule"]
 
+LEVELS_KEY = "diffkd_levels"  # in Lightning checkpoints: the levels as written
 ATTACHED_NAME = "distill_methods"  # the method modules' name on the student while its configure_optimizers runs
 
 Batch = tuple[Any, Tensor | None, Tensor | None]  # (inputs, targets, indices)
 
 
 class DistillationModule(L.LightningModule):
-    """Train `student` (a LightningModule) as `task_loss(student_output, targets)` plus the levels' terms.
+    """Train `student` (a LightningModule) on its own training_step's loss, or `task_loss(student_output, targets)`
+    where it has none, plus the levels' terms.
 
     `example_input` or `input_shape` (without batch) probes the taps. `split_batch(batch)` gives
     (inputs, targets, indices or None); by default a batch is (inputs, targets), or ((inputs, targets),
@@ -48,7 +52,7 @@ class DistillationModule(L.LightningModule):
     """
 
     def __init__(self, student: L.LightningModule, teacher: nn.Module, levels: Sequence[Level], *,
-                 task_loss: Callable[[Any, Any], Tensor], example_input: Any = None,
+                 task_loss: Callable[[Any, Any], Tensor] | None = None, example_input: Any = None,
                  input_shape: tuple[int, ...] | None = None, split_batch: Callable[[Any], Batch] | None = None,
                  teacher_inputs: Callable[[Any], Any] | None = None, teacher_example_input: Any = None,
                  dataset_size: int | None = None):
@@ -60,6 +64,14 @@ class DistillationModule(L.LightningModule):
         if (teacher_inputs is None) != (teacher_example_input is None):
             raise ValueError("give teacher_inputs (what the teacher is called with) and teacher_example_input "
                              "(what it is probed with) together, or neither")
+        own_step = is_overridden("training_step", student, parent=L.LightningModule)
+        if own_step and task_loss is not None:
+            raise ValueError(f"the student ({type(student).__name__}) has its own training_step, whose loss is the task "
+                             "loss here: drop task_loss=, or remove training_step from the student")
+        if not own_step and task_loss is None:
+            raise ValueError(f"give task_loss=fn(student_output, targets): the student ({type(student).__name__}) has no "
+                             "training_step of its own to compute it")
+        check_separate(teacher, student)
         warn_if_teacher_trainable(teacher, "DistillationModule")
         distiller = Distiller(teacher, student, levels, example_input=example_input, input_shape=input_shape,
                               dataset_size=dataset_size, task_loss=task_loss, teacher_example_input=teacher_example_input)
@@ -67,7 +79,7 @@ class DistillationModule(L.LightningModule):
         self.student = student
         self.methods = distiller.methods
         self.weighting = distiller.weighting
-        self.split_batch, self.teacher_inputs = split_batch, teacher_inputs
+        self.split_batch, self.teacher_inputs, self.own_step = split_batch, teacher_inputs, own_step
         for step in ("validation_step", "test_step"):  # a step the student lacks: Lightning sees none here either
             if not is_overridden(step, student, parent=L.LightningModule):
                 object.__setattr__(self, step, None)
@@ -91,8 +103,11 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, targets, indices = self.split_batch(batch) if self.split_batch else self._default_split(batch)
         self.distiller.set_progress(*self._progress(batch_idx))
-        extra = {"teacher_inputs": self.teacher_inputs(inputs)} if self.teacher_inputs else {}
-        out = self.distiller(inputs, targets, indices, **extra)  # task_loss(output, targets) computed inside
+        if self.own_step:
+            out = self._distil_own_step(batch, batch_idx, inputs, targets, indices)
+        else:
+            extra = {"teacher_inputs": self.teacher_inputs(inputs)} if self.teacher_inputs else {}
+            out = self.distiller(inputs, targets, indices, **extra)  # task_loss(output, targets) computed inside
         loss = out.task_loss + out.loss
         batch_size = _batch_size(inputs)
         terms = {"train/task_loss": out.task_loss, **{f"train/{name}": value for name, value in out.losses.items()}}
@@ -104,9 +119,46 @@ class DistillationModule(L.LightningModule):
             self.log(f"train/auto_weight/{level}", weight, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
+    def _distil_own_step(self, batch: Any, batch_idx: int, inputs: Any, targets: Any, indices: Any) -> DistillOutput:
+        """The teacher on the batch's inputs, then the student's own training_step (its forward captured by the
+        taps), its loss the task loss."""
+        self.distiller.run_teacher(self.teacher_inputs(inputs) if self.teacher_inputs else inputs)
+        before = self.distiller.student_taps.forwards
+        result = self._student_step("training_step", batch, batch_idx)
+        ran = self.distiller.student_taps.forwards - before
+        if ran != 1:
+            raise ValueError(f"the student's training_step ran its forward {ran} times; DistillationModule distils the "
+                             "features of one forward per step: call self(inputs) once in it, or give the student no "
+                             "training_step and pass task_loss=")
+        loss = result.get("loss") if isinstance(result, Mapping) else result
+        task_loss = checked_task_loss(loss, "the student's training_step")
+        return self.distiller.distil(None, targets, indices, task_loss)
+
     def on_train_epoch_end(self) -> None:
         """A calibration window (weight "auto") still open ends with the first epoch."""
         self.distiller.end_epoch()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The levels as written (names, taps, methods, weights, options), so a resume can tell other levels."""
+        checkpoint[LEVELS_KEY] = [repr(level) for level in self.distiller.levels]
+        super().on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of other levels is refused in one line before Lightning loads it (it would list every key)."""
+        saved = checkpoint.get(LEVELS_KEY)
+        mine = [repr(level) for level in self.distiller.levels]
+        if saved is not None and saved != mine:
+            first = next((f"{a} there, {b} here" for a, b in zip(saved, mine) if a != b),
+                         f"{len(saved)} levels there, {len(mine)} here")
+            raise ValueError(f"the checkpoint was trained with other levels ({first}): resume with the levels it was "
+                             "trained with")
+        ours = {k for k in self.state_dict() if not k.startswith("student.")}
+        theirs = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("student.")}
+        if ours != theirs:
+            missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
+            raise ValueError(f"the checkpoint does not fit these levels (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}): resume with the levels it was trained with")
+        super().on_load_checkpoint(checkpoint)
 
     def _default_split(self, batch: Any) -> Batch:
         """(inputs, targets) batches, or ((inputs, targets), indices) from WithIndices when a method needs indices."""

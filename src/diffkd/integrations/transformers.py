@@ -32,7 +32,8 @@ if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):  # how the Traine
                       "pip install -U 'transformers>=5.19'")
 
 from ..atomic import save_atomic
-from ..distiller import Distiller, DistillOutput, Level
+from ..models.weights import UnreadableCheckpoint, read_checkpoint
+from ..distiller import Distiller, DistillOutput, Level, check_separate
 from .checks import check_teacher_and_levels, warn_if_teacher_trainable
 
 __all__ = ["DistillationTrainer", "INDEX_COLUMN", "DISTILLER_FILE"]
@@ -68,6 +69,7 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError("DistillationTrainer needs model=... (the student); model_init is not supported")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._refuse_unsupported_parallelism()
+        check_separate(teacher, model)
         warn_if_teacher_trainable(teacher, "DistillationTrainer")
         self.teacher_inputs = teacher_inputs
         self._dropped_columns: list[str] = []  # the dataset's columns that remove_unused_columns drops
@@ -258,7 +260,11 @@ class DistillationTrainer(transformers.Trainer):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: resume_from_checkpoint needs a checkpoint written by "
                                     "DistillationTrainer (it holds the method modules' state)")
-        state = torch.load(path, map_location=_device_of(self.model), weights_only=True)
+        try:
+            state = read_checkpoint(path)
+        except UnreadableCheckpoint as exc:
+            raise ValueError(f"{exc}; the method modules cannot be resumed from it: resume from another checkpoint "
+                             "folder") from None
         missing, unexpected = self.distiller.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("student.")]
         if missing or unexpected:

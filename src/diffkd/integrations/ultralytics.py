@@ -6,15 +6,21 @@ teacher's layers up to those maps. The student gets no hook and no extra module:
 modules and the teacher belong to the trainer, so the EMA, best.pt and last.pt are plain Ultralytics
 checkpoints that `YOLO(path)` loads without diffkd. The distillation modules are a param group of
 Ultralytics' optimizer (so their optimizer state is in last.pt's) and are saved beside last.pt in
-`weights/kd_modules.pt` (settings, epoch, plain state_dicts of the modules and of their loss weights);
-`resume=True` restores both. Every kd weight is applied by `diffkd.weighting.LossWeights` (`kd_weight`: a number,
-or "auto" against Ultralytics' per-image task loss).
+`weights/kd_modules.pt` (settings, the teacher's weights digest, and the modules and loss weights of the last two
+saves, written before last.pt so that one of them is always of last.pt's epoch); `resume=True` restores both. Every
+kd weight is applied by `diffkd.weighting.LossWeights` (`kd_weight`: a number, or "auto" against Ultralytics'
+per-image task loss).
+
+What a run is given is checked before Ultralytics creates its folder: the teacher and a student or resumed
+checkpoint are read with Ultralytics' restricted unpickler (a file that would run code is refused unread), the
+teacher's task, classes and layers, and the pairing of the maps. The run folder is locked while a run writes it.
 """
 from __future__ import annotations
 
 import ast
 import difflib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,14 +39,20 @@ except ModuleNotFoundError as exc:
     if not (exc.name or "").startswith("ultralytics"):
         raise
     raise ImportError("diffkd's YOLO integration needs Ultralytics, which is not installed: pip install diffkd[ultralytics]") from None
+from ultralytics.cfg import get_cfg, get_save_dir
 from ultralytics.nn.modules.head import Detect
-from ultralytics.nn.tasks import guess_model_task, load_checkpoint, yaml_model_load
-from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT
+from ultralytics.nn.tasks import (DetectionModel, OBBModel, PoseModel, SegmentationModel, guess_model_task,
+                                  torch_safe_load, yaml_model_load)
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK
 from ultralytics.utils import callbacks as ultralytics_callbacks
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..atomic import save_atomic
-from ..methods import MethodOutput, build_method, method_class
+from ..engine.errors import RunDirError
+from ..engine.identity import weights_digest
+from ..engine.runlock import RunLock
+from ..methods import METHODS, MethodOutput, build_method
+from ..models.weights import UnreadableCheckpoint, read_checkpoint
 from ..weighting import LossWeights, term_key, weight_spec
 
 SUPPORTED_METHODS = ("diffkd", "mse", "cwd", "fgd", "mgd", "pkd")
@@ -56,9 +68,12 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "pkd": {},
 }
 KD_KEYS = ("teacher", "method", "kd_weight", "kd_latent", "teacher_layers", "student_layers", "method_options",
-           "allow_download")
+           "resize_maps", "allow_download")
 STATE_FILE = "kd_modules.pt"  # beside last.pt; not named last*.pt, which Ultralytics' resume=True searches for
+STATE_FORMAT = 2  # kd_modules.pt's layout: settings, teacher identity, the snapshots of the last two saves
 SETTINGS_KEY = "diffkd_settings"  # the trainer.callbacks entry that carries the settings into Ultralytics' DDP workers
+TEACHER_SEED = 0  # a teacher built from a model .yaml gets these random weights, so a resumed run rebuilds the same
+MODELS_BY_TASK = {"detect": DetectionModel, "segment": SegmentationModel, "pose": PoseModel, "obb": OBBModel}
 SHORT_TERMS = {"diffusion": "diff", "attention": "att", "global": "glob"}  # progress-bar columns are 11 wide
 
 
@@ -73,6 +88,7 @@ class KDSettings:
     teacher_layers: tuple[int, ...] | None = None  # default: the inputs of the teacher's head
     student_layers: tuple[int, ...] | None = None  # default: the inputs of the student's head (only those can be read)
     method_options: dict[str, Any] = field(default_factory=dict)
+    resize_maps: bool = False  # pair maps of different strides, the student's resized to the teacher's (else refused)
 
     def __post_init__(self) -> None:
         if self.method not in SUPPORTED_METHODS:
@@ -97,15 +113,19 @@ class KDSettings:
 
 
 def unsupported_method(name: str) -> str:
-    """Why method `name` cannot distil YOLO neck maps (an unknown name gets the registry's closest match)."""
-    cls = method_class(name)
+    """Why method `name` cannot distil YOLO neck maps (an unknown name gets the closest of those that can)."""
+    takes = f"YOLO distillation takes one of {', '.join(SUPPORTED_METHODS)}"
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), SUPPORTED_METHODS, n=1)
+        return f"unknown method {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; {takes}"
+    cls = METHODS[name]
     if cls.needs_indices:
         why = "needs each image's index in the training set (a memory bank), which Ultralytics' batches do not carry"
     elif cls.takes_tap_lists:
         why = "pairs lists of taps (a backbone's stages), not one neck map with one neck map"
     else:
         why = "compares class scores or pooled vectors, which YOLO's per-anchor outputs are not"
-    return f"method {name!r} {why}; YOLO distillation takes one of {', '.join(SUPPORTED_METHODS)}"
+    return f"method {name!r} {why}; {takes}"
 
 
 # ----------------------------------------------------------------------------------------------- models and maps
@@ -145,27 +165,63 @@ def head_inputs(preds: Any) -> list[Tensor]:
     return branch["feats"]
 
 
-def load_teacher(source: str, task: str, data: dict, build: Callable[..., nn.Module]) -> nn.Module:
+def read_yolo_checkpoint(source: str | Path, role: str) -> dict:
+    """A YOLO checkpoint's dict, read by Ultralytics' restricted unpickler (weights_only, with an allow-list of its
+    model classes): a file holding anything else, such as a function that would run code, is refused unloaded."""
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{role} {source} is not a file; give a YOLO checkpoint (.pt) or a model .yaml")
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        raise ValueError(f"reading {role} {source} safely needs torch >= 2.6 (Ultralytics' restricted loading); "
+                         f"found torch {torch.__version__}")
+    try:
+        checkpoint, _ = torch_safe_load(path, safe_only=True)
+    except Exception as exc:  # Ultralytics wraps torch's errors; the unpickler's names what it refused
+        cause = exc.__cause__ or exc
+        refused = re.search(r"GLOBAL ([\w.]+)", str(cause))
+        if refused:
+            raise ValueError(f"{role} {source} is refused for safety: it holds {refused.group(1)}, which is not one of "
+                             "Ultralytics' model classes, and loading it could run code; give a checkpoint written by "
+                             "Ultralytics") from None
+        reason = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        raise ValueError(f"{role} {source} is not an Ultralytics YOLO checkpoint ({reason[:160]}); give a best.pt or "
+                         "last.pt written by Ultralytics, or a model .yaml") from None
+    model = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{role} {source} is not an Ultralytics YOLO checkpoint (no model in it); give a best.pt or "
+                         "last.pt written by Ultralytics, or a model .yaml")
+    return checkpoint
+
+
+def checkpoint_model(checkpoint: dict) -> nn.Module:
+    """The float32 model of a checkpoint read by `read_yolo_checkpoint`, its task attached."""
+    model = (checkpoint.get("ema") or checkpoint["model"]).float()
+    model.task = getattr(model, "task", None) or guess_model_task(model)
+    return model
+
+
+def build_model(task: str, cfg: str | dict, data: dict) -> nn.Module:
+    """A model of `task` from a model .yaml (random weights) for the data's classes, as Ultralytics' trainers build it."""
+    extra = {"data_kpt_shape": tuple(data["kpt_shape"])} if task == "pose" else {}
+    return MODELS_BY_TASK[task](cfg, nc=data["nc"], ch=data.get("channels", 3), verbose=False, **extra)
+
+
+def load_teacher(source: str, task: str, data: dict) -> nn.Module:
     """The frozen teacher in eval mode, BatchNorm fused: a YOLO checkpoint of the student's task and class count, or a
-    model .yaml (random weights; for tests) built by `build` for the data."""
+    model .yaml (random weights drawn from a fixed seed, so that a resumed run rebuilds the same; for tests)."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml"):
         found = guess_model_task(model_yaml(source, "teacher"))
         if found != task:
             raise ValueError(f"teacher {source} is a {found} model but the student is a {task} model; distil within a task")
-        teacher = build(cfg=str(path), weights=None, verbose=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TEACHER_SEED)
+            teacher = build_model(task, str(path), data)
     else:
-        if not path.is_file():
-            raise ValueError(f"teacher {source} is not a file; give a YOLO checkpoint (.pt) or a model .yaml")
-        try:
-            teacher = load_checkpoint(path)[0]
-        except Exception as exc:  # anything torch.load or Ultralytics' checks raise: the file is not a YOLO checkpoint
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"teacher {source} is not an Ultralytics YOLO checkpoint ({reason}); give a best.pt or "
-                             "last.pt written by Ultralytics, or a model .yaml") from None
-        found = getattr(teacher, "task", None) or guess_model_task(teacher)
-        if found != task:
-            raise ValueError(f"teacher {source} is a {found} model but the student is a {task} model; distil within a task")
+        teacher = checkpoint_model(read_yolo_checkpoint(source, "teacher"))
+        if teacher.task != task:
+            raise ValueError(f"teacher {source} is a {teacher.task} model but the student is a {task} model; distil "
+                             "within a task")
     head = head_of(teacher, "teacher")
     if head.nc != data["nc"]:
         raise ValueError(f"teacher {source} predicts {head.nc} classes but the data has {data['nc']}; use a teacher "
@@ -175,6 +231,11 @@ def load_teacher(source: str, task: str, data: dict, build: Callable[..., nn.Mod
                          f"{tuple(data.get('kpt_shape', ()))}; use a teacher trained on this keypoint layout")
     teacher = teacher.float().fuse(verbose=False).eval()
     return teacher.requires_grad_(False)
+
+
+def random_teacher(settings: KDSettings) -> bool:
+    """Whether the teacher is a model .yaml, so the distillation is from random weights."""
+    return Path(settings.teacher).suffix in (".yaml", ".yml")
 
 
 class Projected(nn.Module):
@@ -225,11 +286,22 @@ def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, i
         student_maps = layer_outputs(student.eval(), probe, set(chosen))
         teacher_maps = layer_outputs(teacher, probe, set(teacher_layers))
     student.train(was_training)
+    neck = list(head_of(teacher, "teacher").f)
+    for layer in teacher_layers:
+        found = teacher_maps[layer]
+        if not (isinstance(found, Tensor) and found.dim() == 4):
+            raise ValueError(f"teacher layer {layer} ({type(teacher.model[layer]).__name__}) gives no feature map "
+                             f"(B,C,H,W); pick neck layers, such as the inputs of the teacher's head {neck}")
     modules, levels = nn.ModuleDict(), []
     for student_layer, teacher_layer in zip(chosen, teacher_layers):
         s, t = student_maps[student_layer].shape, teacher_maps[teacher_layer].shape
         name = f"p{round(math.log2(imgsz / s[-1]))}"
         name = name if name not in modules else f"{name}l{student_layer}"
+        if s[-2:] != t[-2:] and not settings.resize_maps:
+            raise ValueError(f"level {name}: student layer {student_layer} is a {s[-2]}x{s[-1]} map (stride "
+                             f"{imgsz // s[-1]}) but teacher layer {teacher_layer} is {t[-2]}x{t[-1]} (stride "
+                             f"{imgsz // t[-1]}); pair maps of the same stride with teacher_layers= and student_layers=, "
+                             "or pass resize_maps=True to resize the student's map to the teacher's")
         options = {**METHOD_DEFAULTS[settings.method], **settings.method_options}
         if settings.kd_latent is not None:
             options["latent_channels"] = min(settings.kd_latent, t[1])
@@ -338,68 +410,79 @@ def average_gradients(parameters: list[nn.Parameter], world_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the trainers
+@dataclass
+class Preflight:
+    """What `distill` checked before the trainer was made: the settings, and the loaded teacher with its digest (the
+    teacher stays behind when Ultralytics' DDP launcher pickles the callbacks: its workers load and check their own)."""
+
+    settings: KDSettings
+    teacher: nn.Module | None = None
+    digest: str | None = None
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "teacher": None, "digest": self.digest}
+
+
 class DistillationTrainerMixin:
     """Mixed in before an Ultralytics task trainer: builds the teacher and the kd modules, adds them to the optimizer,
     the loss, gradient clipping, DDP averaging, last.pt's companion file and resume."""
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict | None = None, _callbacks: dict | None = None):
         super().__init__(cfg, overrides, _callbacks)
-        given = (self.callbacks.get(SETTINGS_KEY) or [None])[0]
-        settings = self.saved_settings(given) if self.resume else given
-        if settings is None:
+        preflight = (self.callbacks.get(SETTINGS_KEY) or [None])[0]
+        if not isinstance(preflight, Preflight):
             raise ValueError("no distillation settings: start the run with diffkd.integrations.ultralytics.distill() or "
                              "`diffkd yolo`, which give the teacher and method")
-        self.kd_settings: KDSettings = settings
-        self.callbacks[SETTINGS_KEY] = [settings]
+        self.kd_preflight: Preflight = preflight
+        self.kd_settings: KDSettings = preflight.settings
         self.kd_teacher: nn.Module | None = None
         self.kd_modules: nn.ModuleDict | None = None
         self.kd_weights: LossWeights | None = None
         self.kd_levels: list[NeckLevel] = []
         self.kd_columns: set[str] = set()
+        self.kd_snapshots: list[dict] = []  # the last saves' kd state, newest first (kd_modules.pt holds two)
 
     # ---------------------------------------------------------------- the kd state beside last.pt
     @property
     def kd_state_path(self) -> Path:
         return Path(self.args.resume if self.resume else self.last).parent / STATE_FILE
 
-    def saved_state(self) -> dict:
-        path = self.kd_state_path
-        if not path.is_file():
-            raise ValueError(f"{path} is missing: resuming a distillation run needs the kd modules saved beside last.pt "
-                             "(was this run started by diffkd?)")
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    def saved_settings(self, given: KDSettings | None) -> KDSettings:
-        stored = KDSettings(**self.saved_state()["settings"])
-        if given is not None and given != stored:
-            raise ValueError(f"resume continues the run's distillation ({stored}); drop the teacher and kd options, or "
-                             "start a new run to change them")
-        return stored
-
     def save_model(self) -> bool:
-        saved = super().save_model()
-        state = {"settings": asdict(self.kd_settings), "epoch": self.epoch, "modules": self.kd_modules.state_dict(),
-                 "weights": self.kd_weights.state_dict()}
+        """kd_modules.pt first, then Ultralytics' last.pt (and best.pt): kd_modules.pt holds this save's kd state and
+        the one before, so whichever write a stop interrupts, one of them is of last.pt's epoch."""
+        snapshot = {"epoch": self.epoch, "modules": clone_state(self.kd_modules),
+                    "weights": clone_state(self.kd_weights)}
+        self.kd_snapshots = [snapshot, *self.kd_snapshots[:1]]
+        state = {"format": STATE_FORMAT, "settings": asdict(self.kd_settings),
+                 "teacher": {"path": self.kd_settings.teacher, "weights_sha256": self.kd_preflight.digest,
+                             "random_weights": random_teacher(self.kd_settings)},
+                 "snapshots": self.kd_snapshots}
         save_atomic(state, self.wdir / STATE_FILE)
-        return saved
+        return super().save_model()
+
+    def restore_kd_state(self, epoch: int, path: Path) -> None:
+        """Load the kd modules and weights saved with last.pt's `epoch` (0-based) from kd_modules.pt at `path`."""
+        state = read_kd_state(path)
+        match = next((snap for snap in state["snapshots"] if snap["epoch"] == epoch), None)
+        if match is None:
+            held = " and ".join(str(snap["epoch"] + 1) for snap in state["snapshots"])
+            raise ValueError(f"{path} holds the kd modules of epoch {held} but last.pt is from epoch {epoch + 1}: they are "
+                             "not one run's pair; resume from the last.pt that was saved with it, or start a new run")
+        self.kd_modules.load_state_dict(match["modules"])
+        self.kd_weights.load_state_dict(match["weights"])
+        self.kd_snapshots = [match]
 
     def resume_training(self, ckpt: dict | None) -> None:
         if ckpt is not None and self.resume:
-            state = self.saved_state()
-            if state["epoch"] != ckpt.get("epoch"):
-                raise ValueError(f"{self.kd_state_path} is from epoch {state['epoch'] + 1} but last.pt from epoch "
-                                 f"{ckpt.get('epoch', -1) + 1}; they must come from the same save")
-            self.kd_modules.load_state_dict(state["modules"])
-            self.kd_weights.load_state_dict(state["weights"])
+            self.restore_kd_state(ckpt.get("epoch", -1), self.kd_state_path)
         super().resume_training(ckpt)
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
         """Ultralytics reloads the student (and the optimizer) from last.pt after a NaN epoch; the kd modules too."""
         recovered = super()._handle_nan_recovery(epoch)
-        if recovered:
-            state = torch.load(self.wdir / STATE_FILE, map_location="cpu", weights_only=True)
-            self.kd_modules.load_state_dict(state["modules"])
-            self.kd_weights.load_state_dict(state["weights"])
+        if recovered:  # in this process the newest save wrote both files: its snapshot is last.pt's
+            self.kd_modules.load_state_dict(self.kd_snapshots[0]["modules"])
+            self.kd_weights.load_state_dict(self.kd_snapshots[0]["weights"])
         return recovered
 
     # ---------------------------------------------------------------- building, optimizing, the loss
@@ -408,7 +491,8 @@ class DistillationTrainerMixin:
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
         if self.kd_modules is None:
             student = unwrap_model(model)
-            self.kd_teacher = load_teacher(self.kd_settings.teacher, self.args.task, self.data, self.get_model)
+            self.kd_teacher = self.kd_preflight.teacher or checked_teacher(self.kd_settings, self.args.task, self.data,
+                                                                           self.kd_preflight.digest)
             self.kd_teacher.to(self.device)
             self.kd_modules, self.kd_levels, self.kd_weights = build_levels(
                 student, self.kd_teacher, self.kd_settings, self.args.imgsz, self.data["channels"])
@@ -505,7 +589,7 @@ def model_yaml(source: str, role: str) -> dict:
 
 
 def model_task(source: str) -> str:
-    """The task of a YOLO model file (.yaml or checkpoint), among those the integration distils."""
+    """The task of a YOLO model file (.yaml, or a checkpoint read safely), among those the integration distils."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml"):
         task = guess_model_task(model_yaml(source, "student"))
@@ -513,21 +597,129 @@ def model_task(source: str) -> str:
         raise ValueError(f"student {source} is not a file; give a model .yaml (e.g. yolo11n.yaml) or a local checkpoint "
                          "(a name like yolo11n.pt would be downloaded)")
     else:
-        task = getattr(load_checkpoint(path)[0], "task", None)
+        task = checkpoint_model(read_yolo_checkpoint(path, "student")).task
     if task not in TRAINERS:
         raise ValueError(f"student {source} is a {task} model; YOLO distillation covers {', '.join(TRAINERS)}")
     return task
 
 
-def distill(student: str | None = None, teacher: str | None = None, *, data: str | None = None, method: str = "diffkd",
-            kd_weight: float | str = 1.0, kd_latent: int | None = None, teacher_layers: tuple[int, ...] | None = None,
-            student_layers: tuple[int, ...] | None = None, method_options: dict[str, Any] | None = None,
-            allow_download: bool = False, callbacks: dict[str, list[Callable]] | None = None, **train_args: Any) -> Any:
+def clone_state(module: nn.Module) -> dict[str, Tensor]:
+    """A module's state_dict copied to the CPU (a snapshot that later steps do not change)."""
+    return {k: v.detach().cpu().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+
+
+def read_kd_state(path: Path) -> dict:
+    """kd_modules.pt, read with diffkd's safe reader: one line for a missing, damaged or other-version file."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: resuming a distillation run needs the kd modules saved beside last.pt "
+                         "(was this run started by diffkd?)")
+    try:
+        state = read_checkpoint(path)
+    except UnreadableCheckpoint as exc:
+        raise ValueError(f"{exc}; without it the run's kd modules cannot be resumed: start a new run") from None
+    found = state.get("format", 1) if isinstance(state, dict) else None
+    if found != STATE_FORMAT:
+        raise ValueError(f"{path} was written in format {found} by another version of diffkd, which this one (format "
+                         f"{STATE_FORMAT}) does not read; resume with that version, or start a new run")
+    return state
+
+
+def checked_teacher(settings: KDSettings, task: str, data: dict, digest: str | None) -> nn.Module:
+    """The teacher of `settings`, refused when its weights' digest is not `digest` (the one a run recorded)."""
+    teacher = load_teacher(settings.teacher, task, data)
+    found = weights_digest(teacher)
+    if digest is not None and found != digest:
+        raise ValueError(f"teacher {settings.teacher} has changed since the run started: its weights' digest was "
+                         f"{digest[:12]}, it is now {found[:12]}; resume with the teacher the run was trained with, or "
+                         "start a new run")
+    return teacher
+
+
+def dataset_info(data: str, task: str, single_class: bool) -> dict:
+    """Ultralytics' reading of a data yaml (classes, channels, keypoints), its error in one line."""
+    from ultralytics.data.utils import check_det_dataset
+
+    try:
+        info = check_det_dataset(data)
+    except Exception as exc:  # Ultralytics' messages span several lines
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"data {data}: {reason}") from None
+    return {**info, "nc": 1} if single_class else info
+
+
+def model_info(model: nn.Module) -> dict:
+    """What the teacher is checked against, read off a (resumed) student: classes, channels, keypoints."""
+    head = head_of(model, "student")
+    info = {"nc": head.nc, "channels": (getattr(model, "yaml", None) or {}).get("channels", 3)}
+    return {**info, "kpt_shape": list(head.kpt_shape)} if hasattr(head, "kpt_shape") else info
+
+
+def resumed_settings(saved: KDSettings, given: dict[str, Any]) -> None:
+    """Refuse kd options given on resume that differ from the run's own, naming each."""
+    differing = []
+    for key, value in given.items():
+        theirs = getattr(saved, key)
+        mine = getattr(KDSettings(saved.teacher, **{key: value}), key) if key != "teacher" else str(value)
+        if mine != theirs:
+            differing.append(f"{key} is {theirs!r} there, {value!r} given")
+    if differing:
+        raise ValueError(f"resume continues the run's own distillation ({'; '.join(differing)}): drop those options, or "
+                         "start a new run to change them")
+
+
+def preflight_resume(last: Path, given: dict[str, Any]) -> tuple[str, Preflight, Path]:
+    """Check a run to resume before Ultralytics reads it: (task, what the trainer gets, the run folder)."""
+    checkpoint = read_yolo_checkpoint(last, "resumed checkpoint")
+    state = read_kd_state(last.parent / STATE_FILE)
+    settings = KDSettings(**state["settings"])
+    resumed_settings(settings, given)
+    if checkpoint.get("epoch", -1) < 0:  # Ultralytics marks a finished run's last.pt so
+        raise ValueError(f"the run of {last} is finished (all its epochs are trained): there is nothing to resume; "
+                         "start a new run, e.g. from its best.pt, to train further")
+    student = checkpoint_model(checkpoint)
+    if student.task not in TRAINERS:
+        raise ValueError(f"resumed checkpoint {last} is a {student.task} model; YOLO distillation covers {', '.join(TRAINERS)}")
+    teacher = checked_teacher(settings, student.task, model_info(student), state["teacher"]["weights_sha256"])
+    save_dir = Path(checkpoint.get("train_args", {}).get("save_dir") or last.resolve().parent.parent)  # as Ultralytics
+    return student.task, Preflight(settings, teacher, state["teacher"]["weights_sha256"]), save_dir
+
+
+def preflight_new(student: str, settings: KDSettings, data: str, train_args: dict[str, Any]) -> tuple[str, Preflight, Path]:
+    """Check a new run before Ultralytics creates its folder (files, teacher, maps): (task, what the trainer gets,
+    the run folder Ultralytics will make)."""
+    from ultralytics.utils.checks import check_imgsz
+
+    task = model_task(student)
+    pretrained = train_args.get("pretrained")
+    if isinstance(pretrained, (str, Path)) and str(pretrained).endswith(".pt"):
+        read_yolo_checkpoint(pretrained, "pretrained")
+    info = dataset_info(data, task, bool(train_args.get("single_cls")))
+    teacher = load_teacher(settings.teacher, task, info)
+    if Path(student).suffix in (".yaml", ".yml"):
+        student_model = build_model(task, student, info)
+    else:
+        student_model = checkpoint_model(read_yolo_checkpoint(student, "student"))
+    args = get_cfg(DEFAULT_CFG, {"model": student, "data": data, **train_args, "task": task, "mode": "train"})
+    imgsz = check_imgsz(args.imgsz, stride=32, floor=32, max_dim=1)
+    build_levels(student_model, teacher, settings, imgsz, info.get("channels", 3))  # refuses a bad pairing now
+    if random_teacher(settings):
+        LOGGER.warning(f"diffkd: teacher {settings.teacher} is a model .yaml: the student is distilled from random "
+                       "weights, not from a trained teacher")
+    return task, Preflight(settings, teacher, weights_digest(teacher)), get_save_dir(args)
+
+
+def distill(student: str | None = None, teacher: str | None = None, *, data: str | None = None,
+            method: str | None = None, kd_weight: float | str | None = None, kd_latent: int | None = None,
+            teacher_layers: tuple[int, ...] | None = None, student_layers: tuple[int, ...] | None = None,
+            method_options: dict[str, Any] | None = None, resize_maps: bool | None = None, allow_download: bool = False,
+            callbacks: dict[str, list[Callable]] | None = None, **train_args: Any) -> Any:
     """Train YOLO `student` (a model .yaml or checkpoint) on `data`, distilled from `teacher`; every other keyword is
     an Ultralytics train argument (epochs, imgsz, batch, device, ...). Returns the finished Ultralytics trainer.
 
     `resume=path/to/last.pt` (or `resume=True` with `student=` that last.pt) continues a run with its own teacher and
-    kd settings. `callbacks` adds Ultralytics callbacks ({event: [function(trainer)]}).
+    kd settings (kd options that differ from them are refused). `callbacks` adds Ultralytics callbacks
+    ({event: [function(trainer)]}). Every file is checked, and the teacher and maps too, before the run folder is
+    made; the folder is locked while the run writes it.
     """
     unknown = sorted(set(train_args) - set(DEFAULT_CFG_DICT))
     if unknown:
@@ -536,31 +728,45 @@ def distill(student: str | None = None, teacher: str | None = None, *, data: str
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown argument {unknown[0]!r}{hint}; give diffkd's ({', '.join(KD_KEYS)}) or "
                          "Ultralytics' train arguments")
+    given = {k: v for k, v in {"method": method, "kd_weight": kd_weight, "kd_latent": kd_latent,
+                               "teacher_layers": teacher_layers, "student_layers": student_layers,
+                               "method_options": method_options, "resize_maps": resize_maps}.items() if v is not None}
     resume = train_args.get("resume")
     if isinstance(resume, (str, Path)) and resume:
         student = str(resume)
     elif resume is True and student is not None:  # as Ultralytics' `yolo train resume model=last.pt`
         train_args["resume"] = str(student)
-    settings = None
-    if teacher is not None or not resume:
+    if student is None:
+        raise ValueError("give student= (a model .yaml such as yolo11n.yaml, or a checkpoint)"
+                         + ("; to resume, resume=path/to/last.pt" if resume else ""))
+    if resume:
+        task, preflight, save_dir = preflight_resume(Path(student), {**given, **({"teacher": teacher} if teacher else {})})
+    else:
         if teacher is None:
             raise ValueError("give teacher= (a YOLO checkpoint of the same task and classes, or a model .yaml)")
-        settings = KDSettings(str(teacher), method, kd_weight, kd_latent, teacher_layers, student_layers,
-                              dict(method_options or {}))
-    if student is None:
-        raise ValueError("give student= (a model .yaml such as yolo11n.yaml, or a checkpoint)")
-    if not resume:
         if data is None:
             raise ValueError("give data= (an Ultralytics data yaml)")
         if not allow_download:
             check_data(data)
+        settings = KDSettings(str(teacher), **{k: dict(v) if k == "method_options" else v for k, v in given.items()})
+        task, preflight, save_dir = preflight_new(str(student), settings, str(data), train_args)
     events = ultralytics_callbacks.get_default_callbacks()
     for event, functions in (callbacks or {}).items():
         events[event].extend(functions)
-    events[SETTINGS_KEY] = [settings]
+    events[SETTINGS_KEY] = [preflight]
     overrides = {"model": str(student), **({"data": str(data)} if data is not None else {}), **train_args}
-    trainer = TRAINERS[model_task(str(student))](overrides=overrides, _callbacks=events)
-    trainer.train()
+    if not resume:  # exactly the folder checked and locked (Ultralytics would otherwise pick it again)
+        overrides.update(project=str(save_dir.parent), name=save_dir.name, exist_ok=True)
+    lock = RunLock(save_dir)
+    try:
+        lock.acquire()
+    except RunDirError as exc:
+        raise ValueError(str(exc).replace("output.dir", "name= (or project=)")) from None
+    try:
+        trainer = TRAINERS[task](overrides=overrides, _callbacks=events)
+        trainer.train()
+    finally:
+        lock.release()
     return trainer
 
 
@@ -591,5 +797,6 @@ def run_cli(pairs: list[str]) -> int:
     if "model" in arguments:
         raise ValueError("give the student as student=... (model= is Ultralytics' name for it)")
     trainer = distill(**arguments)
-    print(f"yolo distillation done: best {trainer.best}, last {trainer.last} (plain Ultralytics checkpoints)")
+    teacher = " (distilled from a random teacher: a model .yaml)" if random_teacher(trainer.kd_settings) else ""
+    print(f"yolo distillation done: best {trainer.best}, last {trainer.last} (plain Ultralytics checkpoints){teacher}")
     return 0
