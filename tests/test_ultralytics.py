@@ -554,7 +554,7 @@ def test_auto_weights_calibrate_against_the_per_image_task_loss(tmp_path, one_th
         share = 1 / 3  # three auto levels share the task loss evenly
         assert factors[level] == pytest.approx(share * float(weights.window.sums[i, 0] / weights.window.sums[i, 1]), rel=1e-6)
         assert f"train/{level}_w" in rows
-    saved = torch.load(trainer.wdir / yolo_kd.STATE_FILE, weights_only=True)["weights"]
+    saved = torch.load(trainer.wdir / yolo_kd.STATE_FILE, weights_only=True)["snapshots"][0]["weights"]
     assert torch.equal(saved["factors"], weights.factors.cpu())
 
 
