@@ -711,3 +711,16 @@ def test_an_unknown_method_gets_the_methods_yolo_takes():
     assert "unknown method 'difkd' (did you mean 'diffkd'?)" in message
     assert message.endswith("YOLO distillation takes one of diffkd, mse, cwd, fgd, mgd, pkd")
     assert "crd" not in message and "regression_l1" not in message
+
+
+@pytest.mark.integration
+def test_diffkds_kd_warmup_moves_within_an_epoch_as_in_the_engine(tmp_path, one_thread):
+    """8 images in batches of 4: 2 steps an epoch, so a 1-epoch warm-up weighs the kd term 0, then 1/2, then 1."""
+    ramps = []
+
+    def after_batch(trainer):
+        ramps.append(round(float(trainer.kd_modules["p3"].diffkd.kd_ramp), 6))
+
+    run(tmp_path, "detect", epochs=2, val=False, method_options={"kd_warmup_epochs": 1.0},
+        callbacks={"on_train_batch_end": [after_batch]})
+    assert ramps == [0.0, 0.5, 1.0, 1.0]

@@ -510,7 +510,21 @@ class DistillationTrainerMixin:
         base = getattr(student, "criterion", None) or student.init_criterion()
         student.criterion = DistillationCriterion(
             base, self.kd_teacher, self.kd_modules, self.kd_levels, self.kd_weights,
-            self.args.task == "obb", lambda: (self.epoch, self.epochs), self.kd_columns)
+            self.args.task == "obb", self.kd_progress, self.kd_columns)
+        self.kd_batch = 0
+        self.add_callback("on_train_epoch_start", DistillationTrainerMixin._start_epoch)
+        self.add_callback("on_train_batch_start", DistillationTrainerMixin._start_batch)
+
+    def _start_epoch(self) -> None:
+        self.kd_batch = -1
+
+    def _start_batch(self) -> None:
+        self.kd_batch += 1
+
+    def kd_progress(self) -> tuple[float, int]:
+        """(fractional epoch, epochs) of the batch being trained: epoch e + i / (batches per epoch) before batch i, so
+        per-step schedules (a kd warm-up) move within an epoch as they do in diffkd's engine."""
+        return self.epoch + max(self.kd_batch, 0) / max(len(self.train_loader), 1), self.epochs
 
     def _do_train(self) -> None:
         try:
