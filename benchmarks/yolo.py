@@ -63,14 +63,26 @@ ROWS: dict[str, Row] = {
 
 @dataclass(frozen=True)
 class Workflow:
-    """How the students start and how long they train."""
+    """Where the students train (the target task, or the source task for tuning), from which teacher, how they start
+    and for how long; `fraction` of the training images."""
 
     label: str
+    task: str
+    teacher: str
     pretrained: bool
     epochs: int
+    fraction: float = 1.0
 
 
-WORKFLOWS = {"scratch": Workflow("from scratch", False, 20), "finetune": Workflow("fine-tuning pretrained weights", True, 10)}
+WORKFLOWS = {
+    "scratch": Workflow("from scratch", "target", "teacher", False, 20),
+    "finetune": Workflow("fine-tuning pretrained weights", "target", "teacher", True, 10),
+    # Options are searched here only, never on the rows reported: the source task's classes, its own teacher, 800 of
+    # its training images, from scratch.
+    "tuning": Workflow("tuning setting (source task)", "source", "source-teacher", False, 10, fraction=0.4),
+}
+# Rows run only on the tuning setting: the options a preset is chosen among.
+TUNING_ROWS: dict[str, Row] = {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override every workflow's student epochs (for quick checks)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--workflows", nargs="+", default=list(WORKFLOWS), choices=list(WORKFLOWS))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *TUNING_ROWS])
+    p.add_argument("--workflows", nargs="+", default=["scratch", "finetune"], choices=list(WORKFLOWS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="mixed precision (Ultralytics' amp=True; a GPU check)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -178,27 +190,43 @@ def stage_specs(args: argparse.Namespace, out: Path) -> dict[str, dict]:
 
 
 def train_stage(args: argparse.Namespace, out: Path, name: str) -> None:
-    """Train one cached model in this process (the teacher waits for its source weights)."""
+    """Train one cached model in this process (the teacher waits for its source weights); its folder is locked, so a
+    second benchmark started meanwhile is refused instead of training it again over the first."""
     from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from diffkd.engine.errors import RunDirError
+    from diffkd.engine.runlock import RunLock
 
     spec = stage_specs(args, out)[name]
     folder = out / name
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished stage (no spec.json): started again
-    start = time.time()
-    extra = {"pretrained": spec["pretrained"]} if "pretrained" in spec else {}
-    trainer = DetectionTrainer(overrides={"model": spec["model"], **extra,
-                                          **common_args(args, Path(spec["data"]), out, name, 0, spec["epochs"])})
-    trainer.train()
-    summary = {"mAP50-95": trainer.metrics["metrics/mAP50-95(B)"], "mAP50": trainer.metrics["metrics/mAP50(B)"],
-               "seconds": time.time() - start}
-    (folder / "summary.json").write_text(json.dumps(summary))
-    (folder / "spec.json").write_text(json.dumps(spec))
+    lock = RunLock(folder)
+    try:
+        lock.acquire()
+    except RunDirError as exc:
+        raise SystemExit(f"cached model {name}: {exc}") from None
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)  # an unfinished stage (no spec.json): started again
+        start = time.time()
+        extra = {"pretrained": spec["pretrained"]} if "pretrained" in spec else {}
+        trainer = DetectionTrainer(overrides={"model": spec["model"], **extra,
+                                              **common_args(args, Path(spec["data"]), out, name, 0, spec["epochs"])})
+        trainer.train()
+        summary = {"mAP50-95": trainer.metrics["metrics/mAP50-95(B)"], "mAP50": trainer.metrics["metrics/mAP50(B)"],
+                   "seconds": time.time() - start}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        (folder / "spec.json").write_text(json.dumps(spec))
+    finally:
+        lock.release()
 
 
 def ensure_stages(args: argparse.Namespace, out: Path, passed: list[str]) -> None:
-    """Train the cached models that are missing (the two source models side by side), refusing changed specs."""
+    """Train the cached models the chosen workflows need that are missing (the two source models side by side),
+    refusing changed specs."""
     specs = stage_specs(args, out)
+    needed = {"source-teacher", "source-student"}
+    if any(WORKFLOWS[w].task == "target" for w in args.workflows):
+        needed.add("teacher")
 
     def ready(name: str) -> bool:
         spec_file = out / name / "spec.json"
@@ -210,7 +238,7 @@ def ensure_stages(args: argparse.Namespace, out: Path, passed: list[str]) -> Non
         return True
 
     for group in (("source-teacher", "source-student"), ("teacher",)):
-        todo = [name for name in group if not ready(name)]
+        todo = [name for name in group if name in needed and not ready(name)]
         running = [subprocess.Popen([sys.executable, __file__, *passed, "--stage", name]) for name in todo]
         if any(p.wait() for p in running):
             raise SystemExit(f"training a cached model failed ({', '.join(todo)})")
@@ -223,9 +251,9 @@ def one_run(args: argparse.Namespace, out: Path, workflow_name: str, row_name: s
 
     from diffkd.integrations.ultralytics import distill
 
-    workflow, row = WORKFLOWS[workflow_name], ROWS[row_name]
-    teacher = out / "teacher" / "weights" / "last.pt"
-    data = task_data(args, out, "target")
+    workflow, row = WORKFLOWS[workflow_name], {**ROWS, **TUNING_ROWS}[row_name]
+    teacher = out / workflow.teacher / "weights" / "last.pt"
+    data = task_data(args, out, workflow.task)
     name = f"{row_name}-s{seed}"
     project = out / "runs" / workflow_name
     epoch_wall: list[float] = []
@@ -240,6 +268,7 @@ def one_run(args: argparse.Namespace, out: Path, workflow_name: str, row_name: s
     callbacks = {"on_train_epoch_start": [lambda trainer: started.append((time.perf_counter(), time.process_time()))],
                  "on_train_epoch_end": [epoch_end]}
     train_args = common_args(args, data, project, name, seed, args.epochs or workflow.epochs)
+    train_args["fraction"] = workflow.fraction
     if workflow.pretrained:
         train_args["pretrained"] = str(out / "source-student" / "weights" / "last.pt")
     if row.method in (None, "native"):
@@ -304,13 +333,14 @@ def write_tables(results: list[dict], out: Path, command: str) -> str:
         lines += ["", f"### {WORKFLOWS[workflow].label}", "",
                   "| row | seeds | mAP50-95 | mAP50 | CPU s / epoch | x student | x native KD | peak RSS (MiB) |",
                   "|---|---|---|---|---|---|---|---|"]
-        by_row = {row: [r for r in runs if r["row"] == row] for row in ROWS}
+        labels = {name: row.label for name, row in {**ROWS, **TUNING_ROWS}.items()}
+        by_row = {row: [r for r in runs if r["row"] == row] for row in labels}
         cpu = {row: statistics.mean(r["epoch_cpu_seconds"] for r in rs) for row, rs in by_row.items() if rs}
         for row, rs in by_row.items():
             if not rs:
                 continue
             ratios = " | ".join(f"{cpu[row] / cpu[base]:.2f}" if base in cpu else "-" for base in ("student", "native"))
-            lines.append(f"| {ROWS[row].label} | {', '.join(str(r['seed']) for r in rs)} | "
+            lines.append(f"| {labels[row]} | {', '.join(str(r['seed']) for r in rs)} | "
                          f"{spread([r['mAP50-95'] for r in rs])} | {spread([r['mAP50'] for r in rs])} | {cpu[row]:.1f} | "
                          f"{ratios} | {max(r['peak_rss_mib'] for r in rs):.0f} |")
     table = "\n".join(lines) + "\n"
