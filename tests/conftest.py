@@ -81,9 +81,31 @@ def ddp_matches_one_process(kind: str, out: Path) -> tuple[dict, dict]:
     return one, ranks[0]
 
 
-def weighted_terms(out) -> dict:
-    """A MethodOutput's terms times the method's own weights (what a level of weight 1 optimises)."""
-    return {k: out.weights.get(k, 1.0) * v for k, v in out.terms.items()}
+def record_progress(monkeypatch) -> list[tuple[float, int]]:
+    """Every training step's progress as the weighting receives it ((fractional epoch, epochs); a tensor epoch read
+    as a float), in order."""
+    from diffkd.weighting import LossWeights
+
+    heard: list[tuple[float, int]] = []
+    original = LossWeights.forward
+
+    def spy(self, outputs, task_loss, progress=None):
+        if self.training:
+            heard.append((float(progress[0]), progress[1]) if progress is not None else None)
+        return original(self, outputs, task_loss, progress)
+
+    monkeypatch.setattr(LossWeights, "forward", spy)
+    return heard
+
+
+def weighted_terms(method, out, epoch: float | None = None) -> dict:
+    """A MethodOutput's terms times the method's own weights and, at `epoch`, their schedules (what a level of
+    weight 1 optimises)."""
+    def scheduled(term):
+        schedule = method.schedules.get(term)
+        return 1.0 if schedule is None or epoch is None else schedule(epoch)
+
+    return {k: method.term_weights.get(k, 1.0) * scheduled(k) * v for k, v in out.terms.items()}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -59,7 +59,8 @@ def rkd_by_loops(s: torch.Tensor, t: torch.Tensor) -> tuple[float, float]:
 def test_rkd_matches_its_formula_on_pooled_maps():
     torch.manual_seed(0)
     s, t = torch.randn(5, 6, 3, 3), 3 * torch.randn(5, 10, 2, 2)
-    out = weighted_terms(RKD()(s, t))
+    rkd = RKD()
+    out = weighted_terms(rkd, rkd(s, t))
     distance, angle = rkd_by_loops(s.double().mean((2, 3)), t.double().mean((2, 3)))
     assert out["distance"].item() == pytest.approx(25 * distance, rel=1e-5)
     assert out["angle"].item() == pytest.approx(50 * angle, rel=1e-5)
@@ -69,19 +70,20 @@ def test_rkd_by_hand():
     # distances: student 0, 1, 2 -> (1, 2, 1) / mean 4/3 = (0.75, 1.5, 0.75); teacher 0, 1, 3 -> (1, 3, 2) / 2 =
     # (0.5, 1.5, 1). Differences 0.25, 0, -0.25, each twice in the 3x3 matrix: 4 * 0.5 * 0.25^2 / 9 = 1/72.
     # Same order on the line, so every angle cosine is +-1 on both sides: angle loss 0.
-    out = weighted_terms(RKD()(torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[0.0], [1.0], [3.0]])))
+    rkd = RKD()
+    out = weighted_terms(rkd, rkd(torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[0.0], [1.0], [3.0]])))
     assert out["distance"].item() == pytest.approx(25 / 72, rel=1e-5)
     assert out["angle"].item() == pytest.approx(0.0, abs=1e-7)
     # angles: student (0,0), (1,0), (0,1); teacher (0,0), (1,0), (1,1). Cosines at corner 0 between the
     # other two: 0 vs 1/sqrt2; at corner 1: 1/sqrt2 vs 0; at corner 2: 1/sqrt2 vs 1/sqrt2. Four entries
     # (j,k and k,j) differ by 1/sqrt2: 4 * 0.5 * 0.5 / 27 = 1/27.
-    out = weighted_terms(RKD()(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])))
+    out = weighted_terms(rkd, rkd(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])))
     assert out["angle"].item() == pytest.approx(50 / 27, rel=1e-5)
 
 
 def test_rkd_teacher_side_has_no_gradient_and_needs_two_samples():
     s, t = torch.randn(4, 3, requires_grad=True), torch.randn(4, 5, requires_grad=True)
-    RKD()(s, t).loss.backward()
+    sum(RKD()(s, t).terms.values()).backward()
     assert s.grad.abs().sum() > 0 and t.grad is None
     with pytest.raises(ValueError, match="rkd relates the samples of a batch, so it needs at least 2, got a batch of 1"):
         RKD()(torch.randn(1, 3), torch.randn(1, 3))
@@ -103,13 +105,13 @@ def pkt_by_loops(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> float:
 def test_pkt_matches_its_formula_and_by_hand():
     torch.manual_seed(1)
     s, t = torch.randn(6, 4, 5), torch.randn(6, 9)  # a (B,C,L) sequence against a vector
-    got = build_method("pkt", s.shape, t.shape)(s, t).loss.item()
+    got = build_method("pkt", s.shape, t.shape)(s, t).terms["pkt"].item()
     assert got == pytest.approx(pkt_by_loops(s.double().mean(2), t.double()), rel=1e-5)
     # student (1,0), (0,1): kernel (cos+1)/2 = [[1, .5], [.5, 1]] -> rows [[2/3, 1/3], [1/3, 2/3]]; teacher
     # (1,0), (1,0): all ones -> 1/2 everywhere. Each row: .5 log(.5 / (2/3)) + .5 log(.5 / (1/3)) = .5 log(9/8);
     # mean over the 4 entries: log(9/8) / 4.
     got = build_method("pkt", (2, 2), (2, 2))(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-    assert got.loss.item() == pytest.approx(math.log(9 / 8) / 4, abs=1e-6)
+    assert got.terms["pkt"].item() == pytest.approx(math.log(9 / 8) / 4, abs=1e-6)
 
 
 def test_pooled_methods_refuse_a_tap_without_channels():
@@ -138,7 +140,7 @@ def test_vid_matches_its_formula_with_pooling_and_pairs_summed():
             pair.log_scale.uniform_(-1, 2)
     expected = (vid_pair_by_loops(vid.pairs[0], F.avg_pool2d(students[0], 2), teachers[0])  # student 8x8 -> 4x4
                 + vid_pair_by_loops(vid.pairs[1], students[1], F.avg_pool2d(teachers[1], 2)))  # teacher 4x4 -> 2x2
-    assert vid(students, teachers).loss.item() == pytest.approx(expected, rel=1e-5)
+    assert vid(students, teachers).terms["vid"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_vid_by_hand():
@@ -148,7 +150,7 @@ def test_vid_by_hand():
         for conv, w in zip((m for m in vid.pairs[0].regressor if isinstance(m, nn.Conv2d)), (1.0, 1.0, 0.5)):
             conv.weight.fill_(w)
     assert vid.pairs[0].variance().item() == pytest.approx(5.0, rel=1e-6)
-    got = vid(torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), 3.0)).loss.item()
+    got = vid(torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), 3.0)).terms["vid"].item()
     assert got == pytest.approx(0.5 * (4 / 5 + math.log(5)), rel=1e-6)
 
 
@@ -194,7 +196,7 @@ def test_crd_matches_its_formula_and_sets_z_once(dataset_size, negatives):
     z = [sum(side) / len(side) * dataset_size for side in scores]
 
     torch.manual_seed(7)
-    got = crd(s, t, None, indices=indices).loss.item()
+    got = crd(s, t, None, indices=indices).terms["crd"].item()
     assert got == pytest.approx(crd_by_loops(e_s, e_t, mem_s, mem_t, contrast, z, dataset_size), rel=1e-4)
     assert crd.normalizers.tolist() == pytest.approx(z, rel=1e-5)
     crd(s, t, None, indices=indices)
@@ -328,8 +330,7 @@ def test_reviewkd_matches_abf_and_hcl_written_out():
     students = [torch.randn(3, 4, 8, 8), torch.randn(3, 6, 4, 4)]
     teachers = [torch.randn(3, 5, 8, 8), torch.randn(3, 7, 2, 2)]
     method = build_method("reviewkd", [x.shape for x in students], [x.shape for x in teachers], warmup_epochs=4)
-    method.set_progress(0.5, 10)
-    assert method.ramp == 0.25
+    assert method.schedules["reviewkd"](0.5) == 0.25  # the weighting reads it at each step's progress
     # deepest first: the pooled student vector (6x1x1) -> teacher pooled (7), then stage 2 -> teacher 7x2x2
     # (the student's 4x4 is resized to the teacher's 2x2), then stage 1 -> 5x8x8
     levels = [students[1].mean((2, 3), keepdim=True), students[1], students[0]]
@@ -341,7 +342,8 @@ def test_reviewkd_matches_abf_and_hcl_written_out():
     targets = [teachers[0], teachers[1], teachers[1].mean((2, 3), keepdim=True)]
     expected = 0.25 * sum(hcl_by_loops(o, t) for o, t in zip(outputs, targets))
     assert method.abfs[0].conv1[0].out_channels == 6  # mid = min(512, deepest student width)
-    assert method(students, teachers).loss.item() == pytest.approx(expected, rel=1e-4)
+    ramped = 0.25 * method(students, teachers).terms["reviewkd"]  # at epoch 0.5 of a 4-epoch ramp
+    assert ramped.item() == pytest.approx(expected, rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- SRRL
@@ -422,7 +424,7 @@ def test_built_from_torchvision_names_one_step_trains_student_and_method_only(me
     d.train()
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.05)
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
-    out = d(x, y, indices=torch.tensor([3, 50, 7, 99]))
+    out = d(x, y, indices=torch.tensor([3, 50, 7, 99]), progress=(0.5, 10))  # reviewkd's warm-up follows it
     assert torch.isfinite(out.loss)
     (F.cross_entropy(out.student, y) + out.loss).backward()
     opt.step()
@@ -450,19 +452,13 @@ def test_crd_in_a_distiller_has_its_bank_in_the_state_dict_sized_from_taps_and_d
 
 # ------------------------------------------------------------------------------------------- levels with several taps
 def test_epoch_ramps_move_with_the_progress_the_engine_gives_the_distiller():
-    """The engine calls Distiller.set_progress before every step: ReviewKD's and DKD's ramps follow it, per epoch."""
+    """The engine gives the Distiller the progress of every step: ReviewKD's and DKD's ramps follow it, per epoch."""
     d = Distiller(fresh("resnet34"), fresh("resnet18"), [Level(STAGES, STAGES, "reviewkd", warmup_epochs=4),
-                                                          Level("fc", "fc", "dkd", warmup_epochs=4)], input_shape=(3, 64, 64))
+                                                          Level("fc", "fc", "dkd", warmup_epochs=4)], input_shape=(3, 32, 32))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     for epoch, ramp in [(0.0, 0.25), (0.9, 0.25), (1.0, 0.5), (2.5, 0.75), (3.99, 1.0), (7.0, 1.0)]:
-        d.set_progress(epoch, 10)
-        assert [m.ramp for m in d.methods.values()] == [ramp, ramp], epoch
-
-
-def test_a_method_with_the_old_hook_name_is_refused_when_defined():
-    with pytest.raises(TypeError, match=r"Old defines set_epoch\(epoch, epochs\); the hook is now set_progress"):
-        class Old(Method):
-            def set_epoch(self, epoch, epochs):
-                pass
+        out = d(x, y, progress=(epoch, 10))
+        assert [out.weights["reviewkd_layer1"], out.weights["dkd_fc"]] == [ramp, ramp], epoch
 
 
 def test_reviewkd_errors_name_the_taps():

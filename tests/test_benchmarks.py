@@ -43,8 +43,8 @@ def test_every_ladder_and_ablation_entry_builds_a_distiller(tmp_path):
         cfg = config_from_dict({"teacher": {"name": "fmnist_teacher", "checkpoint": str(weights)}, "student": {"name": "fmnist_student"},
                                 "levels": levels})
         d = DistillLearner(cfg, build_task(cfg), dataset_size=6000).module  # CRD's memory bank: one row per item
-        d.set_progress(0.5, 5)  # as the engine does before every step (the kd warm-up rows need it)
-        out = d(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), torch.tensor([0, 1, 2, 5999]))
+        out = d(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), torch.tensor([0, 1, 2, 5999]),
+                progress=(0.5, 5))  # as the engine gives every step (the kd warm-up rows need it)
         assert torch.isfinite(out.loss), name
 
 

@@ -23,7 +23,7 @@ from diffkd.detection.evaluator import CocoAP, coco_box_ap, format_table
 from diffkd.detection.models import available, build_detector, parse_name
 from diffkd.detection.mosaics import MosaicSpec, ensure_mosaics
 from diffkd.detection.pretrained import check_category_names, narrow_classes
-from diffkd.losses import attention_mse_loss
+from diffkd.losses import NamedDistance, attention_mse_loss
 from diffkd.methods import build_method
 from diffkd.module import DiffKD
 from diffkd.engine.learner import LEARNERS
@@ -159,7 +159,7 @@ def test_regression_l1_is_mean_absolute_difference():
 
 def test_fpn_level_diffkd_uses_attention_mse():
     torch.manual_seed(0)
-    level = DiffKD(256, 256, distance="attention_mse", tau=0.5)
+    level = DiffKD(256, 256, distance=NamedDistance("attention_mse", 0.5))
     assert sum(p.numel() for p in level.parameters()) == 694_722  # one FPN level, no AE (docs/design.md §2)
     out = level(torch.randn(2, 256, 8, 8), torch.randn(2, 256, 8, 8))
     assert out.kd_loss.item() == pytest.approx(attention_mse_loss(out.denoised, out.target, tau=0.5).item(), rel=1e-6)

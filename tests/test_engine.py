@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import needs_fmnist
+from conftest import needs_fmnist, record_progress
 from diffkd import models
 from diffkd.config import ConfigError, OptimConfig, ScheduleConfig, apply_overrides, config_from_dict, load_config
 from diffkd.engine import CheckpointError, NonFiniteLossError, RunDirError, evaluate_checkpoint, load_checkpoint, run
@@ -26,7 +26,6 @@ from diffkd.engine.precision import MixedPrecision
 from diffkd.engine.schedules import LRSchedule, Timeline
 from diffkd.tasks.classification import ClassificationTask
 
-from conftest import needs_fmnist
 
 
 def tiny(tmp_path: Path, *overrides: str, name: str = "run", mode: str = "train") -> Any:
@@ -241,18 +240,9 @@ def test_distill_resume_is_bit_identical(tmp_path: Path) -> None:
 @pytest.mark.integration
 @needs_fmnist
 def test_methods_hear_the_progress_before_every_step_and_variants_resume_bit_identical(tmp_path: Path, monkeypatch) -> None:
-    """The engine calls set_progress(epoch + i / steps, epochs) before step i; a DiffKD level with the
-    kd warm-up, normalised targets and DPM-Solver++ resumes bit-identical (its statistics are checkpointed)."""
-    from diffkd.methods.diffkd import DiffKD as DiffKDMethod
-
-    heard: list[tuple[float, int]] = []
-    original = DiffKDMethod.set_progress
-
-    def spy(self, epoch: float, epochs: int) -> None:
-        heard.append((epoch, epochs))
-        original(self, epoch, epochs)
-
-    monkeypatch.setattr(DiffKDMethod, "set_progress", spy)
+    """The engine gives step i the progress epoch + i / steps (of epochs); a DiffKD level with the kd warm-up,
+    normalised targets and DPM-Solver++ resumes bit-identical (its statistics are checkpointed)."""
+    heard = record_progress(monkeypatch)
     extra = [
         "teacher.name=fmnist_teacher", f"teacher.checkpoint={random_teacher(tmp_path)}", "student.name=fmnist_student",
         "levels=[{student: '@logits', teacher: '@logits', method: diffkd, options: {distance: mse, kd_warmup_epochs: 1.5,"
@@ -265,7 +255,7 @@ def test_methods_hear_the_progress_before_every_step_and_variants_resume_bit_ide
         run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", on_epoch_end=stop_after(1))
     resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
     a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
-    assert any(k.endswith("target_normalizer.running_var") for k in a["model"])
+    assert any(k.endswith("distance.normalizer.running_var") for k in a["model"])
     ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
     assert ta.keys() == tb.keys()
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []

@@ -106,8 +106,9 @@ def loop_fgd(method, s: torch.Tensor, t: torch.Tensor, boxes: list[list[list[flo
                     l_rela += (out_s[k][y][x] - out_t[k][y][x]) ** 2
         l_at += sum(abs(channel_s[k] - channel_t[k]) for k in range(c))
         l_at += sum(abs(spatial_s[y][x] - spatial_t[y][x]) for y in range(h) for x in range(w))
-    return {"fg": method.fg_weight * l_fg / b, "bg": method.bg_weight * l_bg / b,
-            "attention": method.attention_weight * l_at / b, "global": method.global_weight * l_rela / b}
+    w = method.term_weights
+    return {"fg": w["fg"] * l_fg / b, "bg": w["bg"] * l_bg / b, "attention": w["attention"] * l_at / b,
+            "global": w["global"] * l_rela / b}
 
 
 def test_fgd_equals_its_formula_written_with_loops():
@@ -123,7 +124,7 @@ def test_fgd_equals_its_formula_written_with_loops():
     out = method(s, t, boxes=image_list(2, 12, 20, [torch.tensor(b) for b in boxes]))
     expected = loop_fgd(method, s, t, boxes, (12, 20))
     assert set(out.terms) == set(expected)
-    terms = weighted_terms(out)
+    terms = weighted_terms(method, out)
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-5), name
 
@@ -207,7 +208,7 @@ def test_boxes_are_scaled_into_the_resized_padded_frame():
         spatial_t, channel_t = loop_attention(t[n], method.temperature)
         expected += sum(fg[n][y][x] * spatial_t[y][x] * channel_t[k] * float(s[n, k, y, x] - t[n, k, y, x]) ** 2
                         for k in range(s.shape[1]) for y in range(4) for x in range(8))
-    assert out.losses["p3/fg"].item() == pytest.approx(method.fg_weight * expected / 2, rel=1e-4)
+    assert out.losses["p3/fg"].item() == pytest.approx(method.term_weights["fg"] * expected / 2, rel=1e-4)
     # The boxes taken in input pixels (no resize, no padding) would give other masks: the frame matters here.
     unscaled, _ = loop_masks([b.tolist() for b in boxes], 4, 8, 32, 64)
     assert unscaled != fg
@@ -226,7 +227,7 @@ def test_fgd_errors_say_what_to_fix():
     with pytest.raises(ValueError, match=r"method 'fgd' got an unknown option 'alpha'; valid options: family, fg_weight"):
         build_method("fgd", shape, shape, family="fcos", alpha=1.0)
     method = build_method("fgd", shape, shape, family="retinanet", temperature=1.0)
-    assert (method.fg_weight, method.temperature) == (FAMILY_WEIGHTS["retinanet"][0], 1.0)  # one weight overridden
+    assert (method.term_weights["fg"], method.temperature) == (FAMILY_WEIGHTS["retinanet"][0], 1.0)  # one overridden
     plain_targets = [{"boxes": torch.zeros(0, 4)}] * 2
     with pytest.raises(ValueError, match="fgd needs its input `boxes` in the frame of the feature maps: .* got list"):
         method(torch.randn(shape), torch.randn(shape), boxes=plain_targets)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from conftest import ddp_matches_one_process, one_line
+from conftest import ddp_matches_one_process, one_line, record_progress
 from diffkd import Level
 from diffkd.integrations.transformers import INDEX_COLUMN, DISTILLER_FILE, DistillationTrainer
 
@@ -306,8 +306,7 @@ def test_weight_auto_calibrates_against_the_students_own_loss_and_resumes_its_fa
 @pytest.mark.integration
 def test_the_methods_schedules_follow_the_trainers_progress(tmp_path, monkeypatch):
     trainer = cnn_trainer(tmp_path, max_steps=6)  # 16 items, batches of 4: 4 steps an epoch, 2 epochs
-    seen = []
-    monkeypatch.setattr(trainer.distiller, "set_progress", lambda epoch, epochs: seen.append((epoch, epochs)))
+    seen = record_progress(monkeypatch)
     trainer.train()
     assert seen == [(0.0, 2), (0.25, 2), (0.5, 2), (0.75, 2), (1.0, 2), (1.25, 2)]  # before each step
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import ddp_matches_one_process, one_line
+from conftest import ddp_matches_one_process, one_line, record_progress
 from diffkd import Level
 from diffkd.data import WithIndices
 from diffkd.integrations.lightning import DistillationModule
@@ -227,8 +227,7 @@ def test_only_the_steps_the_student_has_are_steps_of_the_wrapper():
 @pytest.mark.integration
 def test_the_methods_schedules_follow_the_trainers_progress(tmp_path, monkeypatch):
     wrapped = module()
-    seen = []
-    monkeypatch.setattr(wrapped.distiller, "set_progress", lambda epoch, epochs: seen.append((epoch, epochs)))
+    seen = record_progress(monkeypatch)
     trainer(tmp_path, max_steps=6).fit(wrapped, loader())  # 16 items, batches of 4: 4 steps an epoch, 2 epochs
     assert seen == [(0.0, 2), (0.25, 2), (0.5, 2), (0.75, 2), (1.0, 2), (1.25, 2)]  # before each step
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffkd.losses import attention_mse_loss, dist_loss, dkd_loss, kd_loss
+from diffkd.losses import NamedDistance, attention_mse_loss, dist_loss, dkd_loss, kd_loss
 
 S = [[1.0, 2.0, 0.5, -1.0], [0.3, -0.2, 2.5, 1.0], [-1.0, 0.0, 1.0, 3.0]]
 T = [[2.0, 1.0, 0.0, -0.5], [0.0, 0.1, 3.0, 0.2], [0.5, -0.5, 2.0, 1.0]]
@@ -131,8 +131,10 @@ def test_a_diffkd_level_uses_the_distance_s_own_temperature():
     assert level.distance(s, t).item() == pytest.approx(attention_mse_by_hand(s, t, 0.5), rel=1e-5)
     assert DiffKD(4, 4, distance="kl", kind="mlp").distance(s[:, :, 0, 0], t[:, :, 0, 0]).item() == pytest.approx(
         kd_loss(s[:, :, 0, 0], t[:, :, 0, 0], tau=1.0).item())
+    warmer = DiffKD(4, 4, distance=NamedDistance("attention_mse", 2.0))  # another temperature: a distance object
+    assert warmer.distance(s, t).item() == pytest.approx(attention_mse_by_hand(s, t, 2.0), rel=1e-5)
     with pytest.raises(ValueError, match=r"^distance 'mse' has no temperature, but tau=2.0 was given: drop tau$"):
-        DiffKD(4, 4, distance="mse", tau=2.0)
+        NamedDistance("mse", 2.0)
 
 
 def attention_mse_by_hand(s: torch.Tensor, t: torch.Tensor, tau: float) -> float:

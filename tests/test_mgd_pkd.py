@@ -48,7 +48,7 @@ def test_mgd_matches_its_formula_and_keeps_alpha_as_its_weight(student_channels)
     with torch.no_grad():
         expected = mgd_by_loops(s, t, mask, method.align, method.generator)
     assert out.terms["mgd"].item() == pytest.approx(expected, rel=1e-5)
-    assert out.weights == {"mgd": 3e-5}
+    assert method.term_weights == {"mgd": 3e-5}  # applied by the weighting
 
 
 def test_mgd_by_hand_with_an_identity_generator():
@@ -139,7 +139,7 @@ def test_pkd_connector_only_where_widths_differ_and_weight_is_its_own():
     assert isinstance(method.connector[0], nn.Conv2d) and method.connector[0].bias is None
     assert isinstance(method.connector[1], nn.BatchNorm2d)
     out = method(s, t)
-    assert out.weights == {"pkd": 6.0} and torch.isfinite(out.terms["pkd"])
+    assert method.term_weights == {"pkd": 6.0} and torch.isfinite(out.terms["pkd"])
     assert build_method("pkd", t.shape, t.shape, weight=1.0).connector is None
     assert isinstance(PKD(6, 6), PKD)
     with pytest.raises(ValueError, match=r"\(B,C,H,W\) maps"):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffkd import DiffKD
+from diffkd.methods import build_method
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # the layouts of docs/design.md §7
 
@@ -87,13 +88,15 @@ def test_without_adaptive_noise_chain_starts_from_projected_student():
     assert torch.allclose(out.denoised, expected, atol=1e-5)
 
 
-def test_loss_is_weighted_sum():
+def test_loss_is_the_sum_at_the_papers_weights_and_the_method_declares_its_own():
     torch.manual_seed(0)
-    level = DiffKD(4, 6, latent_channels=16, kd_weight=2.0, diffusion_weight=0.5, ae_weight=3.0)
+    level = DiffKD(4, 6, latent_channels=16)
     out = level(torch.randn(3, 4, 4, 4), torch.randn(3, 6, 4, 4))
-    expected = 2.0 * out.kd_loss + 0.5 * out.diffusion_loss + 3.0 * out.ae_loss
-    assert torch.allclose(out.loss, expected)
+    assert torch.allclose(out.loss, out.kd_loss + out.diffusion_loss + out.ae_loss)  # l1 = l2 = l3 = 1
     assert torch.allclose(out.kd_loss, F.mse_loss(out.denoised, out.target))
+    method = build_method("diffkd", torch.Size([3, 4, 4, 4]), torch.Size([3, 6, 4, 4]), latent_channels=16,
+                          kd_weight=2.0, diffusion_weight=0.5, ae_weight=3.0)
+    assert method.term_weights == {"kd": 2.0, "diffusion": 0.5, "ae": 3.0}  # applied by the weighting
 
 
 # ------------------------------------------------------------------ precision and determinism

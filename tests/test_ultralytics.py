@@ -23,6 +23,7 @@ shutil.copy(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf", _CONF
 os.environ["YOLO_OFFLINE"] = "1"
 os.environ["YOLO_CONFIG_DIR"] = str(_CONFIG)
 
+from conftest import record_progress  # noqa: E402
 from diffkd.integrations import ultralytics as yolo_kd  # noqa: E402
 
 SRC = Path(yolo_kd.__file__).parents[2]
@@ -113,9 +114,9 @@ def test_each_task_distils_into_plain_checkpoints(tmp_path, one_thread, task):
     snapshots: dict[str, object] = {}
 
     def before_training(trainer):
-        snapshots["kd"] = {k: v.detach().clone() for k, v in trainer.kd_modules.state_dict().items()}
+        snapshots["kd"] = {k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()}
         in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-        snapshots["kd_in_optimizer"] = all(id(p) in in_optimizer for p in trainer.kd_modules.parameters())
+        snapshots["kd_in_optimizer"] = all(id(p) in in_optimizer for p in trainer.kd_step.parameters())
         snapshots["kd_group"] = [g for g in trainer.optimizer.param_groups if g.get("param_group") == "kd"]
 
     trainer = run(tmp_path, task, callbacks={"on_pretrain_routine_end": [before_training]})
@@ -126,7 +127,7 @@ def test_each_task_distils_into_plain_checkpoints(tmp_path, one_thread, task):
     assert [f"train/{name}" for name in trainer.loss_names if re.fullmatch(r"p\d_\w+", name)] == kd_columns
     # the kd modules were optimised: in the optimizer (one group of their own), changed by the steps
     assert snapshots["kd_in_optimizer"] and len(snapshots["kd_group"]) == 1
-    after = trainer.kd_modules.state_dict()
+    after = trainer.kd_step.state_dict()
     moved = [k for k, v in snapshots["kd"].items() if v.is_floating_point() and not torch.equal(v, after[k])]
     assert any(k.endswith("weight") for k in moved)
     # the student leaves as Ultralytics made it; the EMA holds the student's parameters only
@@ -134,7 +135,7 @@ def test_each_task_distils_into_plain_checkpoints(tmp_path, one_thread, task):
     assert type(trainer.model.criterion).__name__ != "DistillationCriterion"
     ema = trainer.ema.ema
     assert sum(p.numel() for p in ema.parameters()) == plain
-    teacher_and_kd = {id(p) for p in (*trainer.kd_teacher.parameters(), *trainer.kd_modules.parameters())}
+    teacher_and_kd = {id(p) for p in (*trainer.kd_teacher.parameters(), *trainer.kd_step.parameters())}
     assert not any(id(p) in teacher_and_kd for p in ema.parameters())
     assert not isinstance(getattr(ema, "criterion", None), yolo_kd.DistillationCriterion)
     for weights in ("best.pt", "last.pt"):
@@ -162,8 +163,8 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
     saved: dict[str, object] = {}
 
     def stop_after_first_save(trainer):
-        saved["kd"] = {k: v.detach().clone() for k, v in trainer.kd_modules.state_dict().items()}
-        params = list(trainer.kd_modules.parameters())
+        saved["kd"] = {k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()}
+        params = list(trainer.kd_step.parameters())
         saved["exp_avg"] = [trainer.optimizer.state[p]["exp_avg"].clone() for p in params]
         raise StopHere
 
@@ -175,8 +176,8 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
     restored: dict[str, object] = {}
 
     def after_setup(trainer):
-        restored["kd"] = {k: v.detach().clone() for k, v in trainer.kd_modules.state_dict().items()}
-        restored["exp_avg"] = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.kd_modules.parameters()]
+        restored["kd"] = {k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()}
+        restored["exp_avg"] = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.kd_step.parameters()]
         restored["settings"] = trainer.kd_settings
         raise StopHere
 
@@ -235,7 +236,7 @@ def test_a_stop_between_the_two_saves_resumes_from_the_older_pair(tmp_path, one_
     plain_save = BaseTrainer.save_model
 
     def save_once(trainer):
-        saves.append({k: v.detach().clone() for k, v in trainer.kd_modules.state_dict().items()})
+        saves.append({k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()})
         if len(saves) == 2:
             raise StopHere  # after kd_modules.pt of epoch 2, before last.pt of epoch 2
         return plain_save(trainer)
@@ -250,7 +251,7 @@ def test_a_stop_between_the_two_saves_resumes_from_the_older_pair(tmp_path, one_
     restored = {}
 
     def after_setup(trainer):
-        restored.update({k: v.detach().clone() for k, v in trainer.kd_modules.state_dict().items()})
+        restored.update({k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()})
         raise StopHere
 
     with pytest.raises(StopHere):
@@ -327,7 +328,7 @@ cfg = DEFAULT_CFG_DICT.copy()
 cfg.update(save_dir="")
 trainer = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=events)
 trainer.train()
-print(type(trainer).__name__, trainer.kd_settings.method, sorted(trainer.kd_modules))
+print(type(trainer).__name__, trainer.kd_settings.method, sorted(trainer.kd_step.methods))
 """
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
@@ -423,9 +424,9 @@ def test_student_layers_must_be_inputs_of_its_head():
     with pytest.raises(ValueError, match="2 student maps .* but 3 teacher maps"):
         yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", student_layers=(15, 18)), 64, 3)
     # another family and width: the v8n's head inputs 15/18/21 pair with the 11s's 16/19/22
-    modules, levels, _ = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="cwd"), 64, 3)
+    step, levels = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="cwd"), 64, 3)
     assert [(lv.name, lv.student_position, lv.teacher_layer) for lv in levels] == [("p3", 0, 16), ("p4", 1, 19), ("p5", 2, 22)]
-    assert isinstance(modules["p3"], yolo_kd.Projected)  # 64 -> 128 channels
+    assert isinstance(step.methods["p3"], yolo_kd.Projected)  # 64 -> 128 channels
 
 
 def test_layer_outputs_are_the_maps_the_head_reads():
@@ -470,9 +471,8 @@ def test_the_criterion_never_travels_with_a_copy_of_the_student():
     student = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
     student.args = __import__("ultralytics.utils", fromlist=["DEFAULT_CFG"]).DEFAULT_CFG
     base = student.init_criterion()
-    weights = yolo_kd.LossWeights({}, {})
-    student.criterion = yolo_kd.DistillationCriterion(base, student, torch.nn.ModuleDict(), [], weights, False,
-                                                      lambda: (0, 1), set())
+    step = yolo_kd.DistillationStep(torch.nn.ModuleDict(), yolo_kd.LossWeights({}, {}))
+    student.criterion = yolo_kd.DistillationCriterion(base, student, step, [], False, lambda: (0, 1), set())
     assert not any("criterion" in name for name, _ in student.named_modules())
     assert copy.deepcopy(student).criterion is None
     assert student.criterion.hyp is base.hyp  # the base criterion's attributes pass through
@@ -541,7 +541,7 @@ def test_kd_gradients_are_averaged_over_ranks_as_ddp_does():
 @pytest.mark.integration
 def test_auto_weights_calibrate_against_the_per_image_task_loss(tmp_path, one_thread):
     trainer = run(tmp_path, "detect", method="mse", kd_weight="auto")
-    weights = trainer.kd_weights
+    weights = trainer.kd_step.weighting
     factors = weights.current()
     assert sorted(factors) == ["p3", "p4", "p5"] and all(0 < f < 1e6 for f in factors.values())
     # the window closed at the first epoch's end (2 steps); the task loss it measured is the per-image sum of
@@ -554,8 +554,8 @@ def test_auto_weights_calibrate_against_the_per_image_task_loss(tmp_path, one_th
         share = 1 / 3  # three auto levels share the task loss evenly
         assert factors[level] == pytest.approx(share * float(weights.window.sums[i, 0] / weights.window.sums[i, 1]), rel=1e-6)
         assert f"train/{level}_w" in rows
-    saved = torch.load(trainer.wdir / yolo_kd.STATE_FILE, weights_only=True)["snapshots"][0]["weights"]
-    assert torch.equal(saved["factors"], weights.factors.cpu())
+    saved = torch.load(trainer.wdir / yolo_kd.STATE_FILE, weights_only=True)["snapshots"][0]["step"]
+    assert torch.equal(saved["weighting.factors"], weights.factors.cpu())
 
 
 def test_the_criterion_adds_weighted_kd_terms_as_ultralytics_sums_its_loss():
@@ -567,9 +567,8 @@ def test_the_criterion_adds_weighted_kd_terms_as_ultralytics_sums_its_loss():
     student.args = DEFAULT_CFG
     teacher.eval()
     settings = yolo_kd.KDSettings("t.pt", method="mse", kd_weight=0.5)
-    modules, levels, weights = yolo_kd.build_levels(student, teacher, settings, 64, 3)
-    criterion = yolo_kd.DistillationCriterion(student.init_criterion(), teacher, modules, levels, weights, False,
-                                              lambda: (0, 1), set())
+    step, levels = yolo_kd.build_levels(student, teacher, settings, 64, 3)
+    criterion = yolo_kd.DistillationCriterion(student.init_criterion(), teacher, step, levels, False, lambda: (0, 1), set())
     batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
              "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.3, 0.2, 0.2]])}
     student.train()
@@ -580,7 +579,7 @@ def test_the_criterion_adds_weighted_kd_terms_as_ultralytics_sums_its_loss():
         teacher_maps = yolo_kd.layer_outputs(teacher, batch["img"], {15, 18, 21})
     expected = []
     for name, layer, student_map in zip(("p3", "p4", "p5"), (15, 18, 21), preds["feats"]):
-        projected = modules[name].connector(student_map)
+        projected = step.methods[name].connector(student_map)
         value = 0.5 * ((projected - teacher_maps[layer]) ** 2).mean()  # level weight x FitNet MSE
         torch.testing.assert_close(items[f"{name}_mse"], value.detach())
         expected.append(value)
@@ -667,7 +666,7 @@ def test_maps_of_different_strides_are_paired_only_when_asked_and_the_head_is_no
             yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", **layers), 64, 3)
         message = one_line_error(excinfo)
         assert expected in message and "resize_maps=True" in message, message
-    _, levels, _ = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="mse", teacher_layers=(15,),
+    _, levels = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="mse", teacher_layers=(15,),
                                                                              student_layers=(21,), resize_maps=True), 64, 3)
     assert [(lv.name, lv.teacher_layer) for lv in levels] == [("p5", 15)]
     with pytest.raises(ValueError) as excinfo:
@@ -714,13 +713,10 @@ def test_an_unknown_method_gets_the_methods_yolo_takes():
 
 
 @pytest.mark.integration
-def test_diffkds_kd_warmup_moves_within_an_epoch_as_in_the_engine(tmp_path, one_thread):
+def test_diffkds_kd_warmup_moves_within_an_epoch_as_in_the_engine(tmp_path, one_thread, monkeypatch):
     """8 images in batches of 4: 2 steps an epoch, so a 1-epoch warm-up weighs the kd term 0, then 1/2, then 1."""
-    ramps = []
-
-    def after_batch(trainer):
-        ramps.append(round(float(trainer.kd_modules["p3"].diffkd.kd_ramp), 6))
-
-    run(tmp_path, "detect", epochs=2, val=False, method_options={"kd_warmup_epochs": 1.0},
-        callbacks={"on_train_batch_end": [after_batch]})
-    assert ramps == [0.0, 0.5, 1.0, 1.0]
+    heard = record_progress(monkeypatch)
+    trainer = run(tmp_path, "detect", epochs=2, val=False, method_options={"kd_warmup_epochs": 1.0})
+    assert heard == [(0.0, 2), (0.5, 2), (1.0, 2), (1.5, 2)]
+    warmup = trainer.kd_step.weighting.schedules["p3"]["kd"]
+    assert [warmup(epoch) for epoch, _ in heard] == [0.0, 0.5, 1.0, 1.0]

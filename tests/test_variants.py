@@ -14,23 +14,34 @@ from diffkd.diffusion import DDIM, DPMSolver2M, NoiseSchedule
 from diffkd.folded import folded_chain
 from diffkd.losses import dkd_loss, kd_loss, standardize_logits
 from diffkd.methods import build_method
+from diffkd.methods.diffkd import level_distance
 from diffkd.methods.dkd import DKD
-from diffkd.normalizer import TargetNormalizer
+from diffkd.normalizer import NormalizedDistance, StandardizedDistance, TargetNormalizer
 from conftest import weighted_terms
 from test_diffusion import _chain_pair
 
 
+def variant(student_channels: int, teacher_channels: int, latent_channels: int | None = None, *,
+            distance: str = "mse", tau: float | None = None, normalize_target: bool = False, standardize: bool = False,
+            **options) -> DiffKD:
+    """A level with the method's distance options composed as the method composes them (methods.diffkd)."""
+    measure = level_distance(distance, tau, normalize_target, standardize, latent_channels or teacher_channels)
+    return DiffKD(student_channels, teacher_channels, latent_channels, distance=measure, **options)
+
+
 # ------------------------------------------------------------------ 1. kd warm-up, per step
 def test_kd_warmup_ramps_the_kd_weight_per_step():
+    """The method declares its weights and the kd term's warm-up; the weighting applies them at each progress."""
     torch.manual_seed(0)
-    level = DiffKD(4, 6, latent_channels=8, kd_weight=3.0, diffusion_weight=0.5, ae_weight=2.0, kd_warmup_epochs=2)
     s, t = torch.randn(3, 4, 4, 4), torch.randn(3, 6, 4, 4)
+    method = build_method("diffkd", s.shape, t.shape, latent_channels=8, kd_weight=3.0, diffusion_weight=0.5,
+                          ae_weight=2.0, kd_warmup_epochs=2)
+    out = method(s, t)
+    assert out.terms["kd"] > 0  # computed (and logged) during the ramp too
     for epoch, ramp in [(0.0, 0.0), (0.25, 0.125), (1.0, 0.5), (1.75, 0.875), (2.0, 1.0), (3.6, 1.0)]:
-        level.set_progress(epoch, 5)
-        out = level(s, t)
-        expected = 3.0 * ramp * out.kd_loss + 0.5 * out.diffusion_loss + 2.0 * out.ae_loss
-        assert torch.allclose(out.loss, expected, atol=1e-6), epoch
-        assert out.kd_loss > 0  # the kd term is computed (and logged) during the ramp too
+        weighted = weighted_terms(method, out, epoch)
+        expected = 3.0 * ramp * out.terms["kd"] + 0.5 * out.terms["diffusion"] + 2.0 * out.terms["ae"]
+        assert torch.allclose(sum(weighted.values()), expected, atol=1e-6), epoch
 
 
 def test_kd_warmup_reaches_the_method_terms_through_the_distiller():
@@ -39,24 +50,23 @@ def test_kd_warmup_reaches_the_method_terms_through_the_distiller():
     d = Distiller(teacher, student, [Level("", "", "diffkd", distance="kl", kd_weight=2.0, kd_warmup_epochs=4)],
                   input_shape=(6,))
     x = torch.randn(4, 6)
-    d.set_progress(1.0, 10)  # a quarter of the way: weight 2 * 0.25
-    out = d(x)
-    level = d.methods["diffkd_output"].diffkd
-    level.set_progress(4.0, 10)  # the full weight, same inputs and noise draws
+    out = d(x, progress=(1.0, 10))  # a quarter of the way: weight 2 * 0.25
     torch.manual_seed(1)
-    quarter = d(x).losses["diffkd_output/kd"]
-    level.set_progress(1.0, 10)
+    full = d(x, progress=(4.0, 10)).losses["diffkd_output/kd"]  # the full weight, same inputs and noise draws
     torch.manual_seed(1)
-    assert torch.allclose(d(x).losses["diffkd_output/kd"], 0.25 * quarter, atol=1e-6)
+    quarter = d(x, progress=(torch.tensor(1.0, dtype=torch.float64), 10))  # as the engine passes it
+    assert torch.allclose(quarter.losses["diffkd_output/kd"], 0.25 * full, atol=1e-6)
+    assert quarter.weights["diffkd_output/kd"].item() == 0.5 and out.weights["diffkd_output/kd"] == 0.5
     assert "diffkd_output/diffusion" in out.losses
 
 
 def test_kd_warmup_without_progress_is_an_error_in_training_only():
-    level = DiffKD(4, 6, kd_warmup_epochs=1)
-    s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3)
-    with pytest.raises(ValueError, match=r"kd_warmup_epochs=1\) ramps its kd weight .* call set_progress"):
-        level(s, t)
-    assert torch.isfinite(level.eval()(s, t).loss)
+    teacher, student = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    d = Distiller(teacher, student, [Level("", "", "diffkd", distance="kl", kd_warmup_epochs=1)], input_shape=(6,))
+    with pytest.raises(ValueError, match=r"term 'kd' follows training \(Warmup\(epochs=1.0\)\), so each step needs the "
+                                         r"training progress"):
+        d(torch.randn(2, 6))
+    assert torch.isfinite(d.eval()(torch.randn(2, 6)).loss)
 
 
 def test_dkd_ramp_keeps_its_per_epoch_steps():
@@ -65,8 +75,9 @@ def test_dkd_ramp_keeps_its_per_epoch_steps():
     s, t, y = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0, 2, 4])
     full = dkd_loss(s, t, y, 1.0, 8.0, 4.0)
     for epoch, ramp in [(0.0, 0.25), (0.9, 0.25), (1.0, 0.5), (2.5, 0.75), (3.99, 1.0), (7.0, 1.0)]:
-        dkd.set_progress(epoch, 10)
-        assert torch.allclose(weighted_terms(dkd(s, t, y))["dkd"], ramp * full), epoch
+        assert torch.allclose(weighted_terms(dkd, dkd(s, t, y), epoch)["dkd"], ramp * full), epoch
+        tensor_epoch = torch.tensor(epoch, dtype=torch.float64)  # what the engine passes: the same values
+        assert dkd.schedules["dkd"](tensor_epoch).item() == pytest.approx(ramp)
 
 
 # ------------------------------------------------------------------ 2. normalised targets
@@ -101,9 +112,9 @@ def test_target_normalizer_statistics_by_hand():
 
 def test_normalized_target_gradient_routes():
     torch.manual_seed(0)
-    level = DiffKD(8, 12, latent_channels=16, normalize_target=True)
-    assert list(level.target_normalizer.parameters()) == []
-    assert {"target_normalizer.running_mean", "target_normalizer.running_var"} <= level.state_dict().keys()
+    level = variant(8, 12, latent_channels=16, normalize_target=True)
+    assert list(level.distance.parameters()) == []
+    assert {"distance.normalizer.running_mean", "distance.normalizer.running_var"} <= level.state_dict().keys()
     s = torch.randn(4, 8, 5, 5, requires_grad=True)
     t = torch.randn(4, 12, 5, 5, requires_grad=True)
     out = level(s, t)
@@ -127,7 +138,7 @@ def _kd_after_teacher_rescaling(normalize: bool, scale: torch.Tensor) -> tuple[f
     """kd loss and student gradient for teacher t and for teacher scale * t (the denoised side of the
     second level scaled alike, through its output projection's BatchNorm affine)."""
     torch.manual_seed(0)
-    level = DiffKD(6, 10, normalize_target=normalize)
+    level = variant(6, 10, normalize_target=normalize)
     rescaled = copy.deepcopy(level)
     with torch.no_grad():
         bn = rescaled.output_projection[1]
@@ -288,7 +299,7 @@ def test_standardized_dkd_is_dkd_on_z_scored_logits():
 
 def test_standardized_diffkd_logits_level():
     torch.manual_seed(0)
-    level = DiffKD(6, 6, kind="mlp", distance="kl", tau=2.0, standardize=True)
+    level = variant(6, 6, kind="mlp", distance="kl", tau=2.0, standardize=True)
     out = level(torch.randn(4, 6), torch.randn(4, 6) * 5)
     zs = torch.tensor([_z_by_hand(r) for r in out.denoised.tolist()]) / 2.0
     zt = torch.tensor([_z_by_hand(r) for r in out.target.tolist()]) / 2.0
@@ -300,15 +311,17 @@ def test_standardized_diffkd_logits_level():
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: DiffKD(4, 6, kd_warmup_epochs=-1), "kd_warmup_epochs must be >= 0 (0: no warm-up), got -1"),
+        (lambda: build_method("diffkd", torch.Size([2, 4, 3, 3]), torch.Size([2, 6, 3, 3]), kd_warmup_epochs=-1),
+         "kd_warmup_epochs must be a number of epochs >= 0 (0: none), got -1"),
         (lambda: DiffKD(4, 6, sampler="dpm_solver"), "unknown sampler 'dpm_solver' (did you mean 'dpm_solver++'?)"),
         (lambda: DiffKD(4, 6, sampler="ddpm"), "unknown sampler 'ddpm' (did you mean 'ddim'?)"),
-        (lambda: DiffKD(5, 5, kind="mlp", distance="kl", normalize_target=True),
-         "normalize_target=True rescales each channel, which changes the class distributions distance='kl'"),
-        (lambda: DiffKD(5, 5, kind="mlp", distance="dist", normalize_target=True), "distance='dist' compares"),
-        (lambda: DiffKD(4, 6, standardize=True), "standardize=True z-scores logits before the KL: it needs distance='kl', got 'mse'"),
+        (lambda: NormalizedDistance("kl", 5),
+         "normalize_target=True rescales each channel, which changes the class distributions NamedDistance('kl', tau=1)"),
+        (lambda: NormalizedDistance("dist", 5), "NamedDistance('dist', tau=1) compares"),
+        (lambda: StandardizedDistance("mse"),
+         "standardize=True z-scores logits before the KL: it needs distance='kl', got NamedDistance('mse')"),
         (lambda: build_method("diffkd", torch.Size([2, 5]), torch.Size([2, 5]), normalize_target=True),
-         "distance='kl' compares"),
+         "NamedDistance('kl', tau=1) compares"),
     ],
 )
 def test_bad_variant_options(make, message):
@@ -319,12 +332,11 @@ def test_bad_variant_options(make, message):
 
 # ------------------------------------------------------------------ fast path == reference, everything on
 ALL_ON = {
-    "maps": dict(kind="conv", latent_channels=16, kd_warmup_epochs=2, normalize_target=True, sampler="dpm_solver++"),
-    "maps, attention_mse": dict(kind="conv", distance="attention_mse", kd_warmup_epochs=2, normalize_target=True,
-                                sampler="dpm_solver++"),
-    "sequences": dict(kind="conv", dims=1, kd_warmup_epochs=2, normalize_target=True, sampler="dpm_solver++"),
-    "vectors": dict(kind="mlp", distance="kl", kd_warmup_epochs=2, standardize=True, sampler="dpm_solver++"),
-    "vectors, mse": dict(kind="mlp", kd_warmup_epochs=2, normalize_target=True, sampler="dpm_solver++"),
+    "maps": dict(kind="conv", latent_channels=16, normalize_target=True, sampler="dpm_solver++"),
+    "maps, attention_mse": dict(kind="conv", distance="attention_mse", normalize_target=True, sampler="dpm_solver++"),
+    "sequences": dict(kind="conv", dims=1, normalize_target=True, sampler="dpm_solver++"),
+    "vectors": dict(kind="mlp", distance="kl", standardize=True, sampler="dpm_solver++"),
+    "vectors, mse": dict(kind="mlp", normalize_target=True, sampler="dpm_solver++"),
 }
 
 
@@ -334,10 +346,10 @@ def test_fast_path_matches_reference_with_every_option_on(dtype, tolerance, case
     options = ALL_ON[case]
     torch.manual_seed(0)
     channels = (12, 24) if options["kind"] == "conv" else (10, 10)
-    fast = DiffKD(*channels, **options)
-    reference = DiffKD(*channels, fast=False, **options)
+    fast = variant(*channels, **options)
+    reference = variant(*channels, fast=False, **options)
     reference.load_state_dict(fast.state_dict())
-    exact = DiffKD(*channels, fast=False, **options)  # the reference in float32: what bf16 rounding is measured against
+    exact = variant(*channels, fast=False, **options)  # the reference in float32: what bf16 rounding is measured against
     exact.load_state_dict(fast.state_dict())
     g = torch.Generator().manual_seed(1)
     if options["kind"] == "conv":
@@ -350,7 +362,6 @@ def test_fast_path_matches_reference_with_every_option_on(dtype, tolerance, case
                   diffusion_timesteps=torch.tensor([3, 500, 999, 42]))
     results = []
     for level in (fast, reference):
-        level.set_progress(0.5, 4)
         student = s.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = level(student, t, **noises)
@@ -369,7 +380,6 @@ def test_fast_path_matches_reference_with_every_option_on(dtype, tolerance, case
     if dtype == torch.bfloat16:
         # bf16 rounding in the 5-step chain alone moves the reference by about 1 % of its scale (more with
         # DPM-Solver++'s extrapolation): the fast path must stay within that rounding of it.
-        exact.set_progress(0.5, 4)
         rounding = (exact(s.clone(), t, **noises).denoised - out_r.denoised.float()).abs().max().item()
         assert gap <= max(tolerance * max(1.0, out_r.denoised.float().abs().max().item()), 1.5 * rounding), (gap, rounding)
     else:
@@ -387,19 +397,18 @@ def test_torch_compile_sees_one_graph_with_the_variants_on():
     import torch._dynamo
 
     torch._dynamo.reset()
-    level = DiffKD(6, 10, 8, kd_warmup_epochs=1, normalize_target=True, sampler="dpm_solver++")
-    level.set_progress(0.5, 2)
+    level = variant(6, 10, 8, normalize_target=True, sampler="dpm_solver++")
     report = torch._dynamo.explain(level)(torch.randn(2, 6, 5, 5), torch.randn(2, 10, 5, 5))
     assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
 
 
 def test_the_normalized_distance_reads_the_statistics_its_level_holds_and_checkpoints():
-    """normalize_target wraps the distance; the statistics stay the level's buffers, also in a copy."""
-    level = DiffKD(4, 6, normalize_target=True)
-    assert level.distance.normalizer is level.target_normalizer
+    """normalize_target wraps the distance; the statistics are the level's buffers (its distance's), also in a copy."""
+    level = variant(4, 6, normalize_target=True)
+    assert dict(level.named_buffers())["distance.normalizer.running_mean"] is level.distance.normalizer.running_mean
     twin = copy.deepcopy(level)
-    assert twin.distance.normalizer is twin.target_normalizer and twin.target_normalizer is not level.target_normalizer
+    assert twin.distance.normalizer is not level.distance.normalizer
     twin(torch.randn(3, 4, 2, 2), torch.randn(3, 6, 2, 2) * 5 + 3)  # a training step moves the copy's statistics only
-    assert not torch.equal(twin.target_normalizer.running_mean, level.target_normalizer.running_mean)
+    assert not torch.equal(twin.distance.normalizer.running_mean, level.distance.normalizer.running_mean)
     level.load_state_dict(twin.state_dict())
-    assert torch.equal(level.distance.normalizer.running_mean, twin.target_normalizer.running_mean)
+    assert torch.equal(level.distance.normalizer.running_mean, twin.distance.normalizer.running_mean)

@@ -201,13 +201,12 @@ def test_the_first_epoch_ends_a_longer_window():
     d = Distiller(teacher, student, [Level("2", "2", "mse", weight="auto", window=100)], input_shape=(6,), task_loss=ce)
     tasks, terms = [], []
     for step in range(4):
-        d.set_progress(step / 4, 3)
-        out = d(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+        out = d(torch.randn(8, 6), torch.randint(0, 3, (8,)), progress=(step / 4, 3))
         tasks.append(out.task_loss.item())
         terms.append(out.raw["mse_2"].item())
     assert d.weighting.fixed.tolist() == [False]  # open: its factor is the running one
     assert d.auto_weights()["mse_2"] == pytest.approx(sum(tasks) / sum(terms), rel=1e-6)
-    d.set_progress(1.0, 3)
+    d(torch.randn(8, 6), torch.randint(0, 3, (8,)), progress=(1.0, 3))  # the second epoch's first step closes it
     assert d.weighting.fixed.tolist() == [True]
     assert d.auto_weights()["mse_2"] == pytest.approx(sum(tasks) / sum(terms), rel=1e-6)
 

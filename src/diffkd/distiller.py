@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -20,7 +19,8 @@ from .methods import build_method, method_class
 from .models.probe import resolve_aliases
 from .module_outputs import ModuleOutputs
 from .taps import FeatureTaps, ProbedFeature, Tap, call_model, probe_features, resolve_module
-from .weighting import LossWeights, WeightedTerms, weight_spec
+from .step import DistillationStep, DistillOutput, Progress
+from .weighting import LossWeights, weight_spec
 
 TapSpec = str | Tap | Mapping[str, Any]
 
@@ -70,22 +70,9 @@ def default_level_name(method: str, student: TapSpec | list[TapSpec]) -> str:
     return f"{method}_{re.sub(r'[^0-9A-Za-z_]', '_', path) or 'output'}"
 
 
-@dataclass
-class DistillOutput:
-    """The student's own output, the weighted loss terms by name, their sum, and diagnostics; the same
-    terms unweighted (`raw`) with the weight each got (`weights`), and the task loss when it was given."""
-
-    student: Any
-    losses: dict[str, Tensor]
-    loss: Tensor
-    stats: dict[str, Tensor] = field(default_factory=dict)
-    raw: dict[str, Tensor] = field(default_factory=dict)
-    weights: dict[str, float | Tensor] = field(default_factory=dict)
-    task_loss: Tensor | None = None
-
-
-class Distiller(nn.Module):
-    """Distil `student` from a frozen `teacher` on the given levels.
+class Distiller(DistillationStep):
+    """Distil `student` from a frozen `teacher` on the given levels: the distillation step (`step.py`) on the
+    features forward hooks capture from both models.
 
     Give `example_input` (or `input_shape` without batch) so every tap's shape is probed once and
     the method modules are sized automatically. A level's tap may be "@feature" / "@logits": the
@@ -102,7 +89,6 @@ class Distiller(nn.Module):
                  example_input: Any = None, input_shape: tuple[int, ...] | None = None,
                  dataset_size: int | None = None, task_loss: Callable[[Any, Any], Tensor] | None = None,
                  teacher_example_input: Any = None):
-        super().__init__()
         if not levels:
             raise ValueError("a Distiller needs at least one Level")
         if example_input is None and input_shape is None:
@@ -112,39 +98,36 @@ class Distiller(nn.Module):
         if duplicates:
             raise ValueError(f"level names must be unique, got {duplicates} twice; pass name=... to Level")
         check_separate(teacher, student)
-        self.levels = list(levels)
-        self.student = student
-        self.separate_teacher_inputs = teacher_example_input is not None
-        object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         teacher.requires_grad_(False).eval()
-
-        self._tap_names = {lv.name: (_tap_names(lv, "student"), _tap_names(lv, "teacher")) for lv in levels}
-        student_specs = {n: spec for lv in levels for n, spec in zip(self._tap_names[lv.name][0], _as_list(lv.student))}
-        teacher_specs = {n: spec for lv in levels for n, spec in zip(self._tap_names[lv.name][1], _as_list(lv.teacher))}
+        tap_names = {lv.name: (_tap_names(lv, "student"), _tap_names(lv, "teacher")) for lv in levels}
+        student_specs = {n: spec for lv in levels for n, spec in zip(tap_names[lv.name][0], _as_list(lv.student))}
+        teacher_specs = {n: spec for lv in levels for n, spec in zip(tap_names[lv.name][1], _as_list(lv.teacher))}
         student_specs = resolve_aliases(student_specs, student, example_input, input_shape=input_shape, role="student")
         teacher_input, teacher_shape = ((example_input, input_shape) if teacher_example_input is None
                                         else (teacher_example_input, None))
         teacher_specs = resolve_aliases(teacher_specs, teacher, teacher_input, input_shape=teacher_shape, role="teacher")
         student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
         teacher_probe = probe_features(teacher, teacher_specs, teacher_input, input_shape=teacher_shape)
-        self.probed = {"student": student_probe, "teacher": teacher_probe}  # shapes and layouts, for reports
-        self.methods = nn.ModuleDict()
+        methods = nn.ModuleDict()
         for lv in levels:
-            student_names, teacher_names = self._tap_names[lv.name]
+            student_names, teacher_names = tap_names[lv.name]
             s = _probed(lv.student, student_names, student_probe)
             t = _probed(lv.teacher, teacher_names, teacher_probe)
             try:
                 options = _with_teacher_modules(lv, teacher)
-                self.methods[lv.name] = build_method(lv.method, s[0], t[0], layouts=(s[1], t[1]),
-                                                     dataset_size=dataset_size, **options)
+                methods[lv.name] = build_method(lv.method, s[0], t[0], layouts=(s[1], t[1]),
+                                                dataset_size=dataset_size, **options)
             except ValueError as exc:
                 raise ValueError(f"level {lv.name!r} ({lv.student!r} -> {lv.teacher!r}): {exc}") from None
+        super().__init__(methods, LossWeights({lv.name: lv.weight_spec for lv in levels}, dict(methods.items())))
+        self.levels, self.student, self.task_loss = list(levels), student, task_loss
+        self.separate_teacher_inputs = teacher_example_input is not None
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        self._tap_names = tap_names
+        self.probed = {"student": student_probe, "teacher": teacher_probe}  # shapes and layouts, for reports
         self.student_taps = FeatureTaps(student, student_specs)
         self.teacher_taps = FeatureTaps(teacher, teacher_specs)
-        self.student_outputs = _extra_inputs(student, levels, self.methods)
-        self.task_loss = task_loss
-        self.weighting = LossWeights({lv.name: lv.weight_spec for lv in levels},
-                                     {lv.name: self.methods[lv.name].calibrated_terms for lv in levels})
+        self.student_outputs = _extra_inputs(student, levels, methods)
 
     # ----------------------------------------------------------------------------- modes, devices
     def train(self, mode: bool = True) -> "Distiller":
@@ -168,15 +151,18 @@ class Distiller(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, inputs: Any, targets: Tensor | None = None, indices: Tensor | None = None,
-                task_loss: Tensor | None = None, *, teacher_inputs: Any = None) -> DistillOutput:
-        """Run teacher (no grad) and student, then every level's method on the captured features, weighted.
+                task_loss: Tensor | None = None, *, teacher_inputs: Any = None,
+                progress: Progress | None = None) -> DistillOutput:
+        """Run teacher (no grad) and student, then the distillation step on the captured features.
 
         A tuple `inputs` is spread as positional arguments (detectors take `(images, targets)`), a
         mapping as keywords. `indices` (B,) are the samples' dataset indices, passed to the methods
         that need them. `task_loss`: this batch's task loss, for levels with weight "auto", where the
         Distiller was built without a `task_loss` function. `teacher_inputs` is what the teacher is
         called with when it is not `inputs` (required when the Distiller was built with
-        `teacher_example_input`, refused otherwise).
+        `teacher_example_input`, refused otherwise). `progress`: (fractional epoch, epochs), where
+        training stands, needed by levels whose weights follow it (a warm-up); `e + i / steps` before
+        step i of epoch e (0-based).
         """
         if (teacher_inputs is None) == self.separate_teacher_inputs:
             raise ValueError(
@@ -190,7 +176,7 @@ class Distiller(nn.Module):
         if task_loss is None and self.task_loss is not None and (targets is not None or self.training):
             # in eval mode without targets (visualize) there is none to compute
             task_loss = checked_task_loss(self.task_loss(student_output, targets), "the task_loss function")
-        return self.distil(student_output, targets, indices, task_loss)
+        return self.distil(student_output, targets, indices, task_loss, progress)
 
     def run_teacher(self, inputs: Any) -> None:
         """Call the frozen teacher on `inputs` (no gradient), so its taps hold this batch's features."""
@@ -198,51 +184,26 @@ class Distiller(nn.Module):
             call_model(self.teacher, inputs)
 
     def distil(self, student_output: Any, targets: Tensor | None = None, indices: Tensor | None = None,
-               task_loss: Tensor | None = None) -> DistillOutput:
-        """Every level's method on the features both models' latest forwards captured, weighted: for a front end
-        that calls the student itself (then the teacher with `run_teacher`) on the same batch."""
+               task_loss: Tensor | None = None, progress: Progress | None = None) -> DistillOutput:
+        """The distillation step on the features both models' latest forwards captured: for a front end that
+        calls the student itself (and the teacher with `run_teacher`) on the same batch."""
         if indices is None and self.needs_indices:
             needing = [n for n, m in self.methods.items() if m.needs_indices]
             raise ValueError(
                 f"level {needing[0]!r} needs each sample's dataset index: call the distiller as d(inputs, targets, "
                 "indices=...) with the (B,) indices of the batch's items (wrap the dataset in diffkd.data.WithIndices)"
             )
-        outputs = {}
-        stats: dict[str, Tensor] = {}
+        student, teacher, extra = {}, {}, {}
         for level in self.levels:
-            method = self.methods[level.name]
             student_names, teacher_names = self._tap_names[level.name]
-            student = _captures(level.student, student_names, self.student_taps)
-            teacher = _captures(level.teacher, teacher_names, self.teacher_taps)
-            extra = {name: self.student_outputs[f"{level.name}/{name}"] for name in method.extra_inputs}
+            method = self.methods[level.name]
+            student[level.name] = _captures(level.student, student_names, self.student_taps)
+            teacher[level.name] = _captures(level.teacher, teacher_names, self.teacher_taps)
+            extra[level.name] = {name: self.student_outputs[f"{level.name}/{name}"] for name in method.extra_inputs}
             if method.needs_indices:
-                extra["indices"] = indices
-            outputs[level.name] = out = method(student, teacher, targets, **extra)
-            for key, value in out.stats.items():
-                stats[f"{level.name}/{key}"] = value
-        weighed: WeightedTerms = self.weighting(outputs, task_loss)
-        return DistillOutput(student_output, weighed.weighted, sum(weighed.weighted.values()), stats,  # type: ignore[arg-type]
-                             weighed.raw, weighed.weights, task_loss)
-
-    def set_progress(self, epoch: float, epochs: int) -> None:
-        """Tell methods with a schedule (DKD's warm-up, DiffKD's kd_warmup_epochs) where training stands.
-
-        Call it before every step: `epoch` is fractional, `e + i / steps_per_epoch` before step i of
-        epoch e (0-based), out of `epochs`. The engine does this; a hand-written loop must too.
-        """
-        for method in self.methods.values():
-            method.set_progress(epoch, epochs)
-        if epoch >= 1:
-            self.end_epoch()
-
-    def end_epoch(self) -> None:
-        """An epoch is over: a calibration window (weight "auto") still open ends with the first epoch.
-        `set_progress` at epoch >= 1 does the same; the engine calls this before it saves last.pt."""
-        self.weighting.end_windows()
-
-    def auto_weights(self) -> dict[str, float]:
-        """Each level with weight "auto": its factor (the running estimate while its window is open)."""
-        return self.weighting.current()
+                extra[level.name]["indices"] = indices
+        return self.compute(student, teacher, targets=targets, extra=extra, task_loss=task_loss, progress=progress,
+                            student_output=student_output)
 
     # ----------------------------------------------------------------------------- parameters, export
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

@@ -7,7 +7,6 @@ sequences (B,C,L) (frame-wise logits, channel-first as every diffkd tap hands th
 from __future__ import annotations
 
 import difflib
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -164,21 +163,39 @@ def distance_info(distance: str) -> DistanceInfo:
     return DISTANCES[distance]
 
 
-def compares_distributions(distance: str | Distance) -> bool:
-    """Whether `distance` (a name; a callable is taken as a feature distance) compares class distributions."""
-    return not callable(distance) and distance_info(distance).compares_distributions
-
-
-def resolve_distance(distance: str | Distance, tau: float | None = None) -> Distance:
-    """A distance by name (mse, kl, dist, attention_mse) or any callable(student, teacher) -> loss.
+class NamedDistance:
+    """A registered distance (mse, kl, dist, attention_mse) at a temperature: callable(student, teacher) -> loss.
 
     `tau` None takes the distance's own temperature; a distance without one refuses a tau.
     """
+
+    def __init__(self, name: str, tau: float | None = None):
+        info = distance_info(name)
+        if info.tau is None and tau is not None:
+            raise ValueError(f"distance {name!r} has no temperature, but tau={tau} was given: drop tau")
+        self.name, self.fn, self.compares_distributions = name, info.fn, info.compares_distributions
+        self.tau = info.tau if tau is None else tau
+
+    def __call__(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return self.fn(student, teacher) if self.tau is None else self.fn(student, teacher, tau=self.tau)
+
+    def __repr__(self) -> str:
+        return f"NamedDistance({self.name!r}{'' if self.tau is None else f', tau={self.tau:g}'})"
+
+
+def compares_distributions(distance: str | Distance) -> bool:
+    """Whether `distance` compares class distributions: a name by its registry entry, an object by its own
+    `compares_distributions` (a plain callable is taken as a feature distance)."""
+    if isinstance(distance, str):
+        return distance_info(distance).compares_distributions
+    return bool(getattr(distance, "compares_distributions", False))
+
+
+def resolve_distance(distance: str | Distance, tau: float | None = None) -> Distance:
+    """A distance object: a name (mse, kl, dist, attention_mse) at temperature `tau` (None: its own), or any
+    callable(student, teacher) -> loss as it is (which takes no tau)."""
     if callable(distance):
         if tau is not None:
             raise ValueError(f"tau={tau} is for a named distance; a callable distance takes no temperature: drop tau")
         return distance
-    info = distance_info(distance)
-    if info.tau is None and tau is not None:
-        raise ValueError(f"distance {distance!r} has no temperature, but tau={tau} was given: drop tau")
-    return info.fn if info.tau is None else functools.partial(info.fn, tau=info.tau if tau is None else tau)
+    return NamedDistance(distance, tau)

@@ -4,8 +4,10 @@
 adaptive noise matching start (Eq. 8) -> denoising chain (a sampler from diffusion.py) -> output
 projection -> L_kd, L_diff, L_ae. Each step is a method written as its formula; the folded fast
 path (folded.py) replaces the chain and the noise prediction as a whole, chosen once at construction.
-Beyond the paper, off by default: a warm-up of the kd weight, scale-free (normalised) targets, the
-DPM-Solver++(2M) sampler and logit standardization (see `DiffKD`).
+Beyond the paper, off by default: the DPM-Solver++(2M) sampler, and distances wrapped by a
+normalisation (normalizer.py: scale-free targets, logit standardization). The terms' weights are not
+the level's: whoever trains it weighs them (diffkd.weighting); `DiffKDOutput.loss` sums them as the
+paper does (all weights 1).
 """
 from __future__ import annotations
 
@@ -30,16 +32,12 @@ from .diffusion import (
 )
 from .folded import FoldedPath
 from .losses import Distance, resolve_distance
-from .normalizer import NormalizedDistance, StandardizedDistance, TargetNormalizer
 
 
 @dataclass
 class DiffKDOutput:
-    """What one DiffKD level returns: the three terms unweighted, and their weights as data.
-
-    `loss` weighs them when asked, for the level used alone; a Distiller weighs `terms` with `weights`
-    itself (diffkd.weighting), so inside one the weights are applied in that one place.
-    """
+    """What one DiffKD level returns: the denoised student feature, its target, the three terms unweighted
+    (a Distiller weighs them in diffkd.weighting) and ANM's gamma."""
 
     denoised: Tensor
     target: Tensor
@@ -47,7 +45,6 @@ class DiffKDOutput:
     diffusion_loss: Tensor
     ae_loss: Tensor | None
     gamma: Tensor | None
-    weights: dict[str, float | Tensor]
 
     @property
     def terms(self) -> dict[str, Tensor]:
@@ -57,8 +54,8 @@ class DiffKDOutput:
 
     @property
     def loss(self) -> Tensor:
-        """kd_weight * L_kd + diffusion_weight * L_diff (+ ae_weight * L_ae)."""
-        return sum(self.weights[k] * v for k, v in self.terms.items())  # type: ignore[return-value]
+        """L_kd + L_diff (+ L_ae): the terms at the paper's weights (1 each), for a level used alone."""
+        return sum(self.terms.values())  # type: ignore[return-value]
 
 
 class LinearAutoencoder(nn.Module):
@@ -124,12 +121,11 @@ class DiffKD(nn.Module):
     recompute=True trades compute for memory: the noise predictor's six evaluations per step keep
     only their inputs and run again in backward (same gradients and BatchNorm statistics).
 
-    Variants beyond the paper, all off by default: kd_warmup_epochs ramps the kd weight linearly from
-    0 over that many epochs, per step (call `set_progress` before each step; the diffusion and AE
-    losses train from step 0); sampler="dpm_solver++" runs DPM-Solver++(2M) over the same timesteps
-    and evaluations; normalize_target=True and standardize=True wrap the distance
-    (`NormalizedDistance`: both sides mapped with the teacher target's per-channel statistics;
-    `StandardizedDistance`: z-scored logits before the KL).
+    `distance` is a name (mse, kl, dist, attention_mse: at its own temperature) or a distance object:
+    `losses.NamedDistance(name, tau)`, or one wrapped by a normalisation (`normalizer.NormalizedDistance`:
+    both sides mapped with the teacher target's per-channel statistics, its buffers the level's;
+    `normalizer.StandardizedDistance`: z-scored logits before the KL). `sampler` names the chain's
+    solver: "ddim" (the paper's) or "dpm_solver++" (DPM-Solver++(2M), the same timesteps and evaluations).
     """
 
     def __init__(
@@ -143,31 +139,20 @@ class DiffKD(nn.Module):
         inference_steps: int = 5,
         adaptive_noise: bool = True,
         distance: str | Distance = "mse",
-        tau: float | None = None,
-        kd_weight: float = 1.0,
-        diffusion_weight: float = 1.0,
-        ae_weight: float = 1.0,
+        sampler: str = "ddim",
         num_train_timesteps: int = 1000,
         fast: bool = True,
         recompute: bool = False,
-        kd_warmup_epochs: float = 0.0,
-        normalize_target: bool = False,
-        sampler: str = "ddim",
-        standardize: bool = False,
     ):
         super().__init__()
         check_level(kind, dims, student_channels, teacher_channels, latent_channels)
-        if not kd_warmup_epochs >= 0:
-            raise ValueError(f"kd_warmup_epochs must be >= 0 (0: no warm-up), got {kd_warmup_epochs}")
         self.kind, self.dims = kind, dims
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
         self.latent_channels = latent_channels
         width = latent_channels or teacher_channels
         schedule = NoiseSchedule(num_train_timesteps)
         self.sampler = make_sampler(sampler, schedule, inference_steps)
-        self.distance = resolve_distance(distance, tau)  # tau None: the distance's own temperature
-        if standardize:
-            self.distance = StandardizedDistance(self.distance, distance)
+        self.distance = resolve_distance(distance)  # a module (a normalisation with buffers) is a submodule
 
         # The boxes of Fig. 3.
         self.projector = PointwiseConv(student_channels, width)
@@ -176,9 +161,6 @@ class DiffKD(nn.Module):
         self.noise_matcher = AdaptiveNoiseMatcher(width, kind, dims) if adaptive_noise else None
         self.output_projection = nn.Sequential(*conv_bn(width, width))
         self.schedule = schedule
-        if normalize_target:  # the statistics are the level's buffers, so they are checkpointed
-            self.target_normalizer = TargetNormalizer(width)
-            self.distance = NormalizedDistance(self.distance, distance, self.target_normalizer)
 
         # How the chain and the noise prediction are computed, chosen once. The autoencoder keeps the
         # default layout and reads the teacher map as the teacher made it (relaying out a wide map costs
@@ -187,12 +169,6 @@ class DiffKD(nn.Module):
         for box in (self.projector, self.noise_predictor, self.noise_matcher, self.output_projection):
             if box is not None:
                 box.to(memory_format=self.path.memory_format)
-
-        self.kd_weight, self.diffusion_weight, self.ae_weight = kd_weight, diffusion_weight, ae_weight
-        self.kd_warmup_epochs = float(kd_warmup_epochs)
-        self._progress_set = False
-        if self.kd_warmup_epochs > 0:  # the ramp's factor as a tensor: a compiled level reads it without recompiling
-            self.register_buffer("kd_ramp", torch.zeros(()), persistent=False)
 
     # ----------------------------------------------------------------------------- forward: the method, top to bottom
     def forward(
@@ -213,8 +189,7 @@ class DiffKD(nn.Module):
         kd = self.distance(denoised, z_t)  # L_kd = d(z_s_hat, z_t)
         if student.dim() != denoised.dim():  # the mlp kind returns the rank it was given
             denoised, z_t = denoised.view(student.shape[0], -1, 1, 1), z_t.view(student.shape[0], -1, 1, 1)
-        weights = {"kd": self.current_kd_weight(), "diffusion": self.diffusion_weight, "ae": self.ae_weight}
-        return DiffKDOutput(denoised, z_t, kd, diffusion, ae_loss, gamma, weights)
+        return DiffKDOutput(denoised, z_t, kd, diffusion, ae_loss, gamma)
 
     def project_student(self, student: Tensor, size: torch.Size) -> Tensor:
         """z_s: the student feature in the latent space, resized to the teacher's spatial size (length)."""
@@ -308,32 +283,8 @@ class DiffKD(nn.Module):
         """x in the module's memory format (a no-op for vectors and for maps already in it)."""
         return x.contiguous(memory_format=self.path.memory_format) if x.dim() == 4 else x
 
-    # ----------------------------------------------------------------------------- kd warm-up
-    def set_progress(self, epoch: float, epochs: int) -> None:
-        """Where training stands (fractional 0-based epoch, of `epochs`): sets the kd warm-up's ramp.
-
-        Call it before every step when kd_warmup_epochs > 0 (the engine and `Distiller.set_progress` do).
-        """
-        if self.kd_warmup_epochs > 0:
-            self.kd_ramp.fill_(min(1.0, max(0.0, epoch) / self.kd_warmup_epochs))
-            self._progress_set = True
-
-    def current_kd_weight(self) -> float | Tensor:
-        """kd_weight, times the warm-up's ramp min(1, epoch / kd_warmup_epochs) while there is one."""
-        if self.kd_warmup_epochs == 0:
-            return self.kd_weight
-        if self.training and not self._progress_set:
-            raise ValueError(
-                f"DiffKD(kd_warmup_epochs={self.kd_warmup_epochs:g}) ramps its kd weight with training: call "
-                "set_progress(epoch, epochs) before each step (the engine and Distiller.set_progress do)"
-            )
-        return self.kd_weight * self.kd_ramp
-
     def extra_repr(self) -> str:
-        variants = "".join([
-            f", kd_warmup_epochs={self.kd_warmup_epochs:g}" if self.kd_warmup_epochs else "",
-            f", sampler={self.sampler.name!r}" if self.sampler.name != "ddim" else "",
-        ])
+        variants = f", sampler={self.sampler.name!r}" if self.sampler.name != "ddim" else ""
         return (
             f"kind={self.kind!r}, dims={self.dims}, student={self.student_channels}, teacher={self.teacher_channels}, "
             f"latent={self.latent_channels}, steps={self.sampler.timesteps}{variants}"
@@ -345,7 +296,7 @@ class DiffKD(nn.Module):
         """Build a level from a state dict saved by the official release (its DiffKD module).
 
         Channels, kind, AE and ANM are read off the tensors; `options` sets the rest
-        (inference_steps, distance, weights, ...).
+        (inference_steps, distance, sampler, ...).
         """
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
         if "trans.weight" not in sd or "model.time_embedding.weight" not in sd:

@@ -2,14 +2,10 @@
 statistics of the teacher target) and `standardize` (z-scored logits) as wrappers around a distance."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
-from .losses import as_rows, compares_distributions, standardize_logits
-
-Distance = Callable[[Tensor, Tensor], Tensor]
+from .losses import Distance, NamedDistance, as_rows, compares_distributions, resolve_distance, standardize_logits
 
 
 class TargetNormalizer(nn.Module):
@@ -56,32 +52,40 @@ class TargetNormalizer(nn.Module):
         return f"{self.running_mean.numel()}, momentum={self.momentum}, eps={self.eps}"
 
 
-class NormalizedDistance:
+class NormalizedDistance(nn.Module):
     """distance(*normalizer(denoised, target)): a distance free of the feature's per-channel scale.
 
-    Not a module: its running statistics live in the `TargetNormalizer` it is given, which the level
-    holds (and checkpoints) as `target_normalizer`.
+    A module: its running statistics are the buffers of its `normalizer` (a `TargetNormalizer` over `channels`),
+    so a level that holds this distance checkpoints them.
     """
 
-    def __init__(self, distance: Distance, name: object, normalizer: TargetNormalizer):
-        if compares_distributions(name):
+    def __init__(self, distance: str | Distance, channels: int):
+        distance = resolve_distance(distance)
+        if compares_distributions(distance):
             raise ValueError(
-                f"normalize_target=True rescales each channel, which changes the class distributions distance={name!r} "
+                f"normalize_target=True rescales each channel, which changes the class distributions {distance!r} "
                 "compares; use it with a feature distance ('mse', 'attention_mse') or set normalize_target=False"
             )
-        self.distance, self.normalizer = distance, normalizer
+        super().__init__()
+        self.distance, self.normalizer = distance, TargetNormalizer(channels)
 
-    def __call__(self, denoised: Tensor, target: Tensor) -> Tensor:
+    def forward(self, denoised: Tensor, target: Tensor) -> Tensor:
         return self.distance(*self.normalizer(denoised, target))
 
 
 class StandardizedDistance:
-    """distance on logits z-scored per sample over the classes (logit standardization, `standardize_logits`)."""
+    """The KL on logits z-scored per sample over the classes (logit standardization, `standardize_logits`)."""
 
-    def __init__(self, distance: Distance, name: object):
-        if name != "kl":
-            raise ValueError(f"standardize=True z-scores logits before the KL: it needs distance='kl', got {name!r}")
+    compares_distributions = True
+
+    def __init__(self, distance: str | Distance = "kl"):
+        distance = resolve_distance(distance)
+        if not (isinstance(distance, NamedDistance) and distance.name == "kl"):
+            raise ValueError(f"standardize=True z-scores logits before the KL: it needs distance='kl', got {distance!r}")
         self.distance = distance
 
     def __call__(self, student: Tensor, teacher: Tensor) -> Tensor:
         return self.distance(standardize_logits(as_rows(student)), standardize_logits(as_rows(teacher)))
+
+    def __repr__(self) -> str:
+        return f"StandardizedDistance({self.distance!r})"

@@ -1,13 +1,16 @@
-"""Every loss weight of a distillation, applied in one place.
+"""Every loss weight of a distillation, applied in one place, with the schedules that move them.
 
-A term's weight is its level's weight times the term's own weight, which its method hands over as data
-(a number, or a schedule's current value such as a warm-up ramp). A level may instead take `weight="auto"`:
+A term's weight is its level's weight times the term's own weight, which its method declares as data
+(`Method.term_weights`), times its schedule's value where the method declares one (`Method.schedules`: a
+warm-up moving every step, or a ramp moving once per epoch), read at the training progress the step is
+given. Methods never see the progress. A level may instead take `weight="auto"`:
 over its first steps (the window) the task loss and its calibrated terms (the method's `calibrated_terms`,
 or the level's `calibrate`) are summed, and the terms train with the running factor those sums give; at
 the window's end the factor is fixed so that the weighted terms equal `ratio` times the task loss, and kept
 (checkpointed, never recalibrated). `ratio` defaults to 1 / (the number of auto levels): together the
 automatic levels equal the task loss. Terms outside the unit (DiffKD's diffusion and autoencoder losses)
-keep their own weights from the first step.
+keep their own weights from the first step. A calibrated term's schedule applies on top of its factor (the
+window measures the term at its own weight, before the schedule).
 """
 from __future__ import annotations
 
@@ -27,6 +30,48 @@ log = logging.getLogger("diffkd")
 AUTO = "auto"
 DEFAULT_WINDOW = 100  # steps; a first epoch that is shorter ends the window sooner
 MAX_AUTO_WEIGHT = 1e6  # beyond this the calibrated terms are ~0 next to the task loss: refused, not applied
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """A weight rising linearly from 0 to 1 over the first `epochs` epochs, moving every step (fractional epochs).
+
+    The epoch may be a tensor (a compiled step reads it without recompiling): the value is then computed in
+    float64 and returned as a float32 tensor, the same number a Python float gives."""
+
+    epochs: float
+
+    def __call__(self, epoch: float | Tensor) -> float | Tensor:
+        if self.epochs <= 0:
+            return 1.0
+        if isinstance(epoch, Tensor):
+            return (epoch.double() / self.epochs).clamp(0.0, 1.0).float()
+        return min(1.0, max(0.0, epoch) / self.epochs)
+
+
+@dataclass(frozen=True)
+class EpochRamp:
+    """min(1, (e + 1) / epochs) with e the index of the epoch training is in: it moves once per epoch, as DKD's and
+    ReviewKD's reference code ramp their weights (a tensor epoch as for `Warmup`)."""
+
+    epochs: float
+
+    def __call__(self, epoch: float | Tensor) -> float | Tensor:
+        if self.epochs <= 0:
+            return 1.0
+        if isinstance(epoch, Tensor):
+            return ((epoch.double().floor() + 1) / self.epochs).clamp(max=1.0).float()
+        return min(1.0, (math.floor(epoch) + 1) / self.epochs)
+
+
+Schedule = Warmup | EpochRamp
+
+
+def check_schedule_epochs(name: str, epochs: Any) -> float:
+    """A schedule's length: a finite number of epochs >= 0 (0: no schedule)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not math.isfinite(epochs) or epochs < 0:
+        raise ValueError(f"{name} must be a number of epochs >= 0 (0: none), got {epochs!r}")
+    return float(epochs)
 
 
 @dataclass(frozen=True)
@@ -107,18 +152,22 @@ class WindowSums(nn.Module):
 
 
 class LossWeights(nn.Module):
-    """Applies every level's and term's weight once; calibrates and holds the automatic ones.
+    """Applies every level's and term's weight once, with its schedule; calibrates and holds the automatic ones.
 
-    `specs`: level name -> WeightSpec; `calibrated_terms`: level name -> the terms its method calibrates by
-    default (None: all). The automatic factors (buffers) and the window's sums (`WindowSums`) travel with the
-    Distiller's state_dict into checkpoints: a resumed run keeps its factors and never recalibrates.
+    `specs`: level name -> WeightSpec; `methods`: level name -> its method, whose `calibrated_terms` (what an auto
+    level scales by default, None: all), `term_weights` and `schedules` are read once here. The automatic factors
+    (buffers) and the window's sums (`WindowSums`) travel with the state_dict into checkpoints: a resumed run keeps
+    its factors and never recalibrates.
     """
 
-    def __init__(self, specs: Mapping[str, WeightSpec], calibrated_terms: Mapping[str, tuple[str, ...] | None]):
+    def __init__(self, specs: Mapping[str, WeightSpec], methods: Mapping[str, Any]):
         super().__init__()
         self.specs = dict(specs)
+        self.term_weights = {name: dict(getattr(m, "term_weights", {})) for name, m in methods.items()}
+        self.schedules = {name: dict(getattr(m, "schedules", {})) for name, m in methods.items()}
         self.auto_levels = [name for name, spec in self.specs.items() if spec.auto]
-        self.units = {name: self.specs[name].calibrate or calibrated_terms.get(name) for name in self.auto_levels}
+        self.units = {name: self.specs[name].calibrate or getattr(methods[name], "calibrated_terms", None)
+                      for name in self.auto_levels}
         count = len(self.auto_levels)
         # A level without its own ratio takes an even share: the auto levels together equal the task loss.
         self.ratios = {name: 1.0 / count if self.specs[name].ratio is None else self.specs[name].ratio
@@ -130,6 +179,11 @@ class LossWeights(nn.Module):
         self.window = WindowSums(count) if count else None
         self._fixed: list[bool] | None = None  # host copy of `fixed`, read once after (re)loading
         self._checked: set[str] = set()
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether some term's weight follows the training progress (a warm-up or a ramp)."""
+        return any(self.schedules.values())
 
     @property
     def has_auto(self) -> bool:
@@ -144,8 +198,13 @@ class LossWeights(nn.Module):
             self._fixed = [bool(v) for v in self.fixed.tolist()]
         return self._fixed
 
-    def forward(self, outputs: Mapping[str, Any], task_loss: Tensor | None) -> WeightedTerms:
-        """Weigh every level's MethodOutput (`terms` unweighted, `weights` the method's own), in level order."""
+    def forward(self, outputs: Mapping[str, Any], task_loss: Tensor | None,
+                progress: tuple[float, int] | None = None) -> WeightedTerms:
+        """Weigh every level's MethodOutput (its `terms`, unweighted), in level order, at the training `progress`
+        ((fractional epoch, epochs); needed in training by scheduled terms). From the second epoch on an open
+        calibration window is closed first."""
+        if progress is not None and not isinstance(progress[0], Tensor) and progress[0] >= 1:
+            self.end_windows()  # (a front end passing a tensor epoch ends the first epoch with end_windows)
         if self.has_auto and self.training and not all(self._host_fixed()) and task_loss is None:
             raise ValueError(
                 f"level {self.auto_levels[0]!r} has weight='auto', which calibrates against the task loss: build the "
@@ -156,18 +215,32 @@ class LossWeights(nn.Module):
         weights: dict[str, float | Tensor] = {}
         for name, out in outputs.items():
             spec = self.specs[name]
+            own_weights = self.term_weights[name]
             unit = self._unit(name, out.terms) if spec.auto else ()
             if spec.auto and self.training and not self._host_fixed()[self.auto_levels.index(name)]:
                 # measured before it is weighed: a window's step trains with the factor that includes it
-                unit_sum = sum(out.weights.get(term, 1.0) * out.terms[term].detach() for term in unit)
+                unit_sum = sum(own_weights.get(term, 1.0) * out.terms[term].detach() for term in unit)
                 self._measure(name, task_loss, unit_sum)  # type: ignore[arg-type]
             factor = self._factor(name) if spec.auto else spec.value
             for term, value in out.terms.items():
                 key = term_key(name, term, out.terms)
-                own = out.weights.get(term, 1.0)
+                own = own_weights.get(term, 1.0) * self._scheduled(name, term, progress)
                 weight = own * factor if term in unit else (own if spec.auto else own * spec.value)
                 weighted[key], raw[key], weights[key] = weight * value, value, weight
         return WeightedTerms(weighted, raw, weights)
+
+    def _scheduled(self, name: str, term: str, progress: tuple[float, int] | None) -> float:
+        """The value of a term's schedule at `progress` (1 without one, and outside training without progress)."""
+        schedule = self.schedules[name].get(term)
+        if schedule is None:
+            return 1.0
+        if progress is None:
+            if self.training:
+                raise ValueError(f"level {name!r}: the weight of its term {term!r} follows training ({schedule}), so "
+                                 "each step needs the training progress: call the distiller with progress=(fractional "
+                                 "epoch, epochs), as diffkd's engine and integrations do")
+            return 1.0
+        return schedule(progress[0])
 
     def _unit(self, name: str, terms: Mapping[str, Tensor]) -> tuple[str, ...]:
         """The terms an auto level calibrates; a named term the method does not return is an error."""

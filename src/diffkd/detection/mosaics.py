@@ -1,7 +1,7 @@
 """Fashion-MNIST mosaics: a small, deterministic, offline detection dataset in COCO format.
 
-Each image is a black square canvas with a few Fashion-MNIST items pasted at random scales and
-places (train items from Fashion-MNIST's train split, val items from its test split). An item's box
+Each image is a square canvas (black, or a random texture with `background="texture"`) with a few
+Fashion-MNIST items pasted at random scales and places (train items from Fashion-MNIST's train split, val items from its test split). An item's box
 is the extent of its nonzero pixels after scaling; its category is its Fashion-MNIST class (ids 1..10).
 Boxes overlap at most `max_overlap` IoU; where items touch, the brighter pixel wins. `classes` keeps
 some Fashion-MNIST classes only (numbered 1..k in the order given), so two specs with disjoint
@@ -29,6 +29,8 @@ from ..data.fashion_mnist import CLASSES
 ITEM_SIZE = 28  # Fashion-MNIST items are 28x28
 SPLITS = {"train": "train", "val": "test"}  # mosaic split -> Fashion-MNIST split its items come from
 SPEC_FILE = "mosaics.json"
+BACKGROUNDS = ("black", "texture")
+TEXTURE_MAX = 110  # the brightest background pixel: items (up to 255) stay the brightest things on the canvas
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class MosaicSpec:
     max_overlap: float = 0.3
     seed: int = 0
     classes: tuple[int, ...] | None = None  # Fashion-MNIST class indices to draw from (None: all ten)
+    background: str = "black"  # or "texture": smooth random shading plus pixel noise, up to TEXTURE_MAX
 
     def __post_init__(self) -> None:
         """Reject specs that cannot produce an image."""
@@ -56,6 +59,8 @@ class MosaicSpec:
             raise ValueError(f"items of up to {ITEM_SIZE * self.max_scale:.0f} px do not fit a {self.canvas} px canvas")
         if self.train_images < 1 or self.val_images < 1:
             raise ValueError("mosaics need at least one train and one val image")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"mosaic background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
         if self.classes is not None:
             object.__setattr__(self, "classes", tuple(self.classes))
             if not self.classes or len(set(self.classes)) != len(self.classes) or not all(
@@ -75,9 +80,20 @@ def scaled_item(item: Tensor, side: int) -> tuple[Tensor, Tensor] | None:
     return pixels, extent
 
 
+def background(spec: MosaicSpec, generator: torch.Generator) -> Tensor:
+    """The empty canvas (uint8): black, or a texture: an 8 x 8 grid of random shades smoothly upsampled, plus
+    pixel noise, within 0..TEXTURE_MAX."""
+    if spec.background == "black":
+        return torch.zeros(spec.canvas, spec.canvas, dtype=torch.uint8)
+    shades = torch.rand(1, 1, 8, 8, generator=generator)
+    smooth = F.interpolate(shades, size=(spec.canvas, spec.canvas), mode="bicubic", align_corners=False)[0, 0]
+    noise = torch.randn(spec.canvas, spec.canvas, generator=generator) * 0.08
+    return ((smooth + noise).clamp(0, 1) * TEXTURE_MAX).round().to(torch.uint8)
+
+
 def compose(items: Tensor, labels: Tensor, spec: MosaicSpec, generator: torch.Generator) -> tuple[Tensor, list[tuple[list[float], int]]]:
     """One canvas (uint8, canvas x canvas) and its [(xywh box, class index)], drawing from `generator`."""
-    canvas = torch.zeros(spec.canvas, spec.canvas, dtype=torch.uint8)
+    canvas = background(spec, generator)
     boxes = torch.zeros(0, 4)
     placed: list[tuple[list[float], int]] = []
     count = int(torch.randint(spec.min_items, spec.max_items + 1, (), generator=generator))

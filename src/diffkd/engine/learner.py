@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import models
@@ -53,7 +54,7 @@ class Learner(ABC):
         """
 
     def set_progress(self, epoch: float, epochs: int) -> None:
-        """Tell progress-dependent parts (loss ramps) where training is, before every step; 0-based, fractional epoch."""
+        """Where training stands, before every step (0-based, fractional epoch): for weights that follow it."""
 
     def end_epoch(self) -> None:
         """An epoch's steps are done (an automatic weight's window closes with the first epoch)."""
@@ -140,6 +141,7 @@ class DistillLearner(Learner):
         self.student = self.module.student
         self.needs_indices = self.module.needs_indices
         self.written_taps = [(lv.student, lv.teacher) for lv in cfg.levels]  # as in the config, for describe()
+        self.progress: tuple[float, int] | None = None  # set before every training step
 
     def describe(self) -> list[str]:
         """Each level's taps as written and as resolved, with their probed shapes and layouts, e.g.
@@ -151,9 +153,9 @@ class DistillLearner(Learner):
         return lines
 
     def compute(self, call: Callable[..., Any], inputs: Any, targets: Any, indices: Tensor | None = None) -> StepOutput:
-        out = call(inputs, targets, indices)
+        out = call(inputs, targets, indices, progress=self.progress)
         raw = {f"{k}/raw": v.detach() for k, v in out.raw.items() if not _is_one(out.weights[k])}  # where they differ
-        return StepOutput(out.student, {"task": out.task_loss, **out.losses}, out.task_loss + out.loss, {**out.stats, **raw})
+        return StepOutput(out.student, {"task": out.task_loss, **out.losses}, out.total, {**out.stats, **raw})
 
     def end_epoch(self) -> None:
         self.module.end_epoch()
@@ -162,7 +164,8 @@ class DistillLearner(Learner):
         return {f"weight_{name}": value for name, value in self.module.auto_weights().items()}
 
     def set_progress(self, epoch: float, epochs: int) -> None:
-        self.module.set_progress(epoch, epochs)
+        # a tensor, so a compiled step reads a new epoch without recompiling (the trainer ends each epoch itself)
+        self.progress = (torch.tensor(epoch, dtype=torch.float64), epochs)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.module.trainable_parameters())

@@ -102,13 +102,13 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, targets, indices = self.split_batch(batch) if self.split_batch else self._default_split(batch)
-        self.distiller.set_progress(*self._progress(batch_idx))
+        progress = self._progress(batch_idx)
         if self.own_step:
-            out = self._distil_own_step(batch, batch_idx, inputs, targets, indices)
+            out = self._distil_own_step(batch, batch_idx, inputs, targets, indices, progress)
         else:
             extra = {"teacher_inputs": self.teacher_inputs(inputs)} if self.teacher_inputs else {}
-            out = self.distiller(inputs, targets, indices, **extra)  # task_loss(output, targets) computed inside
-        loss = out.task_loss + out.loss
+            out = self.distiller(inputs, targets, indices, progress=progress, **extra)  # task_loss computed inside
+        loss = out.total
         batch_size = _batch_size(inputs)
         terms = {"train/task_loss": out.task_loss, **{f"train/{name}": value for name, value in out.losses.items()}}
         self.log_dict({k: v.detach() for k, v in terms.items()}, on_step=True, on_epoch=True, sync_dist=True,
@@ -119,7 +119,8 @@ class DistillationModule(L.LightningModule):
             self.log(f"train/auto_weight/{level}", weight, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
-    def _distil_own_step(self, batch: Any, batch_idx: int, inputs: Any, targets: Any, indices: Any) -> DistillOutput:
+    def _distil_own_step(self, batch: Any, batch_idx: int, inputs: Any, targets: Any, indices: Any,
+                         progress: tuple[float, int] | None = None) -> DistillOutput:
         """The teacher on the batch's inputs, then the student's own training_step (its forward captured by the
         taps), its loss the task loss."""
         self.distiller.run_teacher(self.teacher_inputs(inputs) if self.teacher_inputs else inputs)
@@ -132,7 +133,7 @@ class DistillationModule(L.LightningModule):
                              "training_step and pass task_loss=")
         loss = result.get("loss") if isinstance(result, Mapping) else result
         task_loss = checked_task_loss(loss, "the student's training_step")
-        return self.distiller.distil(None, targets, indices, task_loss)
+        return self.distiller.distil(None, targets, indices, task_loss, progress)
 
     def on_train_epoch_end(self) -> None:
         """A calibration window (weight "auto") still open ends with the first epoch."""

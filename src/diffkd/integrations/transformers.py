@@ -200,11 +200,11 @@ class DistillationTrainer(transformers.Trainer):
         if self.label_smoother is not None or self.compute_loss_func is not None:
             for key in self._label_keys:  # the loss is computed from the outputs, as the Trainer does
                 student_inputs.pop(key, None)
-        self.distiller.set_progress(self.state.epoch or 0.0, max(1, math.ceil(self.state.num_train_epochs or 1)))
+        progress = (self.state.epoch or 0.0, max(1, math.ceil(self.state.num_train_epochs or 1)))
         with self.accelerator.autocast():  # the Distiller computes the task loss with _task_loss
-            out: DistillOutput = model(student_inputs, targets, indices, teacher_inputs=teacher_inputs)
+            out: DistillOutput = model(student_inputs, targets, indices, teacher_inputs=teacher_inputs, progress=progress)
         self._add_terms({"task_loss": out.task_loss, **{f"distill/{k}": v for k, v in out.losses.items()}})
-        loss = out.task_loss + out.loss
+        loss = out.total
         return (loss, out.student) if return_outputs else loss
 
     def _task_loss(self, outputs: Any, labels: Tensor | None) -> Tensor:

@@ -6,10 +6,10 @@ teacher's layers up to those maps. The student gets no hook and no extra module:
 modules and the teacher belong to the trainer, so the EMA, best.pt and last.pt are plain Ultralytics
 checkpoints that `YOLO(path)` loads without diffkd. The distillation modules are a param group of
 Ultralytics' optimizer (so their optimizer state is in last.pt's) and are saved beside last.pt in
-`weights/kd_modules.pt` (settings, the teacher's weights digest, and the modules and loss weights of the last two
-saves, written before last.pt so that one of them is always of last.pt's epoch); `resume=True` restores both. Every
-kd weight is applied by `diffkd.weighting.LossWeights` (`kd_weight`: a number, or "auto" against Ultralytics'
-per-image task loss).
+`weights/kd_modules.pt` (settings, the teacher's weights digest, and the distillation step's state of the last two
+saves, written before last.pt so that one of them is always of last.pt's epoch); `resume=True` restores both. The
+loss is diffkd's one distillation step (`diffkd.step`) on the neck maps, at the batch's fractional epoch; every kd
+weight is applied there (`kd_weight`: a number, or "auto" against Ultralytics' per-image task loss).
 
 What a run is given is checked before Ultralytics creates its folder: the teacher and a student or resumed
 checkpoint are read with Ultralytics' restricted unpickler (a file that would run code is refused unread), the
@@ -53,6 +53,7 @@ from ..engine.identity import weights_digest
 from ..engine.runlock import RunLock
 from ..methods import METHODS, MethodOutput, build_method
 from ..models.weights import UnreadableCheckpoint, read_checkpoint
+from ..step import DistillationStep
 from ..weighting import LossWeights, term_key, weight_spec
 
 SUPPORTED_METHODS = ("diffkd", "mse", "cwd", "fgd", "mgd", "pkd")
@@ -245,10 +246,8 @@ class Projected(nn.Module):
         super().__init__()
         self.projector = nn.Conv2d(student_channels, teacher_channels, 1)
         self.method = method
-        self.calibrated_terms = method.calibrated_terms
-
-    def set_progress(self, epoch: float, epochs: int) -> None:
-        self.method.set_progress(epoch, epochs)
+        self.calibrated_terms, self.term_weights, self.schedules = (method.calibrated_terms, method.term_weights,
+                                                                    method.schedules)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Any = None) -> MethodOutput:
         return self.method(self.projector(student), teacher, targets)
@@ -264,9 +263,9 @@ class NeckLevel:
 
 
 def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, imgsz: int,
-                 channels: int) -> tuple[nn.ModuleDict, list[NeckLevel], LossWeights]:
-    """One method per neck level, sized from the maps of a probe forward (both models in eval mode), and the
-    weights of every level (kd_weight: a number, or auto)."""
+                 channels: int) -> tuple[DistillationStep, list[NeckLevel]]:
+    """The distillation step of the neck levels: one method per level, sized from the maps of a probe forward (both
+    models in eval mode), and the weights of every level (kd_weight: a number, or auto)."""
     student_inputs = list(head_of(student, "student").f)
     chosen = list(settings.student_layers or student_inputs)
     outside = [i for i in chosen if i not in student_inputs]
@@ -316,8 +315,8 @@ def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, i
         modules[name] = module
         levels.append(NeckLevel(name, student_inputs.index(student_layer), teacher_layer))
     spec = weight_spec(settings.kd_weight)
-    weights = LossWeights({lv.name: spec for lv in levels}, {n: m.calibrated_terms for n, m in modules.items()})
-    return modules.to(device).train(), levels, weights.to(device).train()
+    step = DistillationStep(modules, LossWeights({lv.name: spec for lv in levels}, dict(modules.items())))
+    return step.to(device).train(), levels
 
 
 def batch_boxes(batch: dict, oriented: bool) -> tuple[Any, list[dict[str, Tensor]]]:
@@ -346,12 +345,12 @@ class DistillationCriterion:
     student (Ultralytics' EMA) gets None in its place and builds its own plain criterion.
     """
 
-    def __init__(self, base: Any, teacher: nn.Module, modules: nn.ModuleDict, levels: list[NeckLevel],
-                 weights: LossWeights, oriented: bool, progress: Callable[[], tuple[float, int]], columns: set[str]):
-        self.base, self.teacher, self.modules, self.levels = base, teacher, modules, levels
-        self.weights, self.oriented, self.progress, self.columns = weights, oriented, progress, columns
+    def __init__(self, base: Any, teacher: nn.Module, step: DistillationStep, levels: list[NeckLevel], oriented: bool,
+                 progress: Callable[[], tuple[float, int]], columns: set[str]):
+        self.base, self.teacher, self.step, self.levels = base, teacher, step, levels
+        self.oriented, self.progress, self.columns = oriented, progress, columns
         # The one extra input a method here may declare (FGD's): the batch's boxes, in the frame of its images.
-        self.needs_boxes = any("boxes" in getattr(m, "extra_inputs", {}) for m in modules.values())
+        self.needs_boxes = {name for name, m in step.methods.items() if "boxes" in m.extra_inputs}
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
@@ -363,7 +362,7 @@ class DistillationCriterion:
 
     def update(self) -> None:
         """Called by Ultralytics at every epoch's end: fix auto weights whose window outlasted the first epoch."""
-        self.weights.end_windows()
+        self.step.end_epoch()
         if hasattr(self.base, "update"):
             self.base.update()
 
@@ -373,29 +372,22 @@ class DistillationCriterion:
         with torch.no_grad():
             teacher_maps = layer_outputs(self.teacher, batch["img"], {lv.teacher_layer for lv in self.levels})
         boxes = batch_boxes(batch, self.oriented) if self.needs_boxes else None
-        epoch, epochs = self.progress()
-        outputs = {}
-        for level in self.levels:
-            method = self.modules[level.name]
-            method.set_progress(epoch, epochs)
-            extra = {"boxes": boxes} if "boxes" in getattr(method, "extra_inputs", {}) else {}
-            outputs[level.name] = method(student_maps[level.student_position], teacher_maps[level.teacher_layer], **extra)
         images = batch["img"].shape[0]
         # Ultralytics' loss vector holds batch sums (mean x batch size): the task loss auto weights compare with is
         # its per-image sum, and the weighted kd sum joins the vector scaled the same way.
-        weighted = self.weights(outputs, loss.detach().sum() / images).weighted
-        total = loss.new_zeros(())
-        for name, output in outputs.items():
-            for term in output.terms:
-                value = weighted[term_key(name, term, output.terms)]
+        out = self.step.compute({lv.name: student_maps[lv.student_position] for lv in self.levels},
+                                {lv.name: teacher_maps[lv.teacher_layer] for lv in self.levels},
+                                extra={name: {"boxes": boxes} for name in self.needs_boxes},
+                                task_loss=loss.detach().sum() / images, progress=self.progress())
+        for name, terms in out.terms.items():
+            for term in terms:
                 column = f"{name}_{SHORT_TERMS.get(term, term)}"
                 self.columns.add(column)
-                items[column] = value.detach()
-                total = total + value.float()
-        for name, factor in self.weights.current().items():  # auto weights: 0 until calibrated
+                items[column] = out.losses[term_key(name, term, terms)].detach()
+        for name, factor in self.step.auto_weights().items():  # auto weights: 0 until calibrated
             self.columns.add(f"{name}_w")
             items[f"{name}_w"] = loss.new_tensor(factor)
-        return torch.cat([loss.reshape(-1), (total * images).reshape(1).to(loss.dtype)]), items
+        return torch.cat([loss.reshape(-1), (out.loss.float() * images).reshape(1).to(loss.dtype)]), items
 
 
 def average_gradients(parameters: list[nn.Parameter], world_size: int) -> None:
@@ -436,8 +428,7 @@ class DistillationTrainerMixin:
         self.kd_preflight: Preflight = preflight
         self.kd_settings: KDSettings = preflight.settings
         self.kd_teacher: nn.Module | None = None
-        self.kd_modules: nn.ModuleDict | None = None
-        self.kd_weights: LossWeights | None = None
+        self.kd_step: DistillationStep | None = None
         self.kd_levels: list[NeckLevel] = []
         self.kd_columns: set[str] = set()
         self.kd_snapshots: list[dict] = []  # the last saves' kd state, newest first (kd_modules.pt holds two)
@@ -450,8 +441,7 @@ class DistillationTrainerMixin:
     def save_model(self) -> bool:
         """kd_modules.pt first, then Ultralytics' last.pt (and best.pt): kd_modules.pt holds this save's kd state and
         the one before, so whichever write a stop interrupts, one of them is of last.pt's epoch."""
-        snapshot = {"epoch": self.epoch, "modules": clone_state(self.kd_modules),
-                    "weights": clone_state(self.kd_weights)}
+        snapshot = {"epoch": self.epoch, "step": clone_state(self.kd_step)}
         self.kd_snapshots = [snapshot, *self.kd_snapshots[:1]]
         state = {"format": STATE_FORMAT, "settings": asdict(self.kd_settings),
                  "teacher": {"path": self.kd_settings.teacher, "weights_sha256": self.kd_preflight.digest,
@@ -461,15 +451,14 @@ class DistillationTrainerMixin:
         return super().save_model()
 
     def restore_kd_state(self, epoch: int, path: Path) -> None:
-        """Load the kd modules and weights saved with last.pt's `epoch` (0-based) from kd_modules.pt at `path`."""
+        """Load the distillation step saved with last.pt's `epoch` (0-based) from kd_modules.pt at `path`."""
         state = read_kd_state(path)
         match = next((snap for snap in state["snapshots"] if snap["epoch"] == epoch), None)
         if match is None:
             held = " and ".join(str(snap["epoch"] + 1) for snap in state["snapshots"])
             raise ValueError(f"{path} holds the kd modules of epoch {held} but last.pt is from epoch {epoch + 1}: they are "
                              "not one run's pair; resume from the last.pt that was saved with it, or start a new run")
-        self.kd_modules.load_state_dict(match["modules"])
-        self.kd_weights.load_state_dict(match["weights"])
+        self.kd_step.load_state_dict(match["step"])
         self.kd_snapshots = [match]
 
     def resume_training(self, ckpt: dict | None) -> None:
@@ -481,27 +470,26 @@ class DistillationTrainerMixin:
         """Ultralytics reloads the student (and the optimizer) from last.pt after a NaN epoch; the kd modules too."""
         recovered = super()._handle_nan_recovery(epoch)
         if recovered:  # in this process the newest save wrote both files: its snapshot is last.pt's
-            self.kd_modules.load_state_dict(self.kd_snapshots[0]["modules"])
-            self.kd_weights.load_state_dict(self.kd_snapshots[0]["weights"])
+            self.kd_step.load_state_dict(self.kd_snapshots[0]["step"])
         return recovered
 
     # ---------------------------------------------------------------- building, optimizing, the loss
     def build_optimizer(self, model: nn.Module, name: str = "auto", lr: float = 0.001, momentum: float = 0.9,
                         decay: float = 1e-5, iterations: float = 1e5) -> torch.optim.Optimizer:
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        if self.kd_modules is None:
+        if self.kd_step is None:
             student = unwrap_model(model)
             self.kd_teacher = self.kd_preflight.teacher or checked_teacher(self.kd_settings, self.args.task, self.data,
                                                                            self.kd_preflight.digest)
             self.kd_teacher.to(self.device)
-            self.kd_modules, self.kd_levels, self.kd_weights = build_levels(
+            self.kd_step, self.kd_levels = build_levels(
                 student, self.kd_teacher, self.kd_settings, self.args.imgsz, self.data["channels"])
         template = next(g for g in optimizer.param_groups if g.get("param_group") in ("weight", "muon"))
         hyper = {k: v for k, v in template.items() if k not in ("params", "param_group")}
         hyper["lr"] = self.args.lr0  # the chosen rate (MuSGD raises some groups' rates)
         if "use_muon" in hyper:
             hyper["use_muon"] = False
-        optimizer.add_param_group({**hyper, "params": list(self.kd_modules.parameters()), "param_group": "kd"})
+        optimizer.add_param_group({**hyper, "params": list(self.kd_step.parameters()), "param_group": "kd"})
         return optimizer
 
     def _setup_train(self) -> None:
@@ -509,8 +497,8 @@ class DistillationTrainerMixin:
         student = unwrap_model(self.model)
         base = getattr(student, "criterion", None) or student.init_criterion()
         student.criterion = DistillationCriterion(
-            base, self.kd_teacher, self.kd_modules, self.kd_levels, self.kd_weights,
-            self.args.task == "obb", self.kd_progress, self.kd_columns)
+            base, self.kd_teacher, self.kd_step, self.kd_levels, self.args.task == "obb", self.kd_progress,
+            self.kd_columns)
         self.kd_batch = 0
         self.add_callback("on_train_epoch_start", DistillationTrainerMixin._start_epoch)
         self.add_callback("on_train_batch_start", DistillationTrainerMixin._start_batch)
@@ -538,7 +526,7 @@ class DistillationTrainerMixin:
         """Ultralytics' step with the kd modules: DDP-averaged, clipped at the same norm (10) but on their own, so a
         diffusion model's gradients never shrink the student's step, stepped by the same optimizer and scaler."""
         self.scaler.unscale_(self.optimizer)
-        kd_parameters = list(self.kd_modules.parameters())
+        kd_parameters = list(self.kd_step.parameters())
         if self.world_size > 1:
             average_gradients(kd_parameters, self.world_size)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)

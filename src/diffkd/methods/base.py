@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,17 +13,10 @@ from torch import Tensor, nn
 
 @dataclass
 class MethodOutput:
-    """Named loss terms, unweighted; the method's own weight of each (a number or a schedule's current
-    value, 1 where absent), which the Distiller applies (`diffkd.weighting`); diagnostics worth logging."""
+    """Named loss terms, unweighted (the weights are the weighting's: `diffkd.weighting`); diagnostics worth logging."""
 
     terms: dict[str, Tensor]
     stats: dict[str, Tensor] = field(default_factory=dict)
-    weights: dict[str, float | Tensor] = field(default_factory=dict)
-
-    @property
-    def loss(self) -> Tensor:
-        """The terms weighted by the method's own weights (for a method used alone; a level's weight is the Distiller's)."""
-        return sum(self.weights.get(k, 1.0) * v for k, v in self.terms.items())  # type: ignore[return-value]
 
 
 class Method(nn.Module):
@@ -36,6 +29,12 @@ class Method(nn.Module):
     `dataset_size=`, the training set's size) and `teacher_module_options` (options that name a module
     of the teacher by path; `build` gets the frozen module itself, see `hold_teacher_module`) and
     `calibrated_terms` (what a level with weight "auto" scales; see `diffkd.weighting`).
+    An instance declares `term_weights` (its own weight of each term, 1 where absent) and `schedules`
+    (a term's weight schedule over training: `weighting.Warmup`, `weighting.EpochRamp`); the weighting
+    applies both, so a method returns unweighted terms and never sees the training progress.
+
+    A method's options are declared once: the keyword parameters of its `build`, or, where `build` hands
+    `**options` on to the constructor, the constructor's (`option_names`).
     """
 
     needs_targets = False
@@ -49,6 +48,8 @@ class Method(nn.Module):
     # Input name -> the student module whose latest output, as produced, forward gets under that name (a
     # level may name another module: Level(inputs=...)); None where the level must always name it.
     extra_inputs: Mapping[str, str | None] = MappingProxyType({})
+    term_weights: Mapping[str, float] = MappingProxyType({})
+    schedules: Mapping[str, Any] = MappingProxyType({})
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "Method":
@@ -57,31 +58,22 @@ class Method(nn.Module):
 
     @classmethod
     def option_names(cls) -> list[str]:
-        """The options a level may give (named in errors); by default the keyword parameters of __init__.
-        A method whose build fills some of those from the shapes, or takes others, says so by overriding."""
-        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        return [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind in kinds][1:]
+        """The options a level may give (named in errors and accepted by build): the keyword-only parameters of
+        `build` (what it sizes from the shapes is positional), and, where build passes **options on, the
+        constructor's keyword parameters that build does not fill itself."""
+        build = inspect.signature(cls.build).parameters.values()
+        names = [p.name for p in build if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in BUILD_INPUTS]
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in build):
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            init = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind in kinds][1:]
+            names += [p.name for p in init if p.default is not inspect.Parameter.empty and p.name not in BUILD_INPUTS]
+        return names
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         raise NotImplementedError
 
-    def set_progress(self, epoch: float, epochs: int) -> None:
-        """Hook for methods whose weights follow training (DKD's warm-up, DiffKD's kd_warmup_epochs).
 
-        `epoch` is fractional: 2.25 is a quarter into the third epoch (0-based); `epochs` the run's total.
-        """
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if "set_epoch" in vars(cls):  # the hook's earlier name: nothing calls it, so its schedule would never move
-            raise TypeError(f"{cls.__name__} defines set_epoch(epoch, epochs); the hook is now set_progress(epoch, epochs), "
-                            "called before every step with a fractional epoch: rename it")
-
-
-def epoch_ramp(epoch: float, warmup_epochs: float) -> float:
-    """A loss weight ramp that moves once per whole epoch, as DKD's and ReviewKD's reference code do:
-    min(1, (e + 1) / warmup_epochs) with e the 0-based index of the epoch `epoch` (fractional) lies in."""
-    return min(1.0, (math.floor(epoch) + 1) / warmup_epochs) if warmup_epochs > 0 else 1.0
+BUILD_INPUTS = ("dataset_size",)  # what build gets from the Distiller, not from a level's options
 
 
 def require_same_shape(

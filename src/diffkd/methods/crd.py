@@ -108,10 +108,6 @@ class CRD(Method):
             require_per_sample_channels("crd", shape)
         return cls(student_shape[1], teacher_shape[1], **options)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return super().option_names()[3:]  # the heads are sized from the taps, the banks from the dataset
-
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None,
                 indices: Tensor | None = None) -> MethodOutput:
         indices = self._check_indices(indices, len(student))

@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from ..losses import dkd_loss
-from .base import Method, MethodOutput, epoch_ramp, require_same_shape
+from ..weighting import EpochRamp, check_schedule_epochs
+from .base import Method, MethodOutput, require_same_shape
 
 
 class DKD(Method):
@@ -20,8 +21,7 @@ class DKD(Method):
                  standardize: bool = False):
         super().__init__()
         self.alpha, self.beta, self.tau, self.standardize = alpha, beta, tau, standardize
-        self.warmup_epochs = warmup_epochs
-        self.ramp = 1.0
+        self.schedules = {"dkd": EpochRamp(check_schedule_epochs("dkd: warmup_epochs", warmup_epochs))}
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "DKD":
@@ -30,11 +30,8 @@ class DKD(Method):
             raise ValueError(f"dkd needs logits (B,K), got a tap of shape {tuple(student_shape)}")
         return cls(**options)
 
-    def set_progress(self, epoch: float, epochs: int) -> None:
-        self.ramp = epoch_ramp(epoch, self.warmup_epochs)
-
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         if targets is None:
             raise ValueError("dkd needs the class labels: call the distiller as d(inputs, targets)")
         loss = dkd_loss(student, teacher, targets, self.alpha, self.beta, self.tau, self.standardize)
-        return MethodOutput({"dkd": loss}, weights={"dkd": self.ramp})
+        return MethodOutput({"dkd": loss})

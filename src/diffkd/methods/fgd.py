@@ -118,19 +118,23 @@ class FGD(Method):
     def __init__(self, student_channels: int, teacher_channels: int, fg_weight: float, bg_weight: float,
                  attention_weight: float, global_weight: float, temperature: float):
         super().__init__()
-        self.fg_weight, self.bg_weight = fg_weight, bg_weight
-        self.attention_weight, self.global_weight, self.temperature = attention_weight, global_weight, temperature
+        self.term_weights = {"fg": fg_weight, "bg": bg_weight, "attention": attention_weight, "global": global_weight}
+        self.temperature = temperature
         self.align = nn.Conv2d(student_channels, teacher_channels, 1) if student_channels != teacher_channels else None
         self.student_context = GlobalContext(teacher_channels)
         self.teacher_context = GlobalContext(teacher_channels)
 
     @classmethod
-    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, family: str | None = None, **weights: float) -> "FGD":
+    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, *, family: str | None = None,
+              fg_weight: float | None = None, bg_weight: float | None = None, attention_weight: float | None = None,
+              global_weight: float | None = None, temperature: float | None = None) -> "FGD":
         if len(student_shape) != 4 or len(teacher_shape) != 4 or student_shape[-2:] != teacher_shape[-2:]:
             raise ValueError(
                 f"fgd distils two feature maps (B,C,H,W) of the same size, got student {tuple(student_shape)} and "
                 f"teacher {tuple(teacher_shape)} (tap the same FPN level of both detectors)"
             )
+        given = dict(zip(WEIGHT_NAMES, (fg_weight, bg_weight, attention_weight, global_weight, temperature)))
+        weights = {name: value for name, value in given.items() if value is not None}
         if family is not None:
             if family not in FAMILY_WEIGHTS:
                 raise ValueError(f"fgd: family must be one of {', '.join(FAMILY_WEIGHTS)}, got {family!r}")
@@ -141,10 +145,6 @@ class FGD(Method):
         if teacher_shape[1] < 2:
             raise ValueError(f"fgd: the GcBlock halves the channels, so the teacher map needs at least 2, got {teacher_shape[1]}")
         return cls(student_shape[1], teacher_shape[1], **weights)
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["family", *WEIGHT_NAMES]  # the channels are sized from the taps
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Any = None, *, boxes: Any = None) -> MethodOutput:
         if student.shape[-2:] != teacher.shape[-2:]:
@@ -167,7 +167,6 @@ class FGD(Method):
         attention_loss = ((channel_s - channel_t).abs().sum() + (spatial_s - spatial_t).abs().sum()) / batch
         relation = ((self.student_context(aligned).float() - self.teacher_context(teacher).float()) ** 2).sum() / batch
         terms = {"fg": focal_fg, "bg": focal_bg, "attention": attention_loss, "global": relation}
-        weights = {"fg": self.fg_weight, "bg": self.bg_weight, "attention": self.attention_weight, "global": self.global_weight}
-        return MethodOutput(terms, {"fg_pixels": (fg > 0).float().mean().detach()}, weights)
+        return MethodOutput(terms, {"fg_pixels": (fg > 0).float().mean().detach()})
 
 

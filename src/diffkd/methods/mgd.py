@@ -31,7 +31,8 @@ class MGD(Method):
             raise ValueError(f"mgd: mask_ratio is the share of positions masked, in [0, 1), got {mask_ratio!r}")
         if not alpha >= 0:
             raise ValueError(f"mgd: alpha must be >= 0, got {alpha!r}")
-        self.mask_ratio, self.alpha = mask_ratio, alpha
+        self.mask_ratio = mask_ratio
+        self.term_weights = {"mgd": alpha}
         self.align = nn.Conv2d(student_channels, teacher_channels, 1) if student_channels != teacher_channels else None
         self.generator = nn.Sequential(
             nn.Conv2d(teacher_channels, teacher_channels, 3, padding=1),
@@ -40,17 +41,14 @@ class MGD(Method):
         )
 
     @classmethod
-    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options: Any) -> "MGD":
+    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, *, mask_ratio: float = 0.65,
+              alpha: float = 2e-5) -> "MGD":
         require_maps("mgd", "student", [student_shape])
         require_maps("mgd", "teacher", [teacher_shape])
         if student_shape[-2:] != teacher_shape[-2:]:
             raise ValueError(f"mgd rebuilds the teacher map from the student map of the same size, got student "
                              f"{tuple(student_shape)} and teacher {tuple(teacher_shape)} (tap the same level of both)")
-        return cls(student_shape[1], teacher_shape[1], **options)
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["mask_ratio", "alpha"]  # the channels are sized from the taps
+        return cls(student_shape[1], teacher_shape[1], mask_ratio, alpha)
 
     def random_mask(self, like: Tensor) -> Tensor:
         """(B,1,H,W): 0 at a masked position (probability mask_ratio), else 1."""
@@ -63,4 +61,4 @@ class MGD(Method):
         mask = self.random_mask(aligned) if mask is None else mask.to(aligned.dtype)
         rebuilt = self.generator(aligned * mask)
         loss = (rebuilt.float() - teacher.float()).pow(2).sum() / teacher.shape[0]
-        return MethodOutput({"mgd": loss}, {}, {"mgd": self.alpha})
+        return MethodOutput({"mgd": loss})

@@ -24,17 +24,13 @@ class MSE(Method):
                           else nn.Linear(student_channels, teacher_channels))
 
     @classmethod
-    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "MSE":
+    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size) -> "MSE":
         if len(student_shape) != len(teacher_shape) or len(student_shape) not in (2, 3, 4):
             raise ValueError(
                 f"mse needs two maps (B,C,H,W), two sequences (B,C,L) or two vectors (B,K), got student "
                 f"{tuple(student_shape)} and teacher {tuple(teacher_shape)}"
             )
-        return cls(student_shape[1], teacher_shape[1], dims=len(student_shape) - 2, **options)
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return []  # the connector is sized from the taps
+        return cls(student_shape[1], teacher_shape[1], dims=len(student_shape) - 2)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         projected = self.connector(student)

@@ -41,23 +41,19 @@ class PKD(Method):
         super().__init__()
         if not weight >= 0:
             raise ValueError(f"pkd: weight must be >= 0, got {weight!r}")
-        self.weight = weight
+        self.term_weights = {"pkd": weight}
         self.connector = (nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
                                         nn.BatchNorm2d(teacher_channels))
                           if student_channels != teacher_channels else None)
 
     @classmethod
-    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options: Any) -> "PKD":
+    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, *, weight: float = 6.0) -> "PKD":
         require_maps("pkd", "student", [student_shape])
         require_maps("pkd", "teacher", [teacher_shape])
-        return cls(student_shape[1], teacher_shape[1], **options)
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["weight"]  # the connector is sized from the taps
+        return cls(student_shape[1], teacher_shape[1], weight)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Any = None) -> MethodOutput:
         s = self.connector(student) if self.connector is not None else student
         if s.shape[-2:] != teacher.shape[-2:]:
             s = F.interpolate(s, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
-        return MethodOutput({"pkd": pkd_loss(s, teacher)}, {}, {"pkd": self.weight})
+        return MethodOutput({"pkd": pkd_loss(s, teacher)})

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Method, MethodOutput, epoch_ramp, paired_shapes, require_maps
+from ..weighting import EpochRamp, check_schedule_epochs
+from .base import Method, MethodOutput, paired_shapes, require_maps
 
 POOLED_SIZES = (4, 2, 1)  # HCL's pyramid, weights 1/2, 1/4, 1/8
 
@@ -77,8 +78,7 @@ class ReviewKD(Method):
         pairs = list(zip(student_channels, teacher_channels))[::-1]
         self.abfs = nn.ModuleList(ABF(s, mid, t, fuse=i > 0) for i, (s, t) in enumerate(pairs))
         self.teacher_sizes = [tuple(size) for size in teacher_sizes[::-1]]
-        self.warmup_epochs = warmup_epochs
-        self.ramp = 1.0
+        self.schedules = {"reviewkd": EpochRamp(check_schedule_epochs("reviewkd: warmup_epochs", warmup_epochs))}
 
     @classmethod
     def build(cls, student_shape, teacher_shape, **options) -> "ReviewKD":
@@ -95,13 +95,6 @@ class ReviewKD(Method):
         return cls([s[1] for s in students] + [students[-1][1]], [t[1] for t in teachers] + [teachers[-1][1]],
                    [tuple(t[-2:]) for t in teachers] + [(1, 1)], **options)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["max_mid_channels", "warmup_epochs"]  # the ABFs are sized from the taps
-
-    def set_progress(self, epoch: float, epochs: int) -> None:
-        self.ramp = epoch_ramp(epoch, self.warmup_epochs)
-
     def forward(self, student, teacher, targets: Tensor | None = None) -> MethodOutput:
         student, teacher = (x if isinstance(x, list) else [x] for x in (student, teacher))
         students = [*student, student[-1].mean(dim=(2, 3), keepdim=True)]
@@ -110,4 +103,4 @@ class ReviewKD(Method):
         for abf, x, size in zip(self.abfs, students[::-1], self.teacher_sizes):
             out, residual = abf(x, residual, size)
             outputs.insert(0, out)
-        return MethodOutput({"reviewkd": hcl_loss(outputs, teachers)}, weights={"reviewkd": self.ramp})
+        return MethodOutput({"reviewkd": hcl_loss(outputs, teachers)})

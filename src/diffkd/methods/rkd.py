@@ -35,7 +35,7 @@ class RKD(Method):
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
-        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+        self.term_weights = {"distance": distance_weight, "angle": angle_weight}
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "RKD":
@@ -53,5 +53,4 @@ class RKD(Method):
                 t_distances, t_angles = _distances(t), _angles(t)
             distance = F.smooth_l1_loss(_distances(s), t_distances)
             angle = F.smooth_l1_loss(_angles(s), t_angles)
-        return MethodOutput({"distance": distance, "angle": angle},
-                            weights={"distance": self.distance_weight, "angle": self.angle_weight})
+        return MethodOutput({"distance": distance, "angle": angle})

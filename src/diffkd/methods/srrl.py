@@ -34,8 +34,8 @@ class SRRL(Method):
         hold_teacher_module(self, "teacher_head", teacher_head)
 
     @classmethod
-    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, teacher_head: nn.Module | None = None,
-              **options) -> "SRRL":
+    def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, *,
+              teacher_head: nn.Module | None = None) -> "SRRL":
         require_maps("srrl", "student", [student_shape])
         require_maps("srrl", "teacher", [teacher_shape])
         if not isinstance(teacher_head, nn.Module):
@@ -52,11 +52,7 @@ class SRRL(Method):
                 f"(B, {teacher_shape[1]}) vector ({str(exc).splitlines()[0]}); give the classifier that follows the "
                 "teacher's global pooling, and the map that is pooled as the teacher tap"
             ) from None
-        return cls(student_shape[1], teacher_shape[1], teacher_head, **options)
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["teacher_head"]  # the connector is sized from the taps
+        return cls(student_shape[1], teacher_shape[1], teacher_head)
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Tensor | None = None) -> MethodOutput:
         pooled_student = self.connector(student).float().mean(dim=(2, 3))

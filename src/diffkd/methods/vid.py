@@ -70,10 +70,6 @@ class VID(Method):
         require_maps("vid", "teacher", teachers)
         return cls([(s[1], t[1]) for s, t in zip(students, teachers)], **options)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["initial_variance"]  # the regressors are sized from the taps
-
     def forward(self, student, teacher, targets: Tensor | None = None) -> MethodOutput:
         students, teachers = (x if isinstance(x, list) else [x] for x in (student, teacher))
         return MethodOutput({"vid": sum(pair(s, t) for pair, s, t in zip(self.pairs, students, teachers))})
