@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from diffkd import DiffKD, Distiller, Level
 from diffkd.diffusion import DDIM, DPMSolver2M, NoiseSchedule
-from diffkd.folded import folded_chain
+from diffkd.folded import folded_chain, linear_steps
 from diffkd.losses import dkd_loss, kd_loss, standardize_logits
 from diffkd.methods import build_method
 from diffkd.methods.diffkd import level_distance
@@ -238,7 +238,7 @@ def test_folded_dpm_solver_chain_equals_reference_chain(kind, last):
     solver = DPMSolver2M(NoiseSchedule(), 5)
     x_ref, x_fold = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref = solver(x_ref, predictor)
-    folded = folded_chain(x_fold + twin.embed(solver.timesteps[0], x.dim()), twin, solver.linear_steps())
+    folded = folded_chain(x_fold + twin.embed(solver.timesteps[0], x.dim()), twin, linear_steps(solver))
     assert torch.allclose(folded, ref, atol=1e-5)
     weights = torch.linspace(-1, 1, ref.numel()).view_as(ref)
     (ref * weights).sum().backward()

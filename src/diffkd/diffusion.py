@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,18 +69,6 @@ class NoiseSchedule(nn.Module):
 
 
 # ----------------------------------------------------------------------------- samplers
-class LinearStep(NamedTuple):
-    """One sampler step as a linear recurrence: x_next = a x + b eps + c (x0_hat - x0_hat_prev), with
-    x0_hat = (x - sigma eps) / alpha at timestep t. The folded fast path runs this form."""
-
-    t: int
-    a: float
-    b: float
-    c: float
-    alpha: float
-    sigma: float
-
-
 class DDIM:
     """Deterministic DDIM (eta = 0): the paper's denoising chain, one evaluation per timestep.
 
@@ -105,16 +93,6 @@ class DDIM:
             x0_hat = (x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
             x = math.sqrt(abar_prev) * x0_hat + math.sqrt(1.0 - abar_prev) * eps
         return x
-
-    def linear_steps(self) -> list[LinearStep]:
-        """The same update as x_prev = a x + b eps: a = sqrt(abar_prev / abar_t),
-        b = sqrt(1 - abar_prev) - sqrt(abar_prev (1 - abar_t) / abar_t); no correction (c = 0)."""
-        out = []
-        for t, abar_t, abar_prev in zip(self.timesteps, self.abar, self.abar_prev):
-            a = math.sqrt(abar_prev / abar_t)
-            b = math.sqrt(1.0 - abar_prev) - math.sqrt(abar_prev * (1.0 - abar_t) / abar_t)
-            out.append(LinearStep(t, a, b, 0.0, math.sqrt(abar_t), math.sqrt(1.0 - abar_t)))
-        return out
 
 
 class DPMSolver2M(DDIM):
@@ -153,15 +131,6 @@ class DPMSolver2M(DDIM):
         """x0_hat = (x - sigma eps(x, t)) / alpha at step i."""
         return (x - self.sigma[i] * eps_model(x, self.timesteps[i]).float()) / self.alpha[i]
 
-    def linear_steps(self) -> list[LinearStep]:
-        """DDIM's steps plus the correction c = -alpha_i (e^-h - 1) / 2r on the steps between the first and the last."""
-        out = super().linear_steps()
-        for i in range(1, len(out) - 1):
-            h = self.lam[i + 1] - self.lam[i]
-            r = (self.lam[i] - self.lam[i - 1]) / h
-            out[i] = out[i]._replace(c=-self.alpha[i + 1] * math.expm1(-h) / (2.0 * r))
-        return out
-
 
 SAMPLERS: dict[str, type[DDIM]] = {"ddim": DDIM, "dpm_solver++": DPMSolver2M}
 
@@ -193,44 +162,14 @@ class PointwiseConv(nn.Conv2d):
             return F.conv1d(x, self.weight.flatten(2), self.bias)
         return super().forward(x)
 
-    def scaled_forward(self, x: Tensor, scale: float, shift: Tensor) -> Tensor:
-        """scale * self(x) + shift; on float32 vectors as one matrix product (scale and shift in its bias)."""
-        if x.dim() == 2 and x.dtype == torch.float32:
-            return torch.addmm(torch.add(shift, self.bias, alpha=scale), x, self.weight.flatten(1).t(), alpha=scale)
-        return torch.add(shift, self(x), alpha=scale)
-
 
 class VectorBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d that also normalises (B,C) vectors (the same statistics as (B,C,1,1) maps) and
-    (B,C,L) sequences (statistics over batch and length), and can apply another affine than its own
-    (`normalize`), so the fast path can fold a scale and a shift into it (`scaled_forward`)."""
+    (B,C,L) sequences (statistics over batch and length)."""
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in (2, 3, 4):
             raise ValueError(f"expected a (B,C), (B,C,L) or (B,C,H,W) input, got shape {tuple(x.shape)}")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.normalize(x, self.weight, self.bias)
-
-    def normalize(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """BatchNorm2d's forward (statistics, running-buffer updates, train/eval rules) with this affine."""
-        self._check_input_dim(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        return F.batch_norm(
-            x, self.running_mean if use_buffers else None, self.running_var if use_buffers else None,
-            weight, bias, batch_stats, factor, self.eps,
-        )
-
-    def scaled_forward(self, x: Tensor, scale: float, shift: Tensor) -> Tensor:
-        """scale * self(x) + shift; on float32 input in one pass, with scale and shift folded into the affine."""
-        if x.dtype == torch.float32 and self.affine:
-            return self.normalize(x, scale * self.weight, torch.add(shift.flatten(), self.bias, alpha=scale))
-        return torch.add(shift, self(x), alpha=scale)
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 1, dims: int = 2) -> list[nn.Module]:

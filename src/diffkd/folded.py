@@ -7,23 +7,84 @@ test_sequences.py):
 - maps are channels-last: the chain's small convs and BatchNorms get faster CPU kernels;
 - the chain's state carries the time embedding of the step it goes to, h = x + emb_t, so no
   evaluation adds its embedding in a pass of its own (nor does the noising of the diffusion loss);
-- each update x_next = a x + b eps + c (x0_hat - x0_hat_prev) (a sampler's `linear_steps`) folds b
-  and the embedding shift into the noise predictor's last layer (`scaled_forward` of its BatchNorm or
-  1x1 conv); one in-place add finishes the step.
+- each update x_next = a x + b eps + c (x0_hat - x0_hat_prev) (the sampler's steps as a linear recurrence,
+  `linear_steps`) folds b and the embedding shift into the noise predictor's last layer (`scaled_last`:
+  its BatchNorm or 1x1 conv with scale and shift in the affine); one in-place add finishes the step.
+These forms are the fast path's own, so they live here, not in the reference networks and samplers.
 """
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .diffusion import DDIM, LinearStep, NoisePredictor, NoiseSchedule
+from .diffusion import DDIM, DPMSolver2M, NoisePredictor, NoiseSchedule, PointwiseConv, VectorBatchNorm
+
+
+class LinearStep(NamedTuple):
+    """One sampler step as a linear recurrence: x_next = a x + b eps + c (x0_hat - x0_hat_prev), with
+    x0_hat = (x - sigma eps) / alpha at timestep t."""
+
+    t: int
+    a: float
+    b: float
+    c: float
+    alpha: float
+    sigma: float
+
+
+def linear_steps(sampler: DDIM) -> list[LinearStep]:
+    """The sampler's update as x_prev = a x + b eps (+ c (x0_hat - x0_hat_prev)).
+
+    DDIM: a = sqrt(abar_prev / abar_t), b = sqrt(1 - abar_prev) - sqrt(abar_prev (1 - abar_t) / abar_t), c = 0.
+    DPM-Solver++(2M): DDIM's steps plus c = -alpha_i (e^-h - 1) / 2r on the steps between the first and the last.
+    """
+    out = []
+    for t, abar_t, abar_prev in zip(sampler.timesteps, sampler.abar, sampler.abar_prev):
+        a = math.sqrt(abar_prev / abar_t)
+        b = math.sqrt(1.0 - abar_prev) - math.sqrt(abar_prev * (1.0 - abar_t) / abar_t)
+        out.append(LinearStep(t, a, b, 0.0, math.sqrt(abar_t), math.sqrt(1.0 - abar_t)))
+    if isinstance(sampler, DPMSolver2M):
+        lam = sampler.lam
+        for i in range(1, len(out) - 1):
+            h = lam[i + 1] - lam[i]
+            r = (lam[i] - lam[i - 1]) / h
+            out[i] = out[i]._replace(c=-sampler.alpha[i + 1] * math.expm1(-h) / (2.0 * r))
+    return out
+
+
+def batch_norm_with(bn: nn.BatchNorm2d, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """BatchNorm2d's forward (statistics, running-buffer updates, train/eval rules) with another affine."""
+    bn._check_input_dim(x)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_buffers = not bn.training or bn.track_running_stats
+    return F.batch_norm(x, bn.running_mean if use_buffers else None, bn.running_var if use_buffers else None,
+                        weight, bias, batch_stats, factor, bn.eps)
+
+
+def scaled_last(last: nn.Module, x: Tensor, scale: float, shift: Tensor) -> Tensor:
+    """scale * last(x) + shift, in one pass where the last layer allows: float32 through our BatchNorm (scale and
+    shift folded into its affine) or our 1x1 conv on vectors (one matrix product); otherwise (autocast,
+    SyncBatchNorm, ...) applied after it."""
+    if isinstance(last, VectorBatchNorm) and x.dtype == torch.float32 and last.affine:
+        return batch_norm_with(last, x, scale * last.weight, torch.add(shift.flatten(), last.bias, alpha=scale))
+    if isinstance(last, PointwiseConv) and x.dim() == 2 and x.dtype == torch.float32:
+        return torch.addmm(torch.add(shift, last.bias, alpha=scale), x, last.weight.flatten(1).t(), alpha=scale)
+    return torch.add(shift, last(x), alpha=scale)
 
 
 class FoldedPath:
     """Start, chain and noise prediction of a level, folded; maps channels-last (conv kind, dims=2)."""
 
     def __init__(self, sampler: DDIM, kind: str, dims: int):
-        self.steps = sampler.linear_steps()
+        self.steps = linear_steps(sampler)
         self.memory_format = torch.channels_last if kind == "conv" and dims == 2 else torch.contiguous_format
 
     def denoise(self, predictor: NoisePredictor, z_s: Tensor, gamma: Tensor | None, noise: Tensor | None) -> Tensor:
@@ -79,10 +140,5 @@ def scaled_prediction(predictor: NoisePredictor, h: Tensor, scale: float, shift:
 
 
 def _scaled_layers(layers: nn.Sequential, h: Tensor, scale: float, shift: Tensor) -> Tensor:
-    """The network with scale and shift folded into its last layer where that layer can take them
-    (float32 through our BatchNorm or 1x1 conv); otherwise (autocast, SyncBatchNorm, ...) applied after it."""
-    y, last = layers[:-1](h), layers[-1]
-    shift = shift.float()
-    if hasattr(last, "scaled_forward"):
-        return last.scaled_forward(y, scale, shift)
-    return torch.add(shift, last(y), alpha=scale)
+    """The network with scale and shift folded into its last layer (`scaled_last`)."""
+    return scaled_last(layers[-1], layers[:-1](h), scale, shift.float())
