@@ -395,7 +395,7 @@ def test_fgd_step_through_the_engine_on_resized_images(coco_root: Path, tmp_path
     out = learner.compute(learner.module, inputs, targets)
     assert set(out.terms) == {"task", *(f"fgd_{k}/{t}" for k in LEVELS["fcos"] for t in ("fg", "bg", "attention", "global"))}
     assert all(torch.isfinite(v) for v in out.terms.values())
-    images, resized = learner.module.student_outputs["fgd_0/boxes"]
+    images, resized = learner.module.student_taps.output("fgd_0/boxes")
     assert tuple(images.tensors.shape[-2:]) == (32, 32)
     assert torch.allclose(resized[0]["boxes"], targets[0]["boxes"] * 0.5)  # 64 px images, resized by 1/2
 

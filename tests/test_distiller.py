@@ -164,7 +164,7 @@ def test_bad_levels(levels, message):
 
 def test_class_count_mismatch_and_missing_example_input():
     t, s = models.create("resnet34", num_classes=100), models.create("resnet18", num_classes=10)
-    with pytest.raises(ValueError, match=r"student \(2, 10\) and teacher \(2, 100\)"):
+    with pytest.raises(ValueError, match=r"student \(5, 10\) and teacher \(5, 100\)"):
         Distiller(t, s, [Level("fc", "fc", "kd")], input_shape=(3, 32, 32))
     with pytest.raises(ValueError, match="give example_input or input_shape"):
         Distiller(t, s, [Level("fc", "fc", "kd")])
@@ -414,3 +414,20 @@ def test_a_type_error_inside_a_method_is_its_own_not_blamed_on_the_options(monke
         build_method("broken", torch.Size([2, 3]), torch.Size([2, 3]), scale=2.0)
     with pytest.raises(ValueError, match="method 'broken' got an unknown option 'scal' \\(did you mean 'scale'\\?\\)"):
         build_method("broken", torch.Size([2, 3]), torch.Size([2, 3]), scal=2.0)
+
+
+def test_building_a_distiller_runs_one_dry_forward_per_model_and_holds_one_hook_holder_each():
+    """The alias probe and the tap shapes come from one watched forward (here on the meta device), and the
+    student's features and extra inputs are captured by one FeatureTaps."""
+    teacher, student = models.create("resnet34", num_classes=10), models.create("resnet18", num_classes=10)
+    forwards = {"teacher": 0, "student": 0}
+    for role, model in (("teacher", teacher), ("student", student)):
+        model.register_forward_pre_hook(lambda module, args, role=role: forwards.__setitem__(role, forwards[role] + 1))
+    d = Distiller(teacher, student, [Level("@feature", "@feature", "mse"), Level("@logits", "@logits", "kd")],
+                  input_shape=(3, 32, 32))
+    assert forwards == {"teacher": 1, "student": 1}
+    assert d.probed["student"]["mse_feature"].shape[1:] == (512, 1, 1)
+    from diffkd.taps import WeakHook
+
+    hooks = [h for m in student.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+    assert {h._owner() for h in hooks if isinstance(h, WeakHook)} == {d.student_taps}

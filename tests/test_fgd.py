@@ -192,7 +192,7 @@ def test_boxes_are_scaled_into_the_resized_padded_frame():
     targets = [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
     distiller.train()
     out = distiller((images, targets), targets)
-    captured_images, captured_targets = distiller.student_outputs["p3/boxes"]
+    captured_images, captured_targets = distiller.student_taps.output("p3/boxes")
     assert tuple(captured_images.tensors.shape[-2:]) == (32, 64)
     for factor, original, resized in zip((0.8, 1.6), boxes, captured_targets):
         assert torch.allclose(resized["boxes"], original * factor)

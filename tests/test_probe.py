@@ -248,7 +248,7 @@ def test_aliases_in_the_python_api() -> None:
     assert set(out.losses) == {"mse_feature", "kd_logits"} and torch.isfinite(out.loss)
     assert distiller.teacher_taps.taps["mse_feature"].prefix_tokens == 1
     with pytest.raises(ProbeError, match=r"^level 'x' student: unknown tap alias '@features'; use @feature, @logits"):
-        resolve_aliases({"x": "@features"}, student, input_shape=(3, 16, 16), role="student")
+        resolve_aliases({"x": "@features"}, lambda: probe_model(student, input_shape=(3, 16, 16)), role="student")
     with pytest.raises(ProbeError, match=r"^level 'mse_x' teacher: @feature: Flattening flattens"):
         pooled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
         Distiller(Flattening(), pooled, [Level("@feature", "@feature", "mse", name="mse_x")], input_shape=(1, 8, 8))

@@ -6,6 +6,7 @@ follows `.to()` with the rest. Features come from forward hooks, so neither mode
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -16,9 +17,8 @@ from torch import Tensor, nn
 
 from .atomic import save_atomic
 from .methods import build_method, method_class
-from .models.probe import resolve_aliases
-from .module_outputs import ModuleOutputs
-from .taps import FeatureTaps, ProbedFeature, Tap, call_model, probe_features, resolve_module
+from .models.probe import probe_model, resolve_aliases
+from .taps import FeatureTaps, ProbedFeature, Tap, call_model, resolve_module
 from .step import DistillationStep, DistillOutput, Progress
 from .weighting import LossWeights, weight_spec
 
@@ -102,12 +102,19 @@ class Distiller(DistillationStep):
         tap_names = {lv.name: (_tap_names(lv, "student"), _tap_names(lv, "teacher")) for lv in levels}
         student_specs = {n: spec for lv in levels for n, spec in zip(tap_names[lv.name][0], _as_list(lv.student))}
         teacher_specs = {n: spec for lv in levels for n, spec in zip(tap_names[lv.name][1], _as_list(lv.teacher))}
-        student_specs = resolve_aliases(student_specs, student, example_input, input_shape=input_shape, role="student")
         teacher_input, teacher_shape = ((example_input, input_shape) if teacher_example_input is None
                                         else (teacher_example_input, None))
-        teacher_specs = resolve_aliases(teacher_specs, teacher, teacher_input, input_shape=teacher_shape, role="teacher")
-        student_probe = probe_features(student, student_specs, example_input, input_shape=input_shape)
-        teacher_probe = probe_features(teacher, teacher_specs, teacher_input, input_shape=teacher_shape)
+        # One watched forward per model (on the meta device where it runs there) resolves the aliases and sizes
+        # every tap; one hook holder per model then captures features (and the student's extra inputs).
+        student_watch = functools.cache(lambda: probe_model(student, example_input, input_shape=input_shape))
+        teacher_watch = functools.cache(lambda: probe_model(teacher, teacher_input, input_shape=teacher_shape))
+        student_specs = resolve_aliases(student_specs, student_watch, role="student")
+        teacher_specs = resolve_aliases(teacher_specs, teacher_watch, role="teacher")
+        extra_paths, extra_what = _extra_inputs(levels, {lv.name: method_class(lv.method) for lv in levels})
+        student_taps = FeatureTaps(student, student_specs, extra_paths, extra_what)
+        teacher_taps = FeatureTaps(teacher, teacher_specs)
+        student_probe = student_taps.replay(student_watch().calls)
+        teacher_probe = teacher_taps.replay(teacher_watch().calls)
         methods = nn.ModuleDict()
         for lv in levels:
             student_names, teacher_names = tap_names[lv.name]
@@ -125,9 +132,7 @@ class Distiller(DistillationStep):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         self._tap_names = tap_names
         self.probed = {"student": student_probe, "teacher": teacher_probe}  # shapes and layouts, for reports
-        self.student_taps = FeatureTaps(student, student_specs)
-        self.teacher_taps = FeatureTaps(teacher, teacher_specs)
-        self.student_outputs = _extra_inputs(student, levels, methods)
+        self.student_taps, self.teacher_taps = student_taps, teacher_taps
 
     # ----------------------------------------------------------------------------- modes, devices
     def train(self, mode: bool = True) -> "Distiller":
@@ -199,7 +204,7 @@ class Distiller(DistillationStep):
             method = self.methods[level.name]
             student[level.name] = _captures(level.student, student_names, self.student_taps)
             teacher[level.name] = _captures(level.teacher, teacher_names, self.teacher_taps)
-            extra[level.name] = {name: self.student_outputs[f"{level.name}/{name}"] for name in method.extra_inputs}
+            extra[level.name] = {name: self.student_taps.output(f"{level.name}/{name}") for name in method.extra_inputs}
             if method.needs_indices:
                 extra[level.name]["indices"] = indices
         return self.compute(student, teacher, targets=targets, extra=extra, task_loss=task_loss, progress=progress,
@@ -228,7 +233,6 @@ class Distiller(DistillationStep):
         """Remove the feature hooks from both models and the extra-input hooks from the student."""
         self.student_taps.close()
         self.teacher_taps.close()
-        self.student_outputs.close()
 
 
 def checked_task_loss(loss: Any, source: str) -> Tensor:
@@ -284,8 +288,9 @@ def _probed(spec: Any, names: list[str], probed: Mapping[str, ProbedFeature]) ->
     return probed[names[0]].shape, probed[names[0]].layout
 
 
-def _extra_inputs(student: nn.Module, levels: Sequence[Level], methods: nn.ModuleDict) -> ModuleOutputs:
-    """Hook the student module each level's extra inputs come from (the method's default or the level's own)."""
+def _extra_inputs(levels: Sequence[Level], methods: Mapping[str, type]) -> tuple[dict[str, str], dict[str, str]]:
+    """The student module each level's extra input comes from (the method's default or the level's own), by
+    "level/input" name, and what each is, for errors."""
     paths, what = {}, {}
     for lv in levels:
         declared = methods[lv.name].extra_inputs
@@ -300,7 +305,7 @@ def _extra_inputs(student: nn.Module, levels: Sequence[Level], methods: nn.Modul
                                  f"give Level(inputs={{{name!r}: <student module path>}})")
             paths[f"{lv.name}/{name}"] = path
             what[f"{lv.name}/{name}"] = f"level {lv.name!r} ({lv.method}): input {name!r}"
-    return ModuleOutputs(student, paths, what)
+    return paths, what
 
 
 def _captures(spec: Any, names: list[str], taps: FeatureTaps) -> Tensor | list[Tensor]:

@@ -380,8 +380,8 @@ class _Failure:
 
 
 class WeakHook:
-    """A module hook that calls one method of its owner (a FeatureTaps, a ModuleOutputs) through a weak
-    reference; copies are inert."""
+    """A module hook that calls one method of its owner (a FeatureTaps) through a weak reference; copies are
+    inert."""
 
     __slots__ = ("_owner", "_method", "_name")
 
@@ -443,10 +443,18 @@ def resolve_module(model: nn.Module, path: str, what: str) -> nn.Module:
 
 
 class FeatureTaps:
-    """Named feature captures of a model, taken by forward hooks and refreshed on every forward."""
+    """Named feature captures of a model, taken by forward hooks and refreshed on every forward.
 
-    def __init__(self, model: nn.Module, taps: Mapping[str, Tap | str | Mapping[str, Any]]) -> None:
-        """Validate every tap against the model now, then hook the modules (and the root, for staleness)."""
+    Besides the feature taps, `outputs` names modules whose latest output is kept exactly as produced, any
+    object (`output(name)`): what methods' extra inputs read (FGD's boxes from a detector's transform); `what`
+    names each in errors. One holder, one root hook: every forward first forgets the previous one's values, a
+    module that did not run raises instead of handing out a stale value, and a copied model gets inert hooks.
+    """
+
+    def __init__(self, model: nn.Module, taps: Mapping[str, Tap | str | Mapping[str, Any]],
+                 outputs: Mapping[str, str] | None = None, what: Mapping[str, str] | None = None) -> None:
+        """Validate every tap and output path against the model now, then hook the modules (and the root, for
+        staleness; a holder of nothing hooks nothing)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"FeatureTaps needs an nn.Module, got {type(model).__name__}")
         parsed = {name: Tap.parse(spec) for name, spec in taps.items()}
@@ -465,7 +473,13 @@ class FeatureTaps:
         self._captures: dict[str, torch.Tensor | _Failure] = {}
         self._layouts: dict[str, str] = {}
         self._forwards = 0
-        handles = [model.register_forward_pre_hook(WeakHook(self, "_begin_forward", ""), prepend=True)]
+        outputs = dict(outputs or {})
+        self._what = {name: (what or {}).get(name, f"output {name!r}") for name in outputs}
+        output_modules = {name: resolve_module(model, path, self._what[name]) for name, path in outputs.items()}
+        self._output_paths, self._outputs = outputs, {}
+        hooked = bool(parsed) or bool(outputs)
+        handles = [model.register_forward_pre_hook(WeakHook(self, "_begin_forward", ""), prepend=True)] if hooked else []
+        handles += [m.register_forward_hook(WeakHook(self, "_keep_output", name)) for name, m in output_modules.items()]
         for name, tap in parsed.items():
             if tap.capture == "input":
                 handles.append(modules[name].register_forward_pre_hook(WeakHook(self, "_capture_input", name)))
@@ -480,6 +494,11 @@ class FeatureTaps:
         self._forwards += 1
         self._captures.clear()
         self._layouts.clear()
+        self._outputs.clear()
+
+    def _keep_output(self, name: str, _args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook of an output module: keep what it returned (the last run wins)."""
+        self._outputs[name] = output
 
     def _capture_input(self, name: str, args: tuple[Any, ...]) -> None:
         """Pre-hook: keep the module's first positional input."""
@@ -542,6 +561,38 @@ class FeatureTaps:
             raise value.kind(value.message)
         return value
 
+    def output(self, name: str) -> Any:
+        """What output ``name``'s module returned in the model's latest forward, as produced."""
+        if name not in self._output_paths:
+            raise KeyError(f"no module output named {name!r}; outputs: {list(self._output_paths)}")
+        if name not in self._outputs:
+            why = ("the model has not run a forward since it was hooked" if self._forwards == 0
+                   else "the module did not run in the model's latest forward, and a stale output is never reused")
+            raise RuntimeError(f"{self._what[name]} (module {self._output_paths[name]!r}): {why}")
+        return self._outputs[name]
+
+    def replay(self, calls: Mapping[str, tuple[tuple[Any, ...], Any]]) -> dict[str, ProbedFeature]:
+        """Each tap's processed shape and layout from one recorded forward (module path -> (args, output) of its
+        last call), processed as the hooks process a live one: a probe's record sizes the methods without a
+        forward of its own. The captures are dropped again afterwards."""
+        self._begin_forward("", ())
+        try:
+            for name, tap in self._taps.items():
+                if tap.path not in calls:
+                    continue  # reading it raises: the module did not run
+                args, output = calls[tap.path]
+                if tap.capture == "input":
+                    self._capture_input(name, args)
+                else:
+                    self._capture_output(name, args, output)
+            return {name: ProbedFeature(feature.shape if isinstance(feature, torch.Tensor) else torch.Size(),
+                                        self.layout(name)) for name, feature in self.items()}
+        finally:
+            self._forwards -= 1  # a replay is not a forward of the model
+            self._captures.clear()
+            self._layouts.clear()
+            self._outputs.clear()
+
     def layout(self, name: str) -> str:
         """What tap ``name``'s latest capture was handed out as: "map", "vector", "sequence" or "raw"."""
         self[name]  # the same errors as the capture itself (unknown, stale, unprocessable)
@@ -561,6 +612,7 @@ class FeatureTaps:
         self._closed = True
         self._captures.clear()
         self._layouts.clear()
+        self._outputs.clear()
 
     def __enter__(self) -> FeatureTaps:
         """Use as a context manager that closes on exit."""

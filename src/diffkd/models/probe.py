@@ -163,6 +163,7 @@ class _Forward:
     input_sites: dict[int, list[_Site]] = field(default_factory=dict)
     first_inputs: dict[str, Tensor] = field(default_factory=dict)  # module path -> first positional input
     module_outputs: list[Any] = field(default_factory=list)  # every module's last output
+    calls: dict[str, tuple[tuple[Any, ...], Any]] = field(default_factory=dict)  # path -> (args, output), last call
     keep: list[Any] = field(default_factory=list)  # holds the example and outputs, so tensor ids stay unique
 
 
@@ -214,6 +215,7 @@ def _watch(model: nn.Module, example: Any, state: dict[str, Tensor] | None) -> _
     forward.keep.extend([example, output, last])
     for path, (order, args, out) in last.items():
         forward.module_outputs.append(out)
+        forward.calls[path] = (args, out)
         if isinstance(out, Tensor):
             forward.outputs.setdefault(id(out), []).append(_Site(path, order=order))
         for select, tensor in _entries(out):
@@ -251,6 +253,11 @@ class Probe:
 
     forward: _Forward
     device: str  # "meta" or the device of the real forward, for messages
+
+    @property
+    def calls(self) -> dict[str, tuple[tuple[Any, ...], Any]]:
+        """Every module's last call in the watched forward: path -> (positional args, output)."""
+        return self.forward.calls
 
     # ------------------------------------------------------------------ logits
     def logits_tensor(self) -> Tensor:
@@ -691,10 +698,6 @@ def resolve_alias(spec: Any, where: str, taps: Callable[[], Taps | Probe]) -> An
         raise ProbeError(f"{where}: {err}") from None
 
 
-def resolve_aliases(
-    specs: Mapping[str, Any], model: nn.Module, example_input: Any = None, *,
-    input_shape: tuple[int, ...] | None = None, role: str = "model",
-) -> dict[str, Any]:
-    """Tap specs by level name, each through `resolve_alias`, with what one probe of `model` finds."""
-    found = functools.cache(lambda: probe_model(model, example_input, input_shape=input_shape))
-    return {name: resolve_alias(spec, f"level {name!r} {role}", found) for name, spec in specs.items()}
+def resolve_aliases(specs: Mapping[str, Any], probe: Callable[[], Probe], role: str = "model") -> dict[str, Any]:
+    """Tap specs by level name, each through `resolve_alias`, with what `probe()` (one watched forward) finds."""
+    return {name: resolve_alias(spec, f"level {name!r} {role}", probe) for name, spec in specs.items()}

@@ -1,4 +1,5 @@
-"""ModuleOutputs: the latest output of named modules, any object, never stale, inert when copied."""
+"""FeatureTaps' module outputs (what extra inputs read): the latest output of named modules, any object, never
+stale, inert when copied; held by the same object and root hook as the feature taps."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffkd.module_outputs import ModuleOutputs
+from diffkd.taps import FeatureTaps
 
 
 class Meta(nn.Module):
@@ -37,41 +38,42 @@ class Skipping(nn.Module):
 
 def test_outputs_are_kept_as_produced_and_refreshed_every_forward() -> None:
     model = Skipping()
-    outputs = ModuleOutputs(model, {"m": "meta", "n": "none"})
+    taps = FeatureTaps(model, {"f": "meta[0]"}, {"m": "meta", "n": "none"})
     with pytest.raises(RuntimeError, match=r"output 'm' \(module 'meta'\): the model has not run a forward"):
-        outputs["m"]
+        taps.output("m")
     x = torch.randn(3, 2)
     model(x)
-    doubled, meta = outputs["m"]
+    doubled, meta = taps.output("m")
     assert torch.equal(doubled, x * 2) and meta["boxes"][0] == x.sum()
-    assert outputs["n"] is None  # an output of None is kept, not taken for a module that did not run
+    assert torch.equal(taps["f"], doubled)  # the feature tap of the same module, from the same hooks
+    assert taps.output("n") is None  # an output of None is kept, not taken for a module that did not run
     model(torch.randn(1, 2))  # meta does not run: its earlier output is never handed out
     with pytest.raises(RuntimeError, match="the module did not run in the model's latest forward"):
-        outputs["m"]
-    with pytest.raises(KeyError, match=r"no module output named 'x'; names: \['m', 'n'\]"):
-        outputs["x"]
-    outputs.close()
+        taps.output("m")
+    with pytest.raises(KeyError, match=r"no module output named 'x'; outputs: \['m', 'n'\]"):
+        taps.output("x")
+    taps.close()
     model(x)
     with pytest.raises(RuntimeError):
-        outputs["n"]  # closed: nothing is captured any more
+        taps.output("n")  # closed: nothing is captured any more
 
 
 def test_unknown_paths_are_named_with_the_closest_and_copies_are_inert() -> None:
     model = nn.Sequential(OrderedDict(meta=Meta()))
     with pytest.raises(ValueError, match=r"the input: unknown module path 'mta' in Sequential; closest paths: 'meta'"):
-        ModuleOutputs(model, {"m": "mta"}, {"m": "the input"})
-    outputs = ModuleOutputs(model, {"m": "meta"})
+        FeatureTaps(model, {}, {"m": "mta"}, {"m": "the input"})
+    taps = FeatureTaps(model, {}, {"m": "meta"})
     twin = copy.deepcopy(model)
     x = torch.randn(2, 2)
     twin(x)  # the copy's hooks feed nothing
     with pytest.raises(RuntimeError, match="has not run a forward"):
-        outputs["m"]
+        taps.output("m")
     model(x)
-    assert torch.equal(outputs["m"][0], x * 2)
+    assert torch.equal(taps.output("m")[0], x * 2)
 
 
 def test_no_paths_hook_nothing() -> None:
     model = Skipping()
-    outputs = ModuleOutputs(model, {})
+    taps = FeatureTaps(model, {})
     assert not model._forward_pre_hooks and not model.meta._forward_hooks  # nothing runs per forward
-    assert outputs.names() == []
+    assert taps.names() == []
