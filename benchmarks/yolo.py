@@ -45,7 +45,7 @@ class Row:
     method: str | None = None
     kd_weight: float | str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
-    preset: str | None = None
+    kd_lr_scale: float | None = None  # None: the integration's default
 
 
 # Every diffkd row uses one weight rule, fixed before any row ran: kd_weight=auto, so that the distillation terms of
@@ -87,8 +87,11 @@ WORKFLOWS = {
 # Rows run only on the tuning setting: the options a preset is chosen among.
 PAPER_MSE = {"distance": "mse", "tau": None, "kd_weight": 1.0}  # the paper's main detection row, weights by auto
 TUNING_ROWS: dict[str, Row] = {
-    "diffkd_mse_auto": Row("DiffKD, MSE, auto (kd calibrated)", "diffkd", options=PAPER_MSE),
-    "diffkd_paper": Row("DiffKD, attention-MSE x5 (the integration's old default)", "diffkd", 1.0),
+    "diffkd_mse_auto": Row("DiffKD, MSE, auto (kd calibrated)", "diffkd", options=PAPER_MSE, kd_lr_scale=1.0),
+    "diffkd_paper": Row("DiffKD, attention-MSE x5 (the integration's old default)", "diffkd", 1.0, kd_lr_scale=1.0),
+    "diffkd_mse_auto_lr3": Row("DiffKD, MSE, auto, kd lr x3", "diffkd", options=PAPER_MSE, kd_lr_scale=3.0),
+    "diffkd_mse_auto_lr10": Row("DiffKD, MSE, auto, kd lr x10", "diffkd", options=PAPER_MSE, kd_lr_scale=10.0),
+    "mse_lr10": Row("mse (FitNet), kd lr x10", "mse", kd_lr_scale=10.0),
 }
 
 
@@ -287,7 +290,8 @@ def one_run(args: argparse.Namespace, out: Path, workflow_name: str, row_name: s
         trainer.train()
     else:
         trainer = distill(args.student, str(teacher), method=row.method, kd_weight=row.kd_weight,
-                          method_options=row.options or None, callbacks=callbacks, **train_args)
+                          method_options=row.options or None, kd_lr_scale=row.kd_lr_scale, callbacks=callbacks,
+                          **train_args)
     final = trainer.read_results_csv()
     result = {"workflow": workflow_name, "row": row_name, "seed": seed, "mAP50-95": final["metrics/mAP50-95(B)"][-1],
               "mAP50": final["metrics/mAP50(B)"][-1], "epoch_cpu_seconds": statistics.median(epoch_cpu),

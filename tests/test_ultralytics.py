@@ -716,7 +716,9 @@ def test_an_unknown_method_gets_the_methods_yolo_takes():
 def test_diffkds_kd_warmup_moves_within_an_epoch_as_in_the_engine(tmp_path, one_thread, monkeypatch):
     """8 images in batches of 4: 2 steps an epoch, so a 1-epoch warm-up weighs the kd term 0, then 1/2, then 1."""
     heard = record_progress(monkeypatch)
-    trainer = run(tmp_path, "detect", epochs=2, val=False, method_options={"kd_warmup_epochs": 1.0})
+    trainer = run(tmp_path, "detect", epochs=2, val=False, method_options={"kd_warmup_epochs": 1.0}, kd_lr_scale=3.0)
     assert heard == [(0.0, 2), (0.5, 2), (1.0, 2), (1.5, 2)]
+    kd_group, = (g for g in trainer.optimizer.param_groups if g.get("param_group") == "kd")
+    assert kd_group["initial_lr"] == pytest.approx(3.0 * trainer.args.lr0)  # kd_lr_scale: of the student's rate
     warmup = trainer.kd_step.weighting.schedules["p3"]["kd"]
     assert [warmup(epoch) for epoch, _ in heard] == [0.0, 0.5, 1.0, 1.0]

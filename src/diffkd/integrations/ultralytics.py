@@ -68,8 +68,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "mgd": {},
     "pkd": {},
 }
-KD_KEYS = ("teacher", "method", "kd_weight", "kd_latent", "teacher_layers", "student_layers", "method_options",
-           "resize_maps", "allow_download")
+KD_KEYS = ("teacher", "method", "kd_weight", "kd_latent", "kd_lr_scale", "teacher_layers", "student_layers",
+           "method_options", "resize_maps", "allow_download")
 STATE_FILE = "kd_modules.pt"  # beside last.pt; not named last*.pt, which Ultralytics' resume=True searches for
 STATE_FORMAT = 2  # kd_modules.pt's layout: settings, teacher identity, the snapshots of the last two saves
 SETTINGS_KEY = "diffkd_settings"  # the trainer.callbacks entry that carries the settings into Ultralytics' DDP workers
@@ -90,6 +90,7 @@ class KDSettings:
     student_layers: tuple[int, ...] | None = None  # default: the inputs of the student's head (only those can be read)
     method_options: dict[str, Any] = field(default_factory=dict)
     resize_maps: bool = False  # pair maps of different strides, the student's resized to the teacher's (else refused)
+    kd_lr_scale: float = 1.0  # the kd modules learn at this multiple of the student's learning rate (lr0)
 
     def __post_init__(self) -> None:
         if self.method not in SUPPORTED_METHODS:
@@ -98,6 +99,10 @@ class KDSettings:
             weight_spec(self.kd_weight)
         except ValueError:
             raise ValueError(f"kd_weight must be a number >= 0 or 'auto', got {self.kd_weight!r}") from None
+        if isinstance(self.kd_lr_scale, bool) or not isinstance(self.kd_lr_scale, (int, float)) or not (
+                math.isfinite(self.kd_lr_scale) and self.kd_lr_scale > 0):
+            raise ValueError(f"kd_lr_scale must be a number > 0 (the kd modules' learning rate over the student's), "
+                             f"got {self.kd_lr_scale!r}")
         if self.kd_latent is not None:
             if self.method != "diffkd":
                 raise ValueError(f"kd_latent sizes DiffKD's autoencoder; method {self.method!r} has none")
@@ -486,7 +491,7 @@ class DistillationTrainerMixin:
                 student, self.kd_teacher, self.kd_settings, self.args.imgsz, self.data["channels"])
         template = next(g for g in optimizer.param_groups if g.get("param_group") in ("weight", "muon"))
         hyper = {k: v for k, v in template.items() if k not in ("params", "param_group")}
-        hyper["lr"] = self.args.lr0  # the chosen rate (MuSGD raises some groups' rates)
+        hyper["lr"] = self.kd_settings.kd_lr_scale * self.args.lr0  # of the chosen rate (MuSGD raises some groups')
         if "use_muon" in hyper:
             hyper["use_muon"] = False
         optimizer.add_param_group({**hyper, "params": list(self.kd_step.parameters()), "param_group": "kd"})
@@ -713,7 +718,8 @@ def preflight_new(student: str, settings: KDSettings, data: str, train_args: dic
 def distill(student: str | None = None, teacher: str | None = None, *, data: str | None = None,
             method: str | None = None, kd_weight: float | str | None = None, kd_latent: int | None = None,
             teacher_layers: tuple[int, ...] | None = None, student_layers: tuple[int, ...] | None = None,
-            method_options: dict[str, Any] | None = None, resize_maps: bool | None = None, allow_download: bool = False,
+            method_options: dict[str, Any] | None = None, resize_maps: bool | None = None,
+            kd_lr_scale: float | None = None, allow_download: bool = False,
             callbacks: dict[str, list[Callable]] | None = None, **train_args: Any) -> Any:
     """Train YOLO `student` (a model .yaml or checkpoint) on `data`, distilled from `teacher`; every other keyword is
     an Ultralytics train argument (epochs, imgsz, batch, device, ...). Returns the finished Ultralytics trainer.
@@ -732,7 +738,8 @@ def distill(student: str | None = None, teacher: str | None = None, *, data: str
                          "Ultralytics' train arguments")
     given = {k: v for k, v in {"method": method, "kd_weight": kd_weight, "kd_latent": kd_latent,
                                "teacher_layers": teacher_layers, "student_layers": student_layers,
-                               "method_options": method_options, "resize_maps": resize_maps}.items() if v is not None}
+                               "method_options": method_options, "resize_maps": resize_maps,
+                               "kd_lr_scale": kd_lr_scale}.items() if v is not None}
     resume = train_args.get("resume")
     if isinstance(resume, (str, Path)) and resume:
         student = str(resume)
