@@ -472,8 +472,8 @@ def test_reviewkd_errors_name_the_taps():
         Distiller(t, s, [Level(["layer1", "layer3", "layer2"], STAGES[:3], "reviewkd")], input_shape=(3, 64, 64))
     message = str(info.value)
     assert "['layer1', 'layer3', 'layer2']" in message
-    assert ("reviewkd fuses stages listed shallow to deep, but student tap 2 (5, 128, 8, 8) is larger than student "
-            "tap 1 (5, 256, 4, 4); list the taps from the shallowest to the deepest") in message
+    assert ("reviewkd fuses stages listed shallow to deep, but student tap 2 (2, 128, 8, 8) is larger than student "
+            "tap 1 (2, 256, 4, 4); list the taps from the shallowest to the deepest") in message
     with pytest.raises(ValueError, match=r"reviewkd reads map captures, but the teacher tap 1 is 'vector'"):
         Distiller(t, s, [Level(["layer3", "layer4"], ["layer3", "fc"], "reviewkd")], input_shape=(3, 64, 64))
 

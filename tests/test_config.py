@@ -16,8 +16,8 @@ from diffkd.config import (
     dump_config,
     load_config,
     save_config,
-    saved_config,
 )
+from diffkd.config.schema import CONFIG_FORMAT
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "fashion_mnist").glob("*.yaml"))
 
@@ -96,23 +96,14 @@ def test_unknown_key_names_the_valid_keys_and_closest_match() -> None:
     )
 
 
-def test_a_replaced_level_key_names_its_replacement_and_old_checkpoints_carry_it_over() -> None:
-    """`targets` (FGD's boxes, before methods declared their inputs): refused in a config, carried over from a checkpoint."""
-    level = {"student": "backbone['0']", "teacher": "backbone['0']", "method": "fgd", "options": {"family": "fcos"}}
-    with pytest.raises(ConfigError, match=r"^levels.0.targets: this key was replaced; .* `inputs: \{boxes: <path>\}`$"):
-        check({"levels": [{**level, "targets": "transform"}]})
-    other = {"student": "layer3", "teacher": "layer3", "method": "mse", "targets": None}  # every level saved the key
-    old = {"levels": [{**level, "targets": "transform"}, {**level, "targets": "my_resize"}, other]}
-    default, own, plain = saved_config(old).levels
-    assert default.inputs is None and own.inputs == {"boxes": "my_resize"} and plain.inputs is None
-    assert "targets" in old["levels"][0]  # the checkpoint's own data is left as it was
-    assert config_to_dict(saved_config(old))["levels"][0] == config_to_dict(check({"levels": [level]}))["levels"][0]
-    with pytest.raises(ConfigError, match=r"^levels.0.targets: this key was replaced"):  # no other method read it
-        saved_config({"levels": [{**level, "method": "mse", "options": {}, "targets": "transform"}]})
+def test_configs_carry_a_format_and_another_is_one_line() -> None:
+    assert config_to_dict(check({}))["format"] == CONFIG_FORMAT  # every saved config says its format
+    with pytest.raises(ConfigError, match=rf"^format: this config is of format 0, and this diffkd reads format {CONFIG_FORMAT};"):
+        check({"format": 0})
 
 
 def test_unknown_top_level_and_list_item_keys() -> None:
-    with pytest.raises(ConfigError, match=r"^unknown key 'trian'\. Did you mean 'train'\? Valid keys: task, data,"):
+    with pytest.raises(ConfigError, match=r"^unknown key 'trian'\. Did you mean 'train'\? Valid keys: format, task, data,"):
         check({"trian": {}})
     level = {"student": "a", "teacher": "b", "method": "kd", "wieght": 2}
     with pytest.raises(ConfigError, match=r"^unknown key 'levels\.0\.wieght'\. Did you mean 'levels\.0\.weight'\?"):
@@ -207,4 +198,4 @@ def test_other_tasks_sections_are_left_out_of_dumps_at_defaults() -> None:
 def test_dump_is_in_schema_order() -> None:
     text = dump_config(Config())
     top = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith((" ", "-"))]
-    assert top == ["task", "data", "model", "teacher", "student", "levels", "optim", "schedule", "train", "output"]
+    assert top == ["format", "task", "data", "model", "teacher", "student", "levels", "optim", "schedule", "train", "output"]

@@ -13,6 +13,7 @@ import torch
 
 from diffkd import Distiller, Level
 from diffkd.config import load_config
+from diffkd.boxes import Boxes, from_torchvision
 from diffkd.detection.models import build_detector, parse_name
 from diffkd.methods import build_method
 from diffkd.methods.fgd import FAMILY_WEIGHTS, box_masks
@@ -121,7 +122,7 @@ def test_fgd_equals_its_formula_written_with_loops():
         for block in (method.student_context, method.teacher_context):
             block.transform[-1].weight.normal_(generator=generator)
             block.transform[-1].bias.normal_(generator=generator)
-    out = method(s, t, boxes=image_list(2, 12, 20, [torch.tensor(b) for b in boxes]))
+    out = method(s, t, boxes=from_torchvision(image_list(2, 12, 20, [torch.tensor(b) for b in boxes])))
     expected = loop_fgd(method, s, t, boxes, (12, 20))
     assert set(out.terms) == set(expected)
     terms = weighted_terms(method, out)
@@ -142,7 +143,7 @@ def test_fgd_on_a_case_computed_by_hand():
     student = torch.tensor([[[[0.0, 0, 0, 0]], [[2.0, 2, 2, 2]]]])
     method = build_method("fgd", student.shape, teacher.shape, fg_weight=1.0, bg_weight=1.0, attention_weight=1.0,
                           global_weight=1.0, temperature=0.5)
-    out = method(student, teacher, boxes=image_list(1, 4, 16, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])]))
+    out = method(student, teacher, boxes=Boxes([torch.tensor([[0.0, 0.0, 2.0, 2.0]])], (4, 16)))
     assert out.terms["fg"].item() == pytest.approx(1.0)
     assert out.terms["bg"].item() == pytest.approx(2.0)
     assert out.terms["attention"].item() == pytest.approx(2 * math.tanh(2.0), rel=1e-6)
@@ -229,14 +230,17 @@ def test_fgd_errors_say_what_to_fix():
     method = build_method("fgd", shape, shape, family="retinanet", temperature=1.0)
     assert (method.term_weights["fg"], method.temperature) == (FAMILY_WEIGHTS["retinanet"][0], 1.0)  # one overridden
     plain_targets = [{"boxes": torch.zeros(0, 4)}] * 2
-    with pytest.raises(ValueError, match="fgd needs its input `boxes` in the frame of the feature maps: .* got list"):
+    with pytest.raises(ValueError, match=r"fgd needs its input `boxes` as diffkd.boxes.Boxes, got list"):
         method(torch.randn(shape), torch.randn(shape), boxes=plain_targets)
     with pytest.raises(ValueError, match="fgd needs its input `boxes` .* got NoneType"):
         method(torch.randn(shape), torch.randn(shape), plain_targets)  # the batch's own targets are not read
+    # the torchvision edge: a transform output becomes Boxes, anything else is refused there
+    with pytest.raises(ValueError, match=r"fgd needs its input `boxes`: diffkd.boxes.Boxes, or the \(ImageList, targets\)"):
+        from_torchvision(plain_targets)
     with pytest.raises(ValueError, match="ran without targets"):
-        method(torch.randn(shape), torch.randn(shape), boxes=(image_list(2, 16, 16, [])[0], None))
+        from_torchvision((image_list(2, 16, 16, [])[0], None))
     with pytest.raises(ValueError, match="1 images have boxes but the feature batch holds 2"):
-        method(torch.randn(shape), torch.randn(shape), boxes=image_list(1, 16, 16, [torch.zeros(0, 4)]))
+        method(torch.randn(shape), torch.randn(shape), boxes=from_torchvision(image_list(1, 16, 16, [torch.zeros(0, 4)])))
 
 
 def test_student_channels_get_a_1x1_align_conv():

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
+import diffkd
 from conftest import ddp_matches_one_process, one_line, record_progress
 from diffkd import Level
 from diffkd.integrations.transformers import INDEX_COLUMN, DISTILLER_FILE, DistillationTrainer
@@ -249,6 +250,12 @@ def test_resume_from_checkpoint_restores_the_method_modules(tmp_path, build):
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
 
     saved = tmp_path / "whole" / "run" / "checkpoint-2" / DISTILLER_FILE
+    written = torch.load(saved, weights_only=True)
+    assert written["format"] == 1 and written["diffkd_version"] == diffkd.__version__
+    torch.save(written["state"], saved)  # as an earlier diffkd wrote it: the bare state dict
+    with pytest.raises(ValueError) as exc:
+        build(tmp_path / "earlier", max_steps=4).train(resume_from_checkpoint=str(saved.parent))
+    assert "was written by an earlier diffkd (format without a number)" in one_line(exc)
     saved.write_bytes(saved.read_bytes()[:100])  # truncated, as by a full disk
     with pytest.raises(ValueError) as exc:
         build(tmp_path / "again", max_steps=4).train(resume_from_checkpoint=str(saved.parent))

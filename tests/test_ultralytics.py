@@ -215,6 +215,10 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
     with pytest.raises(ValueError) as excinfo:
         yolo_kd.distill(resume=str(last))
     assert "holds the kd modules of epoch 2 but last.pt is from epoch 1" in one_line_error(excinfo)
+    torch.save({k: v for k, v in state.items() if k != "format"}, state_file)  # as an earlier diffkd wrote it
+    with pytest.raises(ValueError) as excinfo:
+        yolo_kd.distill(resume=str(last))
+    assert "was written in format 1 by diffkd 0.2.0" in one_line_error(excinfo)
     for damaged in (b"", b"PK\x03\x04 truncated"):
         state_file.write_bytes(damaged)
         with pytest.raises(ValueError) as excinfo:
@@ -451,14 +455,14 @@ def test_layer_outputs_are_the_maps_the_head_reads():
 def test_fgd_boxes_come_from_the_batch_in_pixels():
     batch = {"img": torch.zeros(2, 3, 40, 80), "batch_idx": torch.tensor([0.0, 1.0, 1.0]),
              "bboxes": torch.tensor([[0.5, 0.5, 0.25, 0.5], [0.25, 0.25, 0.1, 0.2], [0.5, 0.5, 0.5, 0.5]])}
-    frame, targets = yolo_kd.batch_boxes(batch, oriented=False)
-    assert frame.image_sizes == [(40, 80)] * 2
-    torch.testing.assert_close(targets[0]["boxes"], torch.tensor([[30.0, 10.0, 50.0, 30.0]]))
-    torch.testing.assert_close(targets[1]["boxes"], torch.tensor([[16.0, 6.0, 24.0, 14.0], [20.0, 10.0, 60.0, 30.0]]))
+    boxes = yolo_kd.batch_boxes(batch, oriented=False)
+    assert boxes.frame == (40, 80)
+    torch.testing.assert_close(boxes.per_image[0], torch.tensor([[30.0, 10.0, 50.0, 30.0]]))
+    torch.testing.assert_close(boxes.per_image[1], torch.tensor([[16.0, 6.0, 24.0, 14.0], [20.0, 10.0, 60.0, 30.0]]))
     # oriented: a 40 x 10 px box turned by 90 degrees stands 10 wide and 40 tall; by 45 degrees it is 25*sqrt(2) square
     rotated = {"img": torch.zeros(1, 3, 100, 100), "batch_idx": torch.zeros(2),
                "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.1, math.pi / 2], [0.5, 0.5, 0.4, 0.1, math.pi / 4]])}
-    boxes = yolo_kd.batch_boxes(rotated, oriented=True)[1][0]["boxes"]
+    boxes = yolo_kd.batch_boxes(rotated, oriented=True).per_image[0]
     half = 25 * math.sqrt(2) / 2
     torch.testing.assert_close(boxes, torch.tensor([[45.0, 30.0, 55.0, 70.0], [50 - half, 50 - half, 50 + half, 50 + half]]))
 

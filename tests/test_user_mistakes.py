@@ -146,7 +146,7 @@ def test_an_integer_tap_is_a_module_path(tmp_path: Path, monkeypatch) -> None:
     assert load_config(config, ["levels.0.teacher=5"]).levels[0].teacher == "5"  # an override too
     learner = DistillLearner(cfg, build_task(cfg))
     assert list(learner.module.methods) == ["kd_6", "vid_0"]
-    assert learner.module.probed["student"]["kd_6"].shape == (5, 3)  # the probe's batch of 5
+    assert learner.module.probed["student"]["kd_6"].shape == (2, 3)
 
 
 # ------------------------------------------------------------------------- 8: a full disk, a read-only directory

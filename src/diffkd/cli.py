@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from . import __version__
 from .config import ConfigError
 
 USER_ERRORS = (ConfigError, OSError, ValueError)  # plus EngineError, added where the engine is imported
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`diffkd COMMAND --help` explains each command. "
         "Several GPUs: torchrun --nproc_per_node=N -m diffkd distill ...",
     )
+    parser.add_argument("--version", action="version", version=f"diffkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, builder in COMMANDS.items():
         command = builder()

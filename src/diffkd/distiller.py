@@ -46,9 +46,6 @@ class Level:
                  weight: float | str = 1.0, name: str | None = None, *, inputs: Mapping[str, str] | None = None,
                  ratio: float | None = None, window: int | None = None, calibrate: Sequence[str] | None = None,
                  **options: Any):
-        if "targets" in options:
-            raise ValueError("Level(targets=...) is replaced by inputs={name: student module path}: methods declare "
-                             "the extra inputs they read (fgd reads 'boxes' from the detector's 'transform' by itself)")
         if inputs is not None and not (isinstance(inputs, Mapping) and all(isinstance(v, str) for v in inputs.values())):
             raise ValueError(f"Level inputs map an input name to a student module path, e.g. {{'boxes': 'transform'}}, got {inputs!r}")
         self.student, self.teacher, self.method = student, teacher, method
@@ -106,8 +103,11 @@ class Distiller(DistillationStep):
                                         else (teacher_example_input, None))
         # One watched forward per model (on the meta device where it runs there) resolves the aliases and sizes
         # every tap; one hook holder per model then captures features (and the student's extra inputs).
-        student_watch = functools.cache(lambda: probe_model(student, example_input, input_shape=input_shape))
-        teacher_watch = functools.cache(lambda: probe_model(teacher, teacher_input, input_shape=teacher_shape))
+        student_aliases, teacher_aliases = _has_alias(student_specs), _has_alias(teacher_specs)
+        student_watch = functools.cache(lambda: probe_model(student, example_input, input_shape=input_shape,
+                                                            aliases=student_aliases))
+        teacher_watch = functools.cache(lambda: probe_model(teacher, teacher_input, input_shape=teacher_shape,
+                                                            aliases=teacher_aliases))
         student_specs = resolve_aliases(student_specs, student_watch, role="student")
         teacher_specs = resolve_aliases(teacher_specs, teacher_watch, role="teacher")
         extra_paths, extra_what = _extra_inputs(levels, {lv.name: method_class(lv.method) for lv in levels})
@@ -204,7 +204,8 @@ class Distiller(DistillationStep):
             method = self.methods[level.name]
             student[level.name] = _captures(level.student, student_names, self.student_taps)
             teacher[level.name] = _captures(level.teacher, teacher_names, self.teacher_taps)
-            extra[level.name] = {name: self.student_taps.output(f"{level.name}/{name}") for name in method.extra_inputs}
+            extra[level.name] = {name: _converted(source, self.student_taps.output(f"{level.name}/{name}"))
+                                 for name, source in method.extra_inputs.items()}
             if method.needs_indices:
                 extra[level.name]["indices"] = indices
         return self.compute(student, teacher, targets=targets, extra=extra, task_loss=task_loss, progress=progress,
@@ -266,6 +267,11 @@ def check_separate(teacher: nn.Module, student: nn.Module) -> None:
                              "teacher its own copy (copy.deepcopy)")
 
 
+def _has_alias(specs: Mapping[str, Any]) -> bool:
+    """Whether some tap spec is an alias ("@feature"), which the probe finds from the model's recorded graph."""
+    return any(isinstance(spec, str) and spec.startswith("@") for value in specs.values() for spec in _as_list(value))
+
+
 def _as_list(spec: Any) -> list[Any]:
     """A side's taps as a list (one tap is a list of one)."""
     return list(spec) if isinstance(spec, list) else [spec]
@@ -298,14 +304,19 @@ def _extra_inputs(levels: Sequence[Level], methods: Mapping[str, type]) -> tuple
         if unknown:
             raise ValueError(f"level {lv.name!r}: method {lv.method!r} reads no input {unknown[0]!r}; "
                              f"its extra inputs: {', '.join(declared) or 'none'}")
-        for name, default in declared.items():
-            path = lv.inputs.get(name, default)
+        for name, source in declared.items():
+            path = lv.inputs.get(name, source.module)
             if path is None:
                 raise ValueError(f"level {lv.name!r}: method {lv.method!r} needs its input {name!r}: "
                                  f"give Level(inputs={{{name!r}: <student module path>}})")
             paths[f"{lv.name}/{name}"] = path
             what[f"{lv.name}/{name}"] = f"level {lv.name!r} ({lv.method}): input {name!r}"
     return paths, what
+
+
+def _converted(source: Any, value: Any) -> Any:
+    """An extra input as its method takes it: the module's output through the source's converter, if any."""
+    return source.convert(value) if source.convert is not None else value
 
 
 def _captures(spec: Any, names: list[str], taps: FeatureTaps) -> Tensor | list[Tensor]:

@@ -1,7 +1,7 @@
 """Run configuration: typed sections, a strict checker, YAML files and `key=value` overrides."""
 
 from .checking import ConfigError
-from .files import apply_overrides, config_from_dict, config_to_dict, dump_config, load_config, save_config, saved_config
+from .files import apply_overrides, config_from_dict, config_to_dict, dump_config, load_config, save_config
 from .schema import (
     Config,
     DataConfig,
@@ -37,5 +37,4 @@ __all__ = [
     "dump_config",
     "load_config",
     "save_config",
-    "saved_config",
 ]

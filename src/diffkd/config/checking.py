@@ -100,10 +100,7 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {_got(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    replaced = getattr(cls, "REPLACED_KEYS", {})
     for key in data:
-        if key in replaced:
-            raise ConfigError(f"{_join(path, key)}: this key was replaced; {replaced[key]}")
         if key not in fields:
             valid = list(fields)
             raise ConfigError(

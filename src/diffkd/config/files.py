@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .checking import ConfigError, build
-from .schema import RANGES, TASK_SECTIONS, Config
+from .schema import CONFIG_FORMAT, RANGES, TASK_SECTIONS, Config
 
 
 class _DuplicateKey(ValueError):
@@ -101,6 +101,9 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 def config_from_dict(data: Any) -> Config:
     """Check plain data (as from YAML) against the schema and value ranges; return the typed Config."""
     cfg = build(Config, {} if data is None else data)
+    if cfg.format != CONFIG_FORMAT:
+        raise ConfigError(f"format: this config is of format {cfg.format}, and this diffkd reads format {CONFIG_FORMAT}; "
+                          "use the diffkd that wrote it, or write the config anew")
     flat = config_to_dict(cfg)
     for key, (test, what) in RANGES.items():
         section, name = key.split(".")
@@ -108,28 +111,6 @@ def config_from_dict(data: Any) -> Config:
         if not test(value):
             raise ConfigError(f"{key}: must be {what}, got {value!r}")
     return cfg
-
-
-def saved_config(data: Any) -> Config:
-    """A config read back from a checkpoint, which an earlier release may have written: keys renamed since
-    are carried over where the meaning is the same, then the data is checked like a config file's."""
-    if isinstance(data, dict) and isinstance(data.get("levels"), list):
-        data = {**data, "levels": [_upgrade_level(lv) for lv in data["levels"]]}
-    return config_from_dict(data)
-
-
-def _upgrade_level(level: Any) -> Any:
-    """`targets` (saved as null on every level) was how FGD read its boxes: now its extra input, with
-    "transform" its default. A `targets` path on another method is left for the schema to refuse."""
-    if not isinstance(level, dict) or "targets" not in level:
-        return level
-    if level["targets"] is not None and level.get("method") != "fgd":
-        return level
-    level = dict(level)
-    path = level.pop("targets")
-    if path is not None and path != "transform":
-        level["inputs"] = {"boxes": path}
-    return level
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -75,11 +75,6 @@ class LevelConfig:
     window: int | None = None  # weight auto: calibration steps (default 100, or the first epoch if shorter)
     calibrate: list[str] | None = None  # weight auto: the terms scaled (default: the method's, e.g. diffkd's kd)
     options: dict[str, Any] = field(default_factory=dict)
-    # Keys of earlier releases, each with what replaced it (diffkd.config.checking names it in the error).
-    REPLACED_KEYS: ClassVar[dict[str, str]] = {
-        "targets": "methods now declare the extra inputs they read (fgd reads 'boxes' from the detector's "
-                   "'transform' by itself): delete the key, or name another student module with `inputs: {boxes: <path>}`",
-    }
 
     def __post_init__(self) -> None:
         self.student, self.teacher = (_int_as_path(v) for v in (self.student, self.teacher))
@@ -193,6 +188,9 @@ class OutputConfig:
     tensorboard: bool = True
 
 
+CONFIG_FORMAT = 1  # the config layout this diffkd reads
+
+
 @dataclass
 class Config:
     """A whole run: `model` for `diffkd train`; `teacher`, `student` and `levels` for `diffkd distill`.
@@ -200,6 +198,7 @@ class Config:
     `detection` and `segmentation` hold the settings of those task plug-ins (ignored by the others).
     """
 
+    format: int = CONFIG_FORMAT  # the layout of this config; written into every saved config
     task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig | None = None

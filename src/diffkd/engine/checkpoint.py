@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import __version__
 from ..models.weights import UnreadableCheckpoint, describe_mismatch, read_checkpoint
 from .errors import CheckpointError
 
 FORMAT = "diffkd-run"
-VERSION = 1
+VERSION = 2  # 2: the Distiller's state as the one distillation step holds it (0.2.0)
 STUDENT_PREFIX = "student."  # the Distiller's state dict keys of the student
 
 
@@ -42,7 +43,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not is_run_checkpoint(ckpt):
         raise CheckpointError(f"{path} is not a diffkd run checkpoint (no format={FORMAT!r} entry)")
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')!r}, this diffkd reads {VERSION}")
+        wrote = f"diffkd {ckpt['diffkd_version']}" if ckpt.get("diffkd_version") else "an earlier diffkd"
+        raise CheckpointError(f"{path} is a checkpoint of format version {ckpt.get('version')!r}, written by {wrote}; "
+                              f"this diffkd {__version__} reads version {VERSION}: use the diffkd that wrote it, or "
+                              "start a new run")
     return ckpt
 
 

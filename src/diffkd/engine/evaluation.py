@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import saved_config
+from ..config import config_from_dict
 from ..data import IndexedCollate, WithIndices, build_loader
 from ..taps import call_model
 from ..tasks import Task, build_task
@@ -84,7 +84,7 @@ def evaluate_checkpoint(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     file = find_checkpoint(path, which)
     ckpt = load_checkpoint(file)
-    cfg = saved_config(ckpt["config"])
+    cfg = config_from_dict(ckpt["config"])
     if data_root is not None:
         cfg.data.root = data_root
     task = build_task(cfg)

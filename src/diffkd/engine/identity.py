@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .. import __version__
 from ..atomic import write_atomic
 from ..config import ConfigError
 from .rundir import IDENTITY_FILE
@@ -41,8 +42,10 @@ def dataset_identity(dataset: Dataset, classes: list[str] | None) -> dict[str, A
 
 
 def record_identity(identity: dict[str, Any], run_dir: Path) -> None:
-    """Write the identity into the run directory (identity.json), for people and scripts to read."""
-    write_atomic((json.dumps(identity, indent=1) + "\n").encode(), run_dir / IDENTITY_FILE)
+    """Write the identity into the run directory (identity.json, with the diffkd version that trains it), for
+    people and scripts to read."""
+    record = {**identity, "diffkd_version": __version__}
+    write_atomic((json.dumps(record, indent=1) + "\n").encode(), run_dir / IDENTITY_FILE)
 
 
 def _shown(value: Any) -> str:

@@ -24,7 +24,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
-from ..config import Config, ConfigError, config_to_dict, save_config, saved_config
+from .. import __version__
+from ..config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from ..data import WithIndices
 from ..tasks import Metrics, Task, build_task
 from . import distributed, layout, rng
@@ -283,7 +284,7 @@ def _restore(s: Session, path: Path) -> None:
     # The saved config is read back through the schema, so keys added to it since (at their defaults)
     # are no change, and keys renamed since are carried over; a saved key the schema no longer knows fails
     # there with the usual message.
-    saved = config_to_dict(saved_config(ckpt["config"]))
+    saved = config_to_dict(config_from_dict(ckpt["config"]))
     changed = [k for k in _config_changes(saved, config_to_dict(s.cfg)) if k not in RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(
@@ -480,6 +481,7 @@ def _save(s: Session, improved: bool) -> None:
     ckpt = {
         "format": FORMAT,
         "version": VERSION,
+        "diffkd_version": __version__,
         "mode": s.mode,
         "config": config_to_dict(s.cfg),
         "epoch": s.epoch,

@@ -28,12 +28,14 @@ except ImportError:  # the extra is optional
     raise ImportError("diffkd.integrations.lightning needs lightning: pip install diffkd[lightning]") from None
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from .. import __version__
 from ..distiller import Distiller, DistillOutput, Level, check_separate, checked_task_loss
 from .checks import check_teacher_and_levels, warn_if_teacher_trainable
 
 __all__ = ["DistillationModule"]
 
 LEVELS_KEY = "diffkd_levels"  # in Lightning checkpoints: the levels as written
+VERSION_KEY = "diffkd_version"  # and the diffkd that wrote them
 ATTACHED_NAME = "distill_methods"  # the method modules' name on the student while its configure_optimizers runs
 
 Batch = tuple[Any, Tensor | None, Tensor | None]  # (inputs, targets, indices)
@@ -142,23 +144,22 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The levels as written (names, taps, methods, weights, options), so a resume can tell other levels."""
         checkpoint[LEVELS_KEY] = [repr(level) for level in self.distiller.levels]
+        checkpoint[VERSION_KEY] = __version__
         super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of other levels is refused in one line before Lightning loads it (it would list every key)."""
+        """A checkpoint of other levels, or of an earlier diffkd, is refused in one line before Lightning loads it
+        (its own error would list every key)."""
         saved = checkpoint.get(LEVELS_KEY)
         mine = [repr(level) for level in self.distiller.levels]
-        if saved is not None and saved != mine:
+        if saved is None:
+            raise ValueError("the checkpoint records no distillation levels: it was written by an earlier diffkd or "
+                             "without DistillationModule; resume it with what wrote it, or start a new run")
+        if saved != mine:
             first = next((f"{a} there, {b} here" for a, b in zip(saved, mine) if a != b),
                          f"{len(saved)} levels there, {len(mine)} here")
             raise ValueError(f"the checkpoint was trained with other levels ({first}): resume with the levels it was "
                              "trained with")
-        ours = {k for k in self.state_dict() if not k.startswith("student.")}
-        theirs = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("student.")}
-        if ours != theirs:
-            missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
-            raise ValueError(f"the checkpoint does not fit these levels (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}): resume with the levels it was trained with")
         super().on_load_checkpoint(checkpoint)
 
     def _default_split(self, batch: Any) -> Batch:

@@ -31,6 +31,7 @@ if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):  # how the Traine
     raise ImportError(f"diffkd.integrations.transformers needs transformers >= 5.19, found {transformers.__version__}: "
                       "pip install -U 'transformers>=5.19'")
 
+from .. import __version__
 from ..atomic import save_atomic
 from ..models.weights import UnreadableCheckpoint, read_checkpoint
 from ..distiller import Distiller, DistillOutput, Level, check_separate
@@ -39,6 +40,7 @@ from .checks import check_teacher_and_levels, warn_if_teacher_trainable
 __all__ = ["DistillationTrainer", "INDEX_COLUMN", "DISTILLER_FILE"]
 
 DISTILLER_FILE = "diffkd_distiller.pt"  # in each Trainer checkpoint folder: the Distiller's state without the student
+DISTILLER_FORMAT = 1  # that file's layout: {"format", "diffkd_version", "state"}
 INDEX_COLUMN = "indices"  # the batch column with each sample's dataset index (CRD's memory bank)
 _PROBE_ITEMS = 2  # dataset items collated into the probe's example batch
 
@@ -247,7 +249,8 @@ class DistillationTrainer(transformers.Trainer):
         super().save_model(output_dir, _internal_call)
         if _internal_call and self.args.should_save:
             state = {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("student.")}
-            save_atomic(state, Path(output_dir or self.args.output_dir) / DISTILLER_FILE, overwrite=True)  # the Trainer's folder
+            saved = {"format": DISTILLER_FORMAT, "diffkd_version": __version__, "state": state}
+            save_atomic(saved, Path(output_dir or self.args.output_dir) / DISTILLER_FILE, overwrite=True)  # the Trainer's
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The student's weights as the Trainer loads them, then the rest of the Distiller."""
@@ -261,10 +264,16 @@ class DistillationTrainer(transformers.Trainer):
             raise FileNotFoundError(f"{path} is missing: resume_from_checkpoint needs a checkpoint written by "
                                     "DistillationTrainer (it holds the method modules' state)")
         try:
-            state = read_checkpoint(path)
+            saved = read_checkpoint(path)
         except UnreadableCheckpoint as exc:
             raise ValueError(f"{exc}; the method modules cannot be resumed from it: resume from another checkpoint "
                              "folder") from None
+        found = saved.get("format") if isinstance(saved, dict) else None
+        if found != DISTILLER_FORMAT:
+            raise ValueError(f"{path} was written by {'diffkd ' + saved['diffkd_version'] if found else 'an earlier diffkd'} "
+                             f"(format {found or 'without a number'}); this diffkd {__version__} reads format "
+                             f"{DISTILLER_FORMAT}: resume with the diffkd that wrote it, or start a new run")
+        state = saved["state"]
         missing, unexpected = self.distiller.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("student.")]
         if missing or unexpected:

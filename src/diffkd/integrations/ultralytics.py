@@ -47,7 +47,9 @@ from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK
 from ultralytics.utils import callbacks as ultralytics_callbacks
 from ultralytics.utils.torch_utils import unwrap_model
 
+from .. import __version__
 from ..atomic import save_atomic
+from ..boxes import Boxes
 from ..engine.errors import RunDirError
 from ..engine.identity import weights_digest
 from ..engine.runlock import RunLock
@@ -324,11 +326,9 @@ def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, i
     return step.to(device).train(), levels
 
 
-def batch_boxes(batch: dict, oriented: bool) -> tuple[Any, list[dict[str, Tensor]]]:
-    """The batch's boxes as FGD reads a detector's transform output: (ImageList of the batch, [{"boxes": x1y1x2y2}]) in
-    pixels of the batch's images; oriented boxes (cx, cy, w, h, angle) become the axis-aligned boxes around them."""
-    from torchvision.models.detection.image_list import ImageList
-
+def batch_boxes(batch: dict, oriented: bool) -> Boxes:
+    """The batch's boxes (x1, y1, x2, y2) in pixels of its images, the neutral form FGD reads; oriented boxes (cx, cy,
+    w, h, angle) become the axis-aligned boxes around them."""
     images = batch["img"]
     height, width = images.shape[-2:]
     boxes = batch["bboxes"].float()
@@ -339,8 +339,7 @@ def batch_boxes(batch: dict, oriented: bool) -> tuple[Any, list[dict[str, Tensor
         w, h = w * cos + h * sin, w * sin + h * cos
     corners = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
     index = batch["batch_idx"].long().view(-1)
-    per_image = [{"boxes": corners[index == i]} for i in range(images.shape[0])]
-    return ImageList(images, [(height, width)] * images.shape[0]), per_image
+    return Boxes([corners[index == i] for i in range(images.shape[0])], (height, width))
 
 
 class DistillationCriterion:
@@ -448,7 +447,7 @@ class DistillationTrainerMixin:
         the one before, so whichever write a stop interrupts, one of them is of last.pt's epoch."""
         snapshot = {"epoch": self.epoch, "step": clone_state(self.kd_step)}
         self.kd_snapshots = [snapshot, *self.kd_snapshots[:1]]
-        state = {"format": STATE_FORMAT, "settings": asdict(self.kd_settings),
+        state = {"format": STATE_FORMAT, "diffkd_version": __version__, "settings": asdict(self.kd_settings),
                  "teacher": {"path": self.kd_settings.teacher, "weights_sha256": self.kd_preflight.digest,
                              "random_weights": random_teacher(self.kd_settings)},
                  "snapshots": self.kd_snapshots}
@@ -626,8 +625,10 @@ def read_kd_state(path: Path) -> dict:
         raise ValueError(f"{exc}; without it the run's kd modules cannot be resumed: start a new run") from None
     found = state.get("format", 1) if isinstance(state, dict) else None
     if found != STATE_FORMAT:
-        raise ValueError(f"{path} was written in format {found} by another version of diffkd, which this one (format "
-                         f"{STATE_FORMAT}) does not read; resume with that version, or start a new run")
+        wrote = f"diffkd {state['diffkd_version']}" if isinstance(state, dict) and state.get("diffkd_version") else \
+            "an earlier diffkd"
+        raise ValueError(f"{path} was written in format {found} by {wrote}; this diffkd {__version__} reads format "
+                         f"{STATE_FORMAT}: resume with the diffkd that wrote it, or start a new run")
     return state
 
 

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ExtraInput:
+    """Where a method's extra input comes from by default: a student module's latest output (None: the level
+    must name one), converted by `convert` (the edge that turns a framework's structure into the method's)."""
+
+    module: str | None
+    convert: Callable[[Any], Any] | None = None
 
 
 @dataclass
@@ -45,9 +54,9 @@ class Method(nn.Module):
     teacher_module_options: tuple[str, ...] = ()
     # The terms `weight: auto` calibrates against the task loss (None: all); the others keep their weights.
     calibrated_terms: tuple[str, ...] | None = None
-    # Input name -> the student module whose latest output, as produced, forward gets under that name (a
-    # level may name another module: Level(inputs=...)); None where the level must always name it.
-    extra_inputs: Mapping[str, str | None] = MappingProxyType({})
+    # Input name -> where forward's keyword of that name comes from: a student module's latest output (a level
+    # may name another module: Level(inputs=...)) and how it is converted (ExtraInput).
+    extra_inputs: Mapping[str, ExtraInput] = MappingProxyType({})
     term_weights: Mapping[str, float] = MappingProxyType({})
     schedules: Mapping[str, Any] = MappingProxyType({})
 

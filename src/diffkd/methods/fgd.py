@@ -6,12 +6,11 @@ ground-truth boxes, each box normalised by its area) and background, plus an L1 
 student's and the teacher's attention. Global: a GcBlock per side models the relation between
 pixels, and the two outputs are matched. Terms and defaults follow the authors' release (docs/design.md §5).
 
-The boxes have to be in the frame of the feature maps. A torchvision detector resizes and pads its
-images inside its `transform`, so FGD declares the extra input `boxes`, read by default from the
-student's `transform`: (ImageList, targets) with the boxes in pixels of the padded batch; they are
-scaled to the level by feature size / padded input size. The authors' code divides by each image's
-unpadded size instead. Another framework gives `boxes` in the same form (the YOLO integration builds it
-from its batch).
+FGD reads the batch's boxes as `diffkd.boxes.Boxes`: per-image boxes in pixels of the frame the feature maps
+cover, scaled to the level by feature size / frame size (the authors' code divides by each image's unpadded
+size instead). A torchvision detector resizes and pads its images inside its `transform`, so the extra input
+`boxes` is read by default from the student's `transform` and converted at that edge
+(`diffkd.boxes.from_torchvision`); the YOLO integration gives Boxes of its batch.
 """
 from __future__ import annotations
 
@@ -22,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Method, MethodOutput
+from ..boxes import Boxes, from_torchvision
+from .base import ExtraInput, Method, MethodOutput
 
 # (fg alpha, bg beta, attention gamma, global lambda, temperature T) of the authors' R101 -> R50 configs
 FAMILY_WEIGHTS: dict[str, tuple[float, float, float, float, float]] = {
@@ -89,22 +89,6 @@ class GlobalContext(nn.Module):
         return x + self.transform(context)
 
 
-def boxes_and_frame(boxes: Any) -> tuple[list[Tensor], tuple[int, int]]:
-    """The per-image boxes and the (H, W) of the padded batch from a torchvision transform's output."""
-    from torchvision.models.detection.image_list import ImageList
-
-    if isinstance(boxes, (tuple, list)) and len(boxes) == 2 and isinstance(boxes[0], ImageList):
-        images, resized = boxes
-        if resized is None:
-            raise ValueError("fgd: the detector's transform ran without targets; call the distiller with the boxes, d((images, targets), targets)")
-        return [t["boxes"] for t in resized], tuple(images.tensors.shape[-2:])
-    raise ValueError(
-        "fgd needs its input `boxes` in the frame of the feature maps: the (ImageList, targets) a torchvision "
-        f"detector's transform returns, with the boxes resized into the padded batch, got {type(boxes).__name__}; "
-        "the Distiller reads it from the student's `transform` (name another module with Level(inputs={'boxes': ...}))"
-    )
-
-
 class FGD(Method):
     """fg_weight L_fg + bg_weight L_bg + attention_weight L_at + global_weight L_global on one FPN level.
 
@@ -113,7 +97,7 @@ class FGD(Method):
     """
 
     layouts = frozenset({"map"})
-    extra_inputs = MappingProxyType({"boxes": "transform"})  # a torchvision detector's resize-and-pad step
+    extra_inputs = MappingProxyType({"boxes": ExtraInput("transform", from_torchvision)})  # torchvision's resize-and-pad
 
     def __init__(self, student_channels: int, teacher_channels: int, fg_weight: float, bg_weight: float,
                  attention_weight: float, global_weight: float, temperature: float):
@@ -146,13 +130,15 @@ class FGD(Method):
             raise ValueError(f"fgd: the GcBlock halves the channels, so the teacher map needs at least 2, got {teacher_shape[1]}")
         return cls(student_shape[1], teacher_shape[1], **weights)
 
-    def forward(self, student: Tensor, teacher: Tensor, targets: Any = None, *, boxes: Any = None) -> MethodOutput:
+    def forward(self, student: Tensor, teacher: Tensor, targets: Any = None, *, boxes: Boxes | None = None) -> MethodOutput:
         if student.shape[-2:] != teacher.shape[-2:]:
             raise ValueError(
                 f"fgd: student and teacher maps differ in size, {tuple(student.shape)} vs {tuple(teacher.shape)}; "
                 "both detectors need the same input resize"
             )
-        per_image, frame = boxes_and_frame(boxes)
+        if not isinstance(boxes, Boxes):
+            raise ValueError(f"fgd needs its input `boxes` as diffkd.boxes.Boxes, got {type(boxes).__name__}")
+        per_image, frame = boxes.per_image, boxes.frame
         if len(per_image) != student.shape[0]:
             raise ValueError(f"fgd: {len(per_image)} images have boxes but the feature batch holds {student.shape[0]}")
         aligned = self.align(student) if self.align is not None else student

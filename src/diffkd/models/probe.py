@@ -22,6 +22,7 @@ layouts) the probe raises a one-line `ProbeError` listing the candidates and the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -167,10 +168,11 @@ class _Forward:
     keep: list[Any] = field(default_factory=list)  # holds the example and outputs, so tensor ids stay unique
 
 
-def _example(example_input: Any, input_shape: tuple[int, ...] | None, device: torch.device, meta: bool) -> Any:
+def _example(example_input: Any, input_shape: tuple[int, ...] | None, device: torch.device, meta: bool,
+             batch: int = _PROBE_BATCH) -> Any:
     """The probe's input: the example moved to meta (same shapes), or a random batch of input_shape."""
     if input_shape is not None:
-        shape = (_PROBE_BATCH, *input_shape)
+        shape = (batch, *input_shape)
         return torch.zeros(shape, device="meta") if meta else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     if not meta:
         return example_input
@@ -189,9 +191,9 @@ def _example(example_input: Any, input_shape: tuple[int, ...] | None, device: to
     return to_meta(example_input)
 
 
-def _watch(model: nn.Module, example: Any, state: dict[str, Tensor] | None) -> _Forward:
-    """Run one no-grad eval forward with every module hooked and every torch call recorded."""
-    recorder = _Recorder()
+def _watch(model: nn.Module, example: Any, state: dict[str, Tensor] | None, record_ops: bool = True) -> _Forward:
+    """Run one no-grad eval forward with every module hooked and (for the alias search) every torch call recorded."""
+    recorder = _Recorder() if record_ops else contextlib.nullcontext(_Recorder())
     last: dict[str, tuple[int, tuple[Any, ...], Any]] = {}
     counter = iter(range(1 << 62))
     names = {id(module): name for name, module in model.named_modules()}
@@ -203,7 +205,7 @@ def _watch(model: nn.Module, example: Any, state: dict[str, Tensor] | None) -> _
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad(), recorder:
+        with torch.no_grad(), recorder as active:
             output = call_model(model, example) if state is None else _functional(model, state, example)
     finally:
         for handle in handles:
@@ -211,7 +213,7 @@ def _watch(model: nn.Module, example: Any, state: dict[str, Tensor] | None) -> _
         for module, training in modes:
             module.training = training
     leaves = {id(t) for t in (state.values() if state is not None else [*model.parameters(), *model.buffers()])}
-    forward = _Forward(model, recorder, output, _batch_of(example), {id(t) for t in _tensors(example)}, leaves)
+    forward = _Forward(model, active, output, _batch_of(example), {id(t) for t in _tensors(example)}, leaves)
     forward.keep.extend([example, output, last])
     for path, (order, args, out) in last.items():
         forward.module_outputs.append(out)
@@ -656,21 +658,29 @@ def _meta_state(model: nn.Module) -> dict[str, Tensor]:
     return {name: torch.empty_like(t, device="meta") for name, t in named}
 
 
-def probe_model(model: nn.Module, example_input: Any = None, *, input_shape: tuple[int, ...] | None = None) -> Probe:
-    """Watch one forward of `model` (meta device first, else a real batch of 2) to find its taps."""
+def probe_model(model: nn.Module, example_input: Any = None, *, input_shape: tuple[int, ...] | None = None,
+                aliases: bool = True) -> Probe:
+    """Watch one forward of `model` to find its taps: on the meta device first (no compute), else a real one.
+
+    `aliases=False` only records the modules' calls (what sizing the taps needs): one real forward, with a
+    batch of 2 for `input_shape`, and no meta attempt (some models, torchvision detectors among them, cache
+    device tensors in their forward and cannot run for real after a meta run).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"probing needs an nn.Module, got {type(model).__name__}")
     if (example_input is None) == (input_shape is None):
         raise ValueError("probing a model needs exactly one of example_input or input_shape")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    if aliases:
+        try:
+            meta = _watch(model, _example(example_input, input_shape, device, meta=True), _meta_state(model))
+            return Probe(meta, "meta")
+        except Exception:  # noqa: BLE001 - a model that cannot run on meta tensors gets a real forward instead
+            pass
     try:
-        meta = _watch(model, _example(example_input, input_shape, device, meta=True), _meta_state(model))
-        return Probe(meta, "meta")
-    except Exception:  # noqa: BLE001 - a model that cannot run on meta tensors gets a real forward instead
-        pass
-    try:
-        real = _watch(model, _example(example_input, input_shape, device, meta=False), None)
+        example = _example(example_input, input_shape, device, meta=False, batch=_PROBE_BATCH if aliases else 2)
+        real = _watch(model, example, None, record_ops=aliases)
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ProbeError(f"probing {type(model).__name__} failed: its forward raised {type(err).__name__}: {first}") from err
