@@ -23,6 +23,7 @@ from diffkd.detection.evaluator import CocoAP, coco_box_ap, format_table
 from diffkd.detection.models import available, build_detector, parse_name
 from diffkd.detection.mosaics import MosaicSpec, ensure_mosaics
 from diffkd.detection.pretrained import check_category_names, narrow_classes
+from diffkd.boxes import from_torchvision
 from diffkd.losses import NamedDistance, attention_mse_loss
 from diffkd.methods import build_method
 from diffkd.module import DiffKD
@@ -379,12 +380,10 @@ def test_one_distillation_step_per_detector_family(coco_root: Path, tmp_path: Pa
 @pytest.mark.integration
 def test_fgd_step_through_the_engine_on_resized_images(coco_root: Path, tmp_path: Path):
     """FGD's declared input `boxes` reaches it from the student's transform through the learner; the 64 px
-    images are resized to 32 px. The earlier config key `targets` is refused with a line naming its replacement."""
+    images are resized to 32 px, and the boxes in the frame of the padded batch."""
     torch.manual_seed(0)
     levels = [{"name": f"fgd_{key}", "student": f"backbone[{key!r}]", "teacher": f"backbone[{key!r}]", "method": "fgd",
                "options": {"family": "fcos"}} for key in LEVELS["fcos"]]
-    with pytest.raises(ConfigError, match=r"^levels.0.targets: this key was replaced; methods now declare the extra inputs"):
-        detection_config(coco_root, tmp_path, "fcos", levels=[{**levels[0], "targets": "transform"}])
     cfg = detection_config(coco_root, tmp_path, "fcos", levels=levels)
     task = build_task(cfg)
     torch.save(task.build_model(cfg.teacher).state_dict(), tmp_path / "teacher.pt")
@@ -395,9 +394,9 @@ def test_fgd_step_through_the_engine_on_resized_images(coco_root: Path, tmp_path
     out = learner.compute(learner.module, inputs, targets)
     assert set(out.terms) == {"task", *(f"fgd_{k}/{t}" for k in LEVELS["fcos"] for t in ("fg", "bg", "attention", "global"))}
     assert all(torch.isfinite(v) for v in out.terms.values())
-    images, resized = learner.module.student_taps.output("fgd_0/boxes")
-    assert tuple(images.tensors.shape[-2:]) == (32, 32)
-    assert torch.allclose(resized[0]["boxes"], targets[0]["boxes"] * 0.5)  # 64 px images, resized by 1/2
+    boxes = from_torchvision(learner.module.student_taps.output("fgd_0/boxes"))
+    assert boxes.frame == (32, 32)
+    assert torch.allclose(boxes.per_image[0], targets[0]["boxes"] * 0.5)  # 64 px images, resized by 1/2
 
 
 def test_task_errors(coco_root: Path, tmp_path: Path):

@@ -210,7 +210,7 @@ def test_training_logs_each_term_checkpoints_the_methods_and_saves_the_student_a
     assert all(torch.equal(v, trainer.distiller.teacher.state_dict()[k]) for k, v in teacher_before.items())
     methods = trainer.distiller.methods.state_dict()
     assert any(not torch.equal(v, methods[k]) for k, v in methods_before.items())  # optimised
-    saved = torch.load(tmp_path / "run" / "checkpoint-4" / DISTILLER_FILE, weights_only=True)
+    saved = torch.load(tmp_path / "run" / "checkpoint-4" / DISTILLER_FILE, weights_only=True)["state"]
     assert saved.keys() == {f"methods.{k}" for k in methods}  # fixed weights: no weighting state
     assert all(torch.equal(saved[f"methods.{k}"], v) for k, v in methods.items())
 
@@ -300,7 +300,7 @@ def test_weight_auto_calibrates_against_the_students_own_loss_and_resumes_its_fa
     assert first["loss"] == pytest.approx(first["task_loss"] + first["distill/logits"], rel=1e-4)
     assert first["auto_weight/logits"] == second["auto_weight/logits"] == pytest.approx(factor)
     assert second["distill/logits"] > 0
-    saved = torch.load(tmp_path / "run" / "checkpoint-1" / DISTILLER_FILE, weights_only=True)
+    saved = torch.load(tmp_path / "run" / "checkpoint-1" / DISTILLER_FILE, weights_only=True)["state"]
     assert saved["weighting.factors"].tolist() == pytest.approx([factor]) and saved["weighting.fixed"].tolist() == [True]
 
     torch.manual_seed(0)

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
+
+import diffkd
 from test_image_folder import write_image_folder
 
 from diffkd.config import ConfigError, config_from_dict
@@ -67,7 +69,7 @@ def test_resume_on_another_training_set_is_refused_and_a_moved_one_accepted(tmp_
     ckpt = load_checkpoint(last)
     assert ckpt["step"] == 8 and ckpt["identity"]["train_set"]["items"] == 12
     recorded = json.loads((tmp_path / "run" / "identity.json").read_text())
-    assert recorded == ckpt["identity"] and recorded["teacher"] is None
+    assert recorded == {**ckpt["identity"], "diffkd_version": diffkd.__version__} and recorded["teacher"] is None
 
     with caplog.at_level("INFO", logger="diffkd"):  # a finished run is reread (batch jobs do), saying so
         again = run(folder_config(tmp_path, moved, epochs=2), mode="train", resume=True)
