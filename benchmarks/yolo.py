@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/results.py
+
 SOURCE_CLASSES = (1, 5, 7, 8, 9)  # Trouser, Sandal, Sneaker, Bag, Ankle boot
 TARGET_CLASSES = (0, 2, 3, 4, 6)  # T-shirt/top, Pullover, Dress, Coat, Shirt
 ITEMS = dict(background="texture", max_items=6, min_scale=0.8, max_scale=2.0)  # every task's canvases and items
@@ -116,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--data-root", help="Fashion-MNIST folder (default: diffkd's usual places)")
     p.add_argument("--prepare", action="store_true", help="only build the data and the cached models")
+    p.add_argument("--results", help="also write benchmarks/results/<RESULTS>.json (the file the docs' tables are "
+                                     "rendered from), e.g. --results yolo")
     p.add_argument("--run", help=argparse.SUPPRESS)  # WORKFLOW/ROW: one run, in its own process
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stage", help=argparse.SUPPRESS)  # one cached model, in its own process
@@ -360,6 +364,29 @@ def write_tables(results: list[dict], out: Path, command: str) -> str:
     return table
 
 
+def results_tables(workflows: list[str]) -> dict:
+    """The tables benchmarks/render.py draws from the results file: one per workflow, and the balance of the kd
+    terms against the task loss, epoch by epoch, of seed 0 of the DiffKD rows."""
+    metric = {"digits": 3}
+    columns = [{"label": "seeds", "kind": "seeds"},
+               {"label": "mAP50-95", "metric": "mAP50-95", **metric},
+               {"label": "vs student", "metric": "mAP50-95", "kind": "delta", "base": "student", **metric},
+               {"label": "mAP50", "metric": "mAP50", **metric},
+               {"label": "CPU s / epoch", "metric": "epoch_cpu_seconds", "kind": "mean", "digits": 1},
+               {"label": "x student", "metric": "epoch_cpu_seconds", "kind": "ratio", "base": "student"},
+               {"label": "x native KD", "metric": "epoch_cpu_seconds", "kind": "ratio", "base": "native"}]
+    labels = {name: row.label for name, row in {**ROWS, **TUNING_ROWS}.items()}
+    tables = {w: {"group": w, "columns": columns, "labels": labels, "rows": list({**ROWS, **TUNING_ROWS})}
+              for w in workflows}
+    balance = [{"label": "task (box+cls+dfl)", "metric": "task"}, {"label": "kd terms", "metric": "kd_total"},
+               *({"label": f"{p} diffusion", "metric": f"{p}_diff"} for p in ("p3", "p4", "p5"))]
+    for w in workflows:
+        for row in ("diffkd", "diffkd_att", "diffkd_mse_auto", "diffkd_paper"):
+            tables[f"{w}-{row}-balance"] = {"row_label": "epoch", "columns": balance,
+                                           "epochs_of": {"group": w, "row": row, "seed": 0}}
+    return tables
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -393,6 +420,17 @@ def main(argv: list[str] | None = None) -> None:
                                     str(seed)], check=True)
                 results.append(json.loads(result_file.read_text()))
                 print(write_tables(results, out, command), flush=True)
+                if args.results:
+                    from results import write
+
+                    runs = [{"group": r["workflow"], "row": r["row"], "seed": r["seed"], "epochs": r["epochs"],
+                             "metrics": {k: r[k] for k in ("mAP50-95", "mAP50", "epoch_cpu_seconds", "peak_rss_mib")}}
+                            for r in results]
+                    stages = {name: json.loads((out / name / "summary.json").read_text())
+                              for name in ("source-teacher", "source-student", "teacher")
+                              if (out / name / "summary.json").is_file()}
+                    write(args.results, command=command, seeds=args.seeds, runs=runs,
+                          extra={"stages": stages, "tables": results_tables(args.workflows)})
 
 
 if __name__ == "__main__":
