@@ -62,7 +62,6 @@ ROWS: dict[str, Row] = {
     "mgd": Row("mgd", "mgd"),
     "pkd": Row("pkd", "pkd"),
     "diffkd": Row("DiffKD (preset)", "diffkd"),
-    "diffkd_att": Row("DiffKD, attention-MSE", "diffkd", options={"distance": "attention_mse"}),
 }
 
 
@@ -118,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--data-root", help="Fashion-MNIST folder (default: diffkd's usual places)")
     p.add_argument("--prepare", action="store_true", help="only build the data and the cached models")
+    p.add_argument("--profile", action="store_true",
+                   help="only time the parts of a step (CPU seconds per batch, random weights): where the time goes")
     p.add_argument("--results", help="also write benchmarks/results/<RESULTS>.json (the file the docs' tables are "
                                      "rendered from), e.g. --results yolo")
     p.add_argument("--run", help=argparse.SUPPRESS)  # WORKFLOW/ROW: one run, in its own process
@@ -319,6 +320,60 @@ def balance(results_csv: Path) -> list[dict[str, float]]:
     return epochs
 
 
+def profile(args: argparse.Namespace) -> None:
+    """CPU seconds per batch (this process, median of 5 after a warm-up) of each part of a distillation step at the
+    benchmark's size, with random weights: the student's forward and backward, the teacher's forward to its neck,
+    and each method's levels (forward and backward on the neck maps)."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG
+
+    from diffkd.integrations.ultralytics import KDSettings, batch_boxes, build_levels, head_inputs, layer_outputs
+
+    def seconds(step: Any) -> float:
+        step()
+        times = []
+        for _ in range(5):
+            start = time.process_time()
+            step()
+            times.append(time.process_time() - start)
+        return statistics.median(times)
+
+    torch.manual_seed(0)
+    student = DetectionModel(args.student, nc=len(TARGET_CLASSES), verbose=False)
+    student.args = DEFAULT_CFG
+    teacher = DetectionModel(args.teacher, nc=len(TARGET_CLASSES), verbose=False).fuse(verbose=False).eval()
+    teacher.requires_grad_(False)
+    images = torch.rand(args.batch, 3, args.canvas, args.canvas)
+    layers = set(teacher.model[-1].f)
+
+    def student_step() -> None:
+        preds = student.train()(images)
+        sum(x.float().mean() for x in (preds["boxes"], preds["scores"])).backward()
+
+    print(f"student {args.student} forward + backward: {seconds(student_step):.3f} s / batch of {args.batch}")
+    with torch.no_grad():
+        print(f"teacher {args.teacher} forward to its neck: {seconds(lambda: layer_outputs(teacher, images, layers)):.3f} s")
+        teacher_maps = layer_outputs(teacher, images, layers)
+        student_maps = head_inputs(student.train()(images))
+    batch = {"img": images, "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]] * args.batch),
+             "batch_idx": torch.arange(args.batch, dtype=torch.float)}
+    for method in ("mse", "cwd", "fgd", "mgd", "pkd", "diffkd"):
+        step, levels = build_levels(student, teacher, KDSettings("t.pt", method=method), args.canvas, 3)
+        parts = []
+        for level in levels:
+            s = student_maps[level.student_position].detach().requires_grad_()
+            t = teacher_maps[level.teacher_layer]
+            module = step.methods[level.name]
+            extra = {"boxes": batch_boxes(batch, False)} if "boxes" in module.extra_inputs else {}
+
+            def level_step() -> None:
+                sum(module(s, t, **extra).terms.values()).backward()
+
+            parts.append(f"{level.name} {tuple(t.shape[1:])} {seconds(level_step):.3f}")
+        print(f"{method} levels (s / batch): {', '.join(parts)}")
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (VmHWM: unlike getrusage's, it starts afresh at exec, not at the parent's)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -381,7 +436,7 @@ def results_tables(workflows: list[str]) -> dict:
     balance = [{"label": "task (box+cls+dfl)", "metric": "task"}, {"label": "kd terms", "metric": "kd_total"},
                *({"label": f"{p} diffusion", "metric": f"{p}_diff"} for p in ("p3", "p4", "p5"))]
     for w in workflows:
-        for row in ("diffkd", "diffkd_att", "diffkd_mse_auto", "diffkd_paper"):
+        for row in ("diffkd", "diffkd_mse_auto", "diffkd_paper"):
             tables[f"{w}-{row}-balance"] = {"row_label": "epoch", "columns": balance,
                                            "epochs_of": {"group": w, "row": row, "seed": 0}}
     return tables
@@ -397,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     passed = list(argv if argv is not None else sys.argv[1:])
+    if args.profile:
+        profile(args)
+        return
     if args.stage:
         train_stage(args, out, args.stage)
         return

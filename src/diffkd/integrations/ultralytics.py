@@ -53,7 +53,7 @@ from ..boxes import Boxes
 from ..engine.errors import RunDirError
 from ..engine.identity import weights_digest
 from ..engine.runlock import RunLock
-from ..methods import METHODS, MethodOutput, build_method
+from ..methods import METHODS, Method, MethodOutput, build_method
 from ..models.weights import UnreadableCheckpoint, read_checkpoint
 from ..step import DistillationStep
 from ..weighting import LossWeights, term_key, weight_spec
@@ -246,15 +246,17 @@ def random_teacher(settings: KDSettings) -> bool:
     return Path(settings.teacher).suffix in (".yaml", ".yml")
 
 
-class Projected(nn.Module):
-    """A 1x1 conv from the student's width to the teacher's, then `method` (CWD compares maps of equal widths)."""
+class Projected(Method):
+    """A 1x1 conv from the student's width to the teacher's, then `method` (CWD compares maps of equal widths); it
+    declares what `method` declares."""
 
-    def __init__(self, student_channels: int, teacher_channels: int, method: nn.Module):
+    def __init__(self, student_channels: int, teacher_channels: int, method: Method):
         super().__init__()
         self.projector = nn.Conv2d(student_channels, teacher_channels, 1)
         self.method = method
         self.calibrated_terms, self.term_weights, self.schedules = (method.calibrated_terms, method.term_weights,
                                                                     method.schedules)
+        self.extra_inputs = method.extra_inputs
 
     def forward(self, student: Tensor, teacher: Tensor, targets: Any = None) -> MethodOutput:
         return self.method(self.projector(student), teacher, targets)
