@@ -726,3 +726,23 @@ def test_diffkds_kd_warmup_moves_within_an_epoch_as_in_the_engine(tmp_path, one_
     assert kd_group["initial_lr"] == pytest.approx(3.0 * trainer.args.lr0)  # kd_lr_scale: of the student's rate
     warmup = trainer.kd_step.weighting.schedules["p3"]["kd"]
     assert [warmup(epoch) for epoch, _ in heard] == [0.0, 0.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("method", ["cwd", "fgd", "mgd", "pkd", "diffkd"])
+def test_every_method_yolo_takes_runs_through_the_criterion(method):
+    """One loss evaluation per method on a v8n student and a wider v8s teacher (cwd through its projector, fgd with
+    the batch's boxes): finite, each kd term its own column."""
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG
+
+    torch.manual_seed(0)
+    student, teacher = (DetectionModel(cfg, nc=2, verbose=False) for cfg in ("yolov8n.yaml", "yolov8s.yaml"))
+    student.args = DEFAULT_CFG
+    step, levels = yolo_kd.build_levels(student, teacher.eval(), yolo_kd.KDSettings("t.pt", method=method), 64, 3)
+    criterion = yolo_kd.DistillationCriterion(student.init_criterion(), teacher, step, levels, False, lambda: (0, 1),
+                                              set())
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.3, 0.2, 0.2]])}
+    loss, items = criterion(student.train()(batch["img"]), batch)
+    assert torch.isfinite(loss).all() and loss[-1] > 0
+    assert {k.split("_")[0] for k in criterion.columns} == {"p3", "p4", "p5"}
