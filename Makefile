@@ -6,7 +6,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data test-quick test test-all demo bench clean
+.PHONY: venv data test-quick test test-all demo docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ test-all: venv data
 
 demo: venv data
 	$(VENV)/bin/diffkd demo
+
+# The documentation site (MkDocs, Material theme, mkdocstrings for the API reference), built with --strict so a
+# broken link or reference fails; the tables are rendered from benchmarks/results first and must be current.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(PY) benchmarks/render.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -25,6 +25,7 @@ from results import RESULTS, mean_std, read  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- results: (?P<key>[\w.-]+)/(?P<table>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+METHODS_BLOCK = re.compile(r"(<!-- methods -->\n)(?P<body>.*?)(<!-- /methods -->)", re.S)
 
 
 def fmt(value: float | None, digits: int, signed: bool = False) -> str:
@@ -67,7 +68,8 @@ def render_table(results: dict, name: str) -> str:
         wanted = spec["epochs_of"]
         run = next(r for r in results["runs"] if all(r.get(k) == v for k, v in wanted.items()))
         for i, epoch in enumerate(run["epochs"], start=1):
-            lines.append("| " + " | ".join([str(i), *(fmt(epoch.get(c["metric"]), c.get("digits", 2)) for c in columns])) + " |")
+            cells = [fmt(epoch.get(c["metric"]), c.get("digits", 2)) for c in columns]
+            lines.append("| " + " | ".join([str(i), *cells]) + " |")
     elif "summary" in spec:  # figures published before results files existed: rendered as recorded
         for row in spec["summary"]:
             lines.append("| " + " | ".join([row["row"], *(str(row.get(c["label"], "")) for c in columns)]) + " |")
@@ -83,9 +85,32 @@ def render_table(results: dict, name: str) -> str:
                 continue
             cells = [cell(c, by_row[row], by_row.get(c.get("base"))) for c in columns]
             lines.append("| " + " | ".join([labels.get(row, row), *cells]) + " |")
-    source = (f"\nFrom `benchmarks/results/{results['benchmark']}.json` ({results['date']}, {results['machine']}): "
-              f"`{results['command']}`.\n")
+    where = f"`benchmarks/results/{results['benchmark']}.json`"
+    source = (f"\nFrom {where} ({results['date']}; the command is in the file).\n" if spec.get("source") == "short" else
+              f"\nFrom {where} ({results['date']}, {results['machine']}): `{results['command']}`.\n")
     return "\n".join(lines) + "\n" + source
+
+
+def render_methods() -> str:
+    """Every registered method and the options a level may give it, with their defaults: read from the registry
+    (`Method.option_names` and the signature that declares them), so the page lists what build accepts."""
+    import inspect
+
+    from diffkd.methods import METHODS
+
+    lines = ["| method | reads | options (default) |", "|---|---|---|"]
+    for name, cls in METHODS.items():
+        declared = {**inspect.signature(cls.__init__).parameters, **inspect.signature(cls.build).parameters}
+        options = []
+        for option in cls.option_names():
+            default = declared[option].default if option in declared else inspect.Parameter.empty
+            options.append(f"`{option}`" + ("" if default is inspect.Parameter.empty else f" ({default!r})"))
+        reads = "lists of taps" if cls.takes_tap_lists else ", ".join(sorted(cls.layouts))
+        extra = [f"{k} from `{v.module}`" for k, v in cls.extra_inputs.items()]
+        needs = [*(["targets"] if cls.needs_targets else []), *(["dataset indices"] if cls.needs_indices else []), *extra]
+        reads += f"; needs {', '.join(needs)}" if needs else ""
+        lines.append(f"| `{name}` | {reads} | {', '.join(options) or 'none'} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_text(text: str, cache: dict[str, dict]) -> str:
@@ -97,6 +122,7 @@ def render_text(text: str, cache: dict[str, dict]) -> str:
             cache[key] = read(key)
         return match.group(1) + render_table(cache[key], match["table"]) + match.group(5)
 
+    text = METHODS_BLOCK.sub(lambda m: m.group(1) + render_methods() + m.group(3), text)
     return BLOCK.sub(replace, text)
 
 
