@@ -159,7 +159,7 @@ def test_fit_logs_the_loss_by_formula_and_the_students_validation(tmp_path):
 
 
 @pytest.mark.integration
-def test_checkpoints_hold_the_method_modules_and_resume_them(tmp_path):
+def test_checkpoints_hold_the_method_modules_and_resume_them_with_their_own_levels_only(tmp_path):
     first = module()
     run = trainer(tmp_path, max_steps=2)
     run.fit(first, loader())
@@ -176,6 +176,19 @@ def test_checkpoints_hold_the_method_modules_and_resume_them(tmp_path):
     for part in ("methods", "student"):
         a, b = getattr(first, part).state_dict(), getattr(again, part).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), part
+    # never a silent resume with other levels, nor of a checkpoint that records none
+    for levels in ([Level("net.0", "0", "mse", name="maps")],  # no logits level, which holds no state
+                   [Level("net.0", "0", "mse", name="maps"), Level("net.4", "4", "kd", tau=4.0, name="logits")]):
+        with pytest.raises(ValueError) as exc:
+            trainer(tmp_path, max_steps=2).fit(module(levels), loader(), ckpt_path=tmp_path / "two.ckpt")
+        assert "the checkpoint was trained with other levels" in one_line(exc)
+    checkpoint = torch.load(tmp_path / "two.ckpt", weights_only=False)
+    assert checkpoint["diffkd_version"] == diffkd.__version__
+    del checkpoint["diffkd_levels"]  # as an earlier diffkd wrote it
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    with pytest.raises(ValueError) as exc:
+        trainer(tmp_path, max_steps=2).fit(module(), loader(), ckpt_path=tmp_path / "earlier.ckpt")
+    assert "records no distillation levels: it was written by an earlier diffkd" in one_line(exc)
 
 
 @pytest.mark.integration
@@ -307,23 +320,3 @@ def test_a_task_loss_is_given_once_and_must_be_a_loss():
         with pytest.raises(ValueError) as exc:
             wrapped._distil_own_step((x, y), 0, x, y, None)
         assert expected in one_line(exc)
-
-
-@pytest.mark.integration
-def test_resuming_a_checkpoint_of_other_levels_is_one_line(tmp_path):
-    first = module()
-    run = trainer(tmp_path, max_steps=1)
-    run.fit(first, loader())
-    run.save_checkpoint(tmp_path / "one.ckpt")
-    for levels in ([Level("net.0", "0", "mse", name="maps")],  # no logits level, which holds no state
-                   [Level("net.0", "0", "mse", name="maps"), Level("net.4", "4", "kd", tau=4.0, name="logits")]):
-        with pytest.raises(ValueError) as exc:
-            trainer(tmp_path, max_steps=2).fit(module(levels), loader(), ckpt_path=tmp_path / "one.ckpt")
-        assert "the checkpoint was trained with other levels" in one_line(exc)
-    checkpoint = torch.load(tmp_path / "one.ckpt", weights_only=False)
-    assert checkpoint["diffkd_version"] == diffkd.__version__
-    del checkpoint["diffkd_levels"]  # as an earlier diffkd wrote it
-    torch.save(checkpoint, tmp_path / "earlier.ckpt")
-    with pytest.raises(ValueError) as exc:
-        trainer(tmp_path, max_steps=2).fit(module(), loader(), ckpt_path=tmp_path / "earlier.ckpt")
-    assert "records no distillation levels: it was written by an earlier diffkd" in one_line(exc)

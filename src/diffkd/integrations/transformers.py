@@ -33,7 +33,7 @@ if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):  # how the Traine
 
 from .. import __version__
 from ..atomic import save_atomic
-from ..models.weights import UnreadableCheckpoint, read_checkpoint
+from ..models.weights import read_state_file
 from ..distiller import Distiller, DistillOutput, Level, check_separate
 from .checks import check_teacher_and_levels, warn_if_teacher_trainable
 
@@ -260,19 +260,8 @@ class DistillationTrainer(transformers.Trainer):
             saved = type(self.model).from_pretrained(resume_from_checkpoint, config=self.model.config)
             self.model.load_state_dict(saved.state_dict())
         path = Path(resume_from_checkpoint) / DISTILLER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: resume_from_checkpoint needs a checkpoint written by "
-                                    "DistillationTrainer (it holds the method modules' state)")
-        try:
-            saved = read_checkpoint(path)
-        except UnreadableCheckpoint as exc:
-            raise ValueError(f"{exc}; the method modules cannot be resumed from it: resume from another checkpoint "
-                             "folder") from None
-        found = saved.get("format") if isinstance(saved, dict) else None
-        if found != DISTILLER_FORMAT:
-            raise ValueError(f"{path} was written by {'diffkd ' + saved['diffkd_version'] if found else 'an earlier diffkd'} "
-                             f"(format {found or 'without a number'}); this diffkd {__version__} reads format "
-                             f"{DISTILLER_FORMAT}: resume with the diffkd that wrote it, or start a new run")
+        saved = read_state_file(path, DISTILLER_FORMAT, "resume_from_checkpoint needs a checkpoint written by "
+                                                        "DistillationTrainer (it holds the method modules' state)")
         state = saved["state"]
         missing, unexpected = self.distiller.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("student.")]

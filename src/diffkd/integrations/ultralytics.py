@@ -54,7 +54,7 @@ from ..engine.errors import RunDirError
 from ..engine.identity import weights_digest
 from ..engine.runlock import RunLock
 from ..methods import METHODS, Method, MethodOutput, build_method
-from ..models.weights import UnreadableCheckpoint, read_checkpoint
+from ..models.weights import read_state_file
 from ..step import DistillationStep
 from ..weighting import LossWeights, term_key, weight_spec
 
@@ -618,20 +618,8 @@ def clone_state(module: nn.Module) -> dict[str, Tensor]:
 
 def read_kd_state(path: Path) -> dict:
     """kd_modules.pt, read with diffkd's safe reader: one line for a missing, damaged or other-version file."""
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: resuming a distillation run needs the kd modules saved beside last.pt "
-                         "(was this run started by diffkd?)")
-    try:
-        state = read_checkpoint(path)
-    except UnreadableCheckpoint as exc:
-        raise ValueError(f"{exc}; without it the run's kd modules cannot be resumed: start a new run") from None
-    found = state.get("format", 1) if isinstance(state, dict) else None
-    if found != STATE_FORMAT:
-        wrote = f"diffkd {state['diffkd_version']}" if isinstance(state, dict) and state.get("diffkd_version") else \
-            "an earlier diffkd"
-        raise ValueError(f"{path} was written in format {found} by {wrote}; this diffkd {__version__} reads format "
-                         f"{STATE_FORMAT}: resume with the diffkd that wrote it, or start a new run")
-    return state
+    return read_state_file(path, STATE_FORMAT, "resuming a distillation run needs the kd modules saved beside "
+                                               "last.pt (was this run started by diffkd?)")
 
 
 def checked_teacher(settings: KDSettings, task: str, data: dict, digest: str | None) -> nn.Module:

@@ -64,6 +64,29 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         ) from None
 
 
+def read_state_file(path: str | os.PathLike, expected_format: int, what: str) -> dict:
+    """A state file diffkd writes beside a framework's checkpoint (`{"format", "diffkd_version", ...}`), read with
+    `read_checkpoint`; a missing, damaged or other-format file is one ValueError saying what `what` it is and what
+    to do. Files written before formats were numbered have none."""
+    from .. import __version__
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: {what}")
+    try:
+        state = read_checkpoint(path)
+    except UnreadableCheckpoint as exc:
+        raise ValueError(f"{exc}; without it {what.split(':')[0]}: start again from another checkpoint") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != expected_format:
+        wrote = f"diffkd {state['diffkd_version']}" if isinstance(state, dict) and state.get("diffkd_version") else \
+            "an earlier diffkd"
+        number = f"format {found}" if found is not None else "no format number"
+        raise ValueError(f"{path} was written by {wrote} ({number}); this diffkd {__version__} reads format "
+                         f"{expected_format}: use the diffkd that wrote it, or start a new run")
+    return state
+
+
 def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> str | None:
     """Why `state` does not load into model: the first few missing, unexpected (if strict) and
     wrong-shape keys; None when it loads."""
