@@ -271,6 +271,28 @@ class NeckLevel:
     teacher_layer: int
 
 
+def probe_maps(student: nn.Module, teacher: nn.Module, student_layers: list[int], teacher_layers: list[int],
+               imgsz: int, channels: int) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """The chosen layers' outputs on a probe batch (both models in eval mode); a teacher layer that is not a neck map
+    (the head, or past the last layer) is refused naming the neck layers."""
+    if max(teacher_layers) >= len(teacher.model):
+        raise ValueError(f"teacher_layers {teacher_layers}: the teacher has layers 0..{len(teacher.model) - 1}")
+    device = next(student.parameters()).device
+    probe = torch.zeros(2, channels, imgsz, imgsz, device=device)
+    was_training = student.training
+    with torch.no_grad():
+        student_maps = layer_outputs(student.eval(), probe, set(student_layers))
+        teacher_maps = layer_outputs(teacher, probe, set(teacher_layers))
+    student.train(was_training)
+    neck = list(head_of(teacher, "teacher").f)
+    for layer in teacher_layers:
+        found = teacher_maps[layer]
+        if not (isinstance(found, Tensor) and found.dim() == 4):
+            raise ValueError(f"teacher layer {layer} ({type(teacher.model[layer]).__name__}) gives no feature map "
+                             f"(B,C,H,W); pick neck layers, such as the inputs of the teacher's head {neck}")
+    return student_maps, teacher_maps
+
+
 def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, imgsz: int,
                  channels: int) -> tuple[DistillationStep, list[NeckLevel]]:
     """The distillation step of the neck levels: one method per level, sized from the maps of a probe forward (both
@@ -285,21 +307,7 @@ def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, i
     if len(teacher_layers) != len(chosen):
         raise ValueError(f"{len(chosen)} student maps (layers {chosen}) but {len(teacher_layers)} teacher maps "
                          f"(layers {teacher_layers}); pair them one to one with student_layers= and teacher_layers=")
-    if max(teacher_layers) >= len(teacher.model):
-        raise ValueError(f"teacher_layers {teacher_layers}: the teacher has layers 0..{len(teacher.model) - 1}")
-    device = next(student.parameters()).device
-    probe = torch.zeros(2, channels, imgsz, imgsz, device=device)
-    was_training = student.training
-    with torch.no_grad():
-        student_maps = layer_outputs(student.eval(), probe, set(chosen))
-        teacher_maps = layer_outputs(teacher, probe, set(teacher_layers))
-    student.train(was_training)
-    neck = list(head_of(teacher, "teacher").f)
-    for layer in teacher_layers:
-        found = teacher_maps[layer]
-        if not (isinstance(found, Tensor) and found.dim() == 4):
-            raise ValueError(f"teacher layer {layer} ({type(teacher.model[layer]).__name__}) gives no feature map "
-                             f"(B,C,H,W); pick neck layers, such as the inputs of the teacher's head {neck}")
+    student_maps, teacher_maps = probe_maps(student, teacher, chosen, teacher_layers, imgsz, channels)
     modules, levels = nn.ModuleDict(), []
     for student_layer, teacher_layer in zip(chosen, teacher_layers):
         s, t = student_maps[student_layer].shape, teacher_maps[teacher_layer].shape
@@ -325,7 +333,7 @@ def build_levels(student: nn.Module, teacher: nn.Module, settings: KDSettings, i
         levels.append(NeckLevel(name, student_inputs.index(student_layer), teacher_layer))
     spec = weight_spec(settings.kd_weight)
     step = DistillationStep(modules, LossWeights({lv.name: spec for lv in levels}, dict(modules.items())))
-    return step.to(device).train(), levels
+    return step.to(next(student.parameters()).device).train(), levels
 
 
 def batch_boxes(batch: dict, oriented: bool) -> Boxes:
@@ -682,11 +690,20 @@ def preflight_resume(last: Path, given: dict[str, Any]) -> tuple[str, Preflight,
     return student.task, Preflight(settings, teacher, state["teacher"]["weights_sha256"]), save_dir
 
 
-def preflight_new(student: str, settings: KDSettings, data: str, train_args: dict[str, Any]) -> tuple[str, Preflight, Path]:
-    """Check a new run before Ultralytics creates its folder (files, teacher, maps): (task, what the trainer gets,
-    the run folder Ultralytics will make)."""
+def preflight_new(student: str, teacher: str | None, data: str | None, given: dict[str, Any], allow_download: bool,
+                  train_args: dict[str, Any]) -> tuple[str, Preflight, Path]:
+    """Check a new run before Ultralytics creates its folder (its data, files, teacher and maps): (task, what the
+    trainer gets, the run folder Ultralytics will make)."""
     from ultralytics.utils.checks import check_imgsz
 
+    if teacher is None:
+        raise ValueError("give teacher= (a YOLO checkpoint of the same task and classes, or a model .yaml)")
+    if data is None:
+        raise ValueError("give data= (an Ultralytics data yaml)")
+    if not allow_download:
+        check_data(data)
+    settings = KDSettings(str(teacher), **{k: dict(v) if k == "method_options" else v for k, v in given.items()})
+    data = str(data)
     task = model_task(student)
     pretrained = train_args.get("pretrained")
     if isinstance(pretrained, (str, Path)) and str(pretrained).endswith(".pt"):
@@ -706,6 +723,31 @@ def preflight_new(student: str, settings: KDSettings, data: str, train_args: dic
     return task, Preflight(settings, teacher, weights_digest(teacher)), get_save_dir(args)
 
 
+def check_train_args(train_args: dict[str, Any]) -> None:
+    """Refuse an argument that is neither diffkd's nor Ultralytics', with the closest valid one."""
+    unknown = sorted(set(train_args) - set(DEFAULT_CFG_DICT))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [*KD_KEYS, *DEFAULT_CFG_DICT], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown argument {unknown[0]!r}{hint}; give diffkd's ({', '.join(KD_KEYS)}) or "
+                         "Ultralytics' train arguments")
+
+
+def train_locked(task: str, save_dir: Path, overrides: dict[str, Any], events: dict[str, list]) -> Any:
+    """Make and run the distillation trainer while holding the lock of its run folder."""
+    lock = RunLock(save_dir)
+    try:
+        lock.acquire()
+    except RunDirError as exc:
+        raise ValueError(str(exc).replace("output.dir", "name= (or project=)")) from None
+    try:
+        trainer = TRAINERS[task](overrides=overrides, _callbacks=events)
+        trainer.train()
+    finally:
+        lock.release()
+    return trainer
+
+
 def distill(student: str | None = None, teacher: str | None = None, *, data: str | None = None,
             method: str | None = None, kd_weight: float | str | None = None, kd_latent: int | None = None,
             teacher_layers: tuple[int, ...] | None = None, student_layers: tuple[int, ...] | None = None,
@@ -720,13 +762,7 @@ def distill(student: str | None = None, teacher: str | None = None, *, data: str
     ({event: [function(trainer)]}). Every file is checked, and the teacher and maps too, before the run folder is
     made; the folder is locked while the run writes it.
     """
-    unknown = sorted(set(train_args) - set(DEFAULT_CFG_DICT))
-    if unknown:
-        valid = [*KD_KEYS, *DEFAULT_CFG_DICT]
-        close = difflib.get_close_matches(unknown[0], valid, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown argument {unknown[0]!r}{hint}; give diffkd's ({', '.join(KD_KEYS)}) or "
-                         "Ultralytics' train arguments")
+    check_train_args(train_args)
     given = {k: v for k, v in {"method": method, "kd_weight": kd_weight, "kd_latent": kd_latent,
                                "teacher_layers": teacher_layers, "student_layers": student_layers,
                                "method_options": method_options, "resize_maps": resize_maps,
@@ -742,14 +778,7 @@ def distill(student: str | None = None, teacher: str | None = None, *, data: str
     if resume:
         task, preflight, save_dir = preflight_resume(Path(student), {**given, **({"teacher": teacher} if teacher else {})})
     else:
-        if teacher is None:
-            raise ValueError("give teacher= (a YOLO checkpoint of the same task and classes, or a model .yaml)")
-        if data is None:
-            raise ValueError("give data= (an Ultralytics data yaml)")
-        if not allow_download:
-            check_data(data)
-        settings = KDSettings(str(teacher), **{k: dict(v) if k == "method_options" else v for k, v in given.items()})
-        task, preflight, save_dir = preflight_new(str(student), settings, str(data), train_args)
+        task, preflight, save_dir = preflight_new(str(student), teacher, data, given, allow_download, train_args)
     events = ultralytics_callbacks.get_default_callbacks()
     for event, functions in (callbacks or {}).items():
         events[event].extend(functions)
@@ -757,17 +786,7 @@ def distill(student: str | None = None, teacher: str | None = None, *, data: str
     overrides = {"model": str(student), **({"data": str(data)} if data is not None else {}), **train_args}
     if not resume:  # exactly the folder checked and locked (Ultralytics would otherwise pick it again)
         overrides.update(project=str(save_dir.parent), name=save_dir.name, exist_ok=True)
-    lock = RunLock(save_dir)
-    try:
-        lock.acquire()
-    except RunDirError as exc:
-        raise ValueError(str(exc).replace("output.dir", "name= (or project=)")) from None
-    try:
-        trainer = TRAINERS[task](overrides=overrides, _callbacks=events)
-        trainer.train()
-    finally:
-        lock.release()
-    return trainer
+    return train_locked(task, save_dir, overrides, events)
 
 
 def parse_pairs(pairs: list[str]) -> dict[str, Any]:
