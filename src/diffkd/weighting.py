@@ -64,7 +64,7 @@ class EpochRamp:
         return min(1.0, (math.floor(epoch) + 1) / self.epochs)
 
 
-Schedule = Warmup | EpochRamp
+Schedule = Warmup | EpochRamp  # what a method may declare for a term (Method.schedules)
 
 
 def check_schedule_epochs(name: str, epochs: Any) -> float:
@@ -179,11 +179,6 @@ class LossWeights(nn.Module):
         self.window = WindowSums(count) if count else None
         self._fixed: list[bool] | None = None  # host copy of `fixed`, read once after (re)loading
         self._checked: set[str] = set()
-
-    @property
-    def scheduled(self) -> bool:
-        """Whether some term's weight follows the training progress (a warm-up or a ramp)."""
-        return any(self.schedules.values())
 
     @property
     def has_auto(self) -> bool:

@@ -5,10 +5,13 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..weighting import Schedule
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Method(nn.Module):
     # may name another module: Level(inputs=...)) and how it is converted (ExtraInput).
     extra_inputs: Mapping[str, ExtraInput] = MappingProxyType({})
     term_weights: Mapping[str, float] = MappingProxyType({})
-    schedules: Mapping[str, Any] = MappingProxyType({})
+    schedules: Mapping[str, "Schedule"] = MappingProxyType({})
 
     @classmethod
     def build(cls, student_shape: torch.Size, teacher_shape: torch.Size, **options) -> "Method":
