@@ -89,7 +89,8 @@ WORKFLOWS = {
 PAPER_MSE = {"distance": "mse", "tau": None, "kd_weight": 1.0}  # the paper's main detection row, weights by auto
 TUNING_ROWS: dict[str, Row] = {
     "diffkd_mse_auto": Row("DiffKD, MSE, auto (kd calibrated)", "diffkd", options=PAPER_MSE, kd_lr_scale=1.0),
-    "diffkd_paper": Row("DiffKD, attention-MSE x5 (the integration's old default)", "diffkd", 1.0, kd_lr_scale=1.0),
+    "diffkd_paper": Row("DiffKD, attention-MSE x5 (the integration's old default)", "diffkd", 1.0,
+                        options={"distance": "attention_mse", "tau": 0.5, "kd_weight": 5.0}, kd_lr_scale=1.0),
     "diffkd_mse_auto_lr3": Row("DiffKD, MSE, auto, kd lr x3", "diffkd", options=PAPER_MSE, kd_lr_scale=3.0),
     "diffkd_mse_auto_lr10": Row("DiffKD, MSE, auto, kd lr x10", "diffkd", options=PAPER_MSE, kd_lr_scale=10.0),
     "mse_lr10": Row("mse (FitNet), kd lr x10", "mse", kd_lr_scale=10.0),

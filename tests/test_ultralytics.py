@@ -72,6 +72,11 @@ def run(tmp_path: Path, task: str, name: str = "run", **kwargs):
     return yolo_kd.distill(**args)
 
 
+def kd_state(trainer) -> dict:
+    """A copy of the tensors of the trainer's distillation step (its state also holds the auto window's sums)."""
+    return {k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
 def plain_parameter_count(trainer) -> int:
     """The parameters of the student as Ultralytics builds it for this data, without any distillation."""
     return sum(p.numel() for p in trainer.get_model(cfg=MODELS[trainer.args.task], weights=None, verbose=False).parameters())
@@ -114,7 +119,7 @@ def test_each_task_distils_into_plain_checkpoints(tmp_path, one_thread, task):
     snapshots: dict[str, object] = {}
 
     def before_training(trainer):
-        snapshots["kd"] = {k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()}
+        snapshots["kd"] = kd_state(trainer)
         in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
         snapshots["kd_in_optimizer"] = all(id(p) in in_optimizer for p in trainer.kd_step.parameters())
         snapshots["kd_group"] = [g for g in trainer.optimizer.param_groups if g.get("param_group") == "kd"]
@@ -122,7 +127,8 @@ def test_each_task_distils_into_plain_checkpoints(tmp_path, one_thread, task):
     trainer = run(tmp_path, task, callbacks={"on_pretrain_routine_end": [before_training]})
     columns = open(trainer.csv).readline().strip().split(",")
     kd_columns = [c for c in columns if re.fullmatch(r"train/p\d_\w+", c)]
-    assert kd_columns == [f"train/p{level}_{term}" for level in (3, 4, 5) for term in ("kd", "diff")]
+    assert kd_columns == [*(f"train/p{level}_{term}" for level in (3, 4, 5) for term in ("kd", "diff")),
+                          *(f"train/p{level}_w" for level in (3, 4, 5))]  # the default weight: auto, logged
     assert not [c for c in columns if re.fullmatch(r"val/p\d_\w+", c)]
     assert [f"train/{name}" for name in trainer.loss_names if re.fullmatch(r"p\d_\w+", name)] == kd_columns
     # the kd modules were optimised: in the optimizer (one group of their own), changed by the steps
@@ -163,7 +169,7 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
     saved: dict[str, object] = {}
 
     def stop_after_first_save(trainer):
-        saved["kd"] = {k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()}
+        saved["kd"] = kd_state(trainer)
         params = list(trainer.kd_step.parameters())
         saved["exp_avg"] = [trainer.optimizer.state[p]["exp_avg"].clone() for p in params]
         raise StopHere
@@ -176,7 +182,7 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
     restored: dict[str, object] = {}
 
     def after_setup(trainer):
-        restored["kd"] = {k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()}
+        restored["kd"] = kd_state(trainer)
         restored["exp_avg"] = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.kd_step.parameters()]
         restored["settings"] = trainer.kd_settings
         raise StopHere
@@ -199,8 +205,8 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
     with pytest.raises(ValueError) as excinfo:
         yolo_kd.distill(resume=str(last), kd_weight=0.5, method="mse")
     message = one_line_error(excinfo)
-    assert "method is 'diffkd' there, 'mse' given" in message and "kd_weight is 1.0 there, 0.5 given" in message
-    yolo_kd.resumed_settings(restored["settings"], {"kd_weight": 1, "teacher": str(teacher)})  # the same: accepted
+    assert "method is 'diffkd' there, 'mse' given" in message and "kd_weight is 'auto' there, 0.5 given" in message
+    yolo_kd.resumed_settings(restored["settings"], {"kd_weight": "auto", "teacher": str(teacher)})  # the same: accepted
     original = teacher.read_bytes()
     for other in (teacher_file(tmp_path / "other.pt", seed=1), teacher_file(tmp_path / "wider.pt", "yolov8m.yaml")):
         teacher.write_bytes(other.read_bytes())  # same path, other weights (then another width)
@@ -240,7 +246,7 @@ def test_a_stop_between_the_two_saves_resumes_from_the_older_pair(tmp_path, one_
     plain_save = BaseTrainer.save_model
 
     def save_once(trainer):
-        saves.append({k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()})
+        saves.append(kd_state(trainer))
         if len(saves) == 2:
             raise StopHere  # after kd_modules.pt of epoch 2, before last.pt of epoch 2
         return plain_save(trainer)
@@ -255,7 +261,7 @@ def test_a_stop_between_the_two_saves_resumes_from_the_older_pair(tmp_path, one_
     restored = {}
 
     def after_setup(trainer):
-        restored.update({k: v.detach().clone() for k, v in trainer.kd_step.state_dict().items()})
+        restored.update(kd_state(trainer))
         raise StopHere
 
     with pytest.raises(StopHere):

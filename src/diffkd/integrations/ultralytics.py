@@ -59,11 +59,12 @@ from ..step import DistillationStep
 from ..weighting import LossWeights, term_key, weight_spec
 
 SUPPORTED_METHODS = ("diffkd", "mse", "cwd", "fgd", "mgd", "pkd")
-# Each method's options on YOLO neck maps. diffkd: the paper's detection setting (attention-weighted MSE, tau 0.5,
-# kd term x5, diffusion x1, no autoencoder); fgd: the authors' one-stage (FCOS) weights; cwd, mgd, pkd: their defaults
-# (mgd and pkd: the authors' FPN settings).
+# Each method's options on YOLO neck maps. diffkd: the paper's main detection setting (MSE on each neck map, the
+# diffusion and kd terms at weight 1, no autoencoder; the level weight by the paper's rule, kd_weight=auto); its
+# attention-weighted MSE is method_options={"distance": "attention_mse"}. fgd: the authors' one-stage (FCOS)
+# weights; cwd, mgd, pkd: their defaults (mgd and pkd: the authors' FPN settings).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "diffkd": {"distance": "attention_mse", "tau": 0.5, "kd_weight": 5.0},
+    "diffkd": {},
     "mse": {},
     "cwd": {},
     "fgd": {"family": "fcos"},
@@ -86,7 +87,8 @@ class KDSettings:
 
     teacher: str
     method: str = "diffkd"
-    kd_weight: float | str = 1.0  # every level's weight: a number, or "auto" (diffkd.weighting, against the task loss)
+    kd_weight: float | str = "auto"  # every level's weight: "auto" (the kd terms together on the task loss's scale,
+    # the paper's rule; diffkd.weighting) or a number
     kd_latent: int | None = None  # diffkd only: an autoencoder with this many latent channels (at most the teacher's)
     teacher_layers: tuple[int, ...] | None = None  # default: the inputs of the teacher's head
     student_layers: tuple[int, ...] | None = None  # default: the inputs of the student's head (only those can be read)
