@@ -92,7 +92,7 @@ def test_unknown_key_names_the_valid_keys_and_closest_match() -> None:
         check({"optim": {"lrr": 0.1}})
     assert str(err.value) == (
         "unknown key 'optim.lrr'. Did you mean 'optim.lr'? Valid keys in optim: "
-        "name, lr, momentum, nesterov, weight_decay, no_decay_norm_bias, eps, alpha, betas"
+        "name, lr, momentum, nesterov, weight_decay, no_decay_norm_bias, eps, alpha, betas, methods_lr_scale"
     )
 
 

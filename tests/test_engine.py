@@ -152,6 +152,25 @@ def test_no_decay_groups_hold_norms_and_biases() -> None:
     assert len(single.param_groups) == 1
 
 
+def test_method_modules_learn_at_their_own_multiple_of_the_rate() -> None:
+    student, method = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    params = [*student.parameters(), *method.parameters()]
+    cfg = OptimConfig(name="sgd", lr=0.2, weight_decay=5e-4, no_decay_norm_bias=True, methods_lr_scale=3.0)
+    optimizer = build_optimizer(params, cfg, method.parameters())
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 4
+    assert [by_param[id(p)]["lr"] for p in student.parameters()] == pytest.approx([0.2, 0.2])
+    assert [by_param[id(p)]["lr"] for p in method.parameters()] == pytest.approx([0.6, 0.6])
+    assert by_param[id(method.weight)]["weight_decay"] == 5e-4 and by_param[id(method.bias)]["weight_decay"] == 0.0
+    LRSchedule(ScheduleConfig(name="step", step_size=1, gamma=0.5), 0.2, Timeline(4, 3)).apply(optimizer, 4)
+    assert by_param[id(student.weight)]["lr"] == pytest.approx(0.1)
+    assert by_param[id(method.weight)]["lr"] == pytest.approx(0.3)  # the schedule keeps the ratio
+    plain = build_optimizer(params, OptimConfig(name="sgd", lr=0.2, no_decay_norm_bias=True), method.parameters())
+    assert len(plain.param_groups) == 2  # scale 1: the same two groups as without method parameters
+    with pytest.raises(ConfigError, match=r"optim.methods_lr_scale: must be more than 0, got 0"):
+        config_from_dict({"optim": {"methods_lr_scale": 0}})
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
 def test_optimizer_registry(name: str) -> None:
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(3))], OptimConfig(name=name, lr=0.3))
@@ -247,7 +266,7 @@ def test_methods_hear_the_progress_before_every_step_and_variants_resume_bit_ide
         "teacher.name=fmnist_teacher", f"teacher.checkpoint={random_teacher(tmp_path)}", "student.name=fmnist_student",
         "levels=[{student: '@logits', teacher: '@logits', method: diffkd, options: {distance: mse, kd_warmup_epochs: 1.5,"
         " normalize_target: true, sampler: dpm_solver++, inference_steps: 3}}]",
-        "data.limit_train=128", "data.limit_test=32", "optim.name=adamw", "optim.lr=0.001",
+        "data.limit_train=128", "data.limit_test=32", "optim.name=adamw", "optim.lr=0.001", "optim.methods_lr_scale=3",
     ]
     straight = run(tiny(tmp_path, *extra, name="straight", mode="distill"), mode="distill")
     assert heard == [(e + i / 4, 2) for e in range(2) for i in range(4)]  # 128 images, batch 32: 4 steps
@@ -256,9 +275,13 @@ def test_methods_hear_the_progress_before_every_step_and_variants_resume_bit_ide
     resumed = run(tiny(tmp_path, *extra, name="resumed", mode="distill"), mode="distill", resume=True)
     a, b = (load_checkpoint(p / "last.pt") for p in (straight.run_dir, resumed.run_dir))
     assert any(k.endswith("distance.normalizer.running_var") for k in a["model"])
+    rates = sorted({g["lr"] for g in a["optimizer"]["param_groups"]})  # the DiffKD modules learn at 3x the rate
+    assert len(rates) == 2 and rates[1] == pytest.approx(3 * rates[0])
     ta, tb = (all_tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
     assert ta.keys() == tb.keys()
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+
+
 @pytest.mark.integration
 def test_crd_bank_is_in_the_checkpoint_and_resume_is_bit_identical(tmp_path: Path) -> None:
     """CRD (dataset indices from the engine's data wrapper, a memory bank per side) plus a multi-tap VID level."""

@@ -100,6 +100,7 @@ class OptimConfig:
     eps: float = 1e-8
     alpha: float = 0.99
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    methods_lr_scale: float = 1.0  # the distillation methods' modules learn at this multiple of lr
 
 
 @dataclass
@@ -230,6 +231,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.mixup": (lambda v: v >= 0, "0 (off) or a positive Beta alpha"),
     "data.cutmix": (lambda v: v >= 0, "0 (off) or a positive Beta alpha"),
     "optim.lr": (lambda v: v >= 0, "0 or more"),
+    "optim.methods_lr_scale": (lambda v: v > 0, "more than 0"),
     "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
     "optim.betas": (lambda v: len(v) == 2, "a list of two numbers"),
     "schedule.every_epochs": (lambda v: v > 0, "more than 0"),

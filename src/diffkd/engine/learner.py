@@ -67,6 +67,10 @@ class Learner(ABC):
         """What the optimizer updates."""
         return (p for p in self.module.parameters() if p.requires_grad)
 
+    def method_parameters(self) -> Iterator[nn.Parameter]:
+        """Those of them that belong to the distillation methods' modules (none for plain training)."""
+        return iter(())
+
     @property
     def extra_parameters(self) -> int:
         """Parameters trained besides the student's (method modules); 0 for plain training."""
@@ -169,6 +173,9 @@ class DistillLearner(Learner):
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.module.trainable_parameters())
+
+    def method_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.module.methods.parameters() if p.requires_grad)
 
     @property
     def extra_parameters(self) -> int:

@@ -45,15 +45,22 @@ OPTIMIZERS: Mapping[str, Callable[[list[dict], OptimConfig], torch.optim.Optimiz
 )
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer cfg.name over params (groups per no_decay_norm_bias); each group remembers its initial lr."""
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig,
+                    method_params: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """The optimizer cfg.name over params (groups per no_decay_norm_bias); `method_params` (among params: the
+    distillation methods' modules) get groups of their own at `cfg.methods_lr_scale` times the rate. Each group
+    remembers its initial lr, which the schedule scales."""
     if cfg.name not in OPTIMIZERS:
         close = difflib.get_close_matches(cfg.name, list(OPTIMIZERS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}.{hint} Available: {', '.join(OPTIMIZERS)}")
     if cfg.nesterov and (cfg.name != "sgd" or cfg.momentum <= 0):
         raise ConfigError("optim.nesterov=true needs optim.name=sgd and optim.momentum > 0")
-    groups = parameter_groups(params, cfg.weight_decay, cfg.no_decay_norm_bias)
+    params = list(params)
+    scaled = {id(p) for p in method_params} if cfg.methods_lr_scale != 1.0 else set()
+    groups = parameter_groups([p for p in params if id(p) not in scaled], cfg.weight_decay, cfg.no_decay_norm_bias)
+    methods = parameter_groups([p for p in params if id(p) in scaled], cfg.weight_decay, cfg.no_decay_norm_bias)
+    groups += [{**g, "lr": cfg.lr * cfg.methods_lr_scale} for g in methods if g["params"]]
     optimizer = OPTIMIZERS[cfg.name](groups, cfg)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]

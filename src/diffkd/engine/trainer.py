@@ -234,7 +234,7 @@ def _build(cfg: Config, mode: str, ctx: distributed.Context) -> Session:
     if cfg.train.channels_last:
         layout.module_to_channels_last(learner.module)
     rng.seed_everything(cfg.train.seed + ctx.rank)  # distinct noise and augmentation per process
-    optimizer = build_optimizer(learner.trainable_parameters(), cfg.optim)
+    optimizer = build_optimizer(learner.trainable_parameters(), cfg.optim, learner.method_parameters())
     if learner.needs_indices:  # every item then comes with its dataset index, whatever the task
         train_set = WithIndices(train_set)
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.train.seed)
