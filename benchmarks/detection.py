@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,14 @@ METHODS = {  # name -> (config file, engine mode, overrides)
     "fgd_auto": ("fcos_r50_r18_fgd.yaml", "distill", AUTO_PER_LEVEL),
     "diffkd_auto_shared": ("fcos_r50_r18_diffkd.yaml", "distill", AUTO_SHARED),
     "fgd_auto_shared": ("fcos_r50_r18_fgd.yaml", "distill", AUTO_SHARED),
+    # the YOLO preset's distance (plain MSE on each level, no temperature) with the shared auto weight
+    "diffkd_mse_auto_shared": ("fcos_r50_r18_diffkd.yaml", "distill",
+                               AUTO_SHARED + tuple(f"levels.{i}.options.{o}" for i in range(5) for o in ("distance=mse", "tau=null"))),
 }
+# The same rows with the DiffKD modules learning at 3 or 10 times the student's rate (`optim.methods_lr_scale`),
+# the option the YOLO benchmark's tuning setting searches: does a denoiser that learns faster pay here too?
+METHODS.update({f"{name}_lr{scale}": (METHODS[name][0], "distill", METHODS[name][2] + (f"optim.methods_lr_scale={scale}",))
+                for name in ("diffkd_auto_shared", "diffkd_mse_auto_shared") for scale in (3, 10)})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--results", help="also write benchmarks/results/<RESULTS>.json (the file the docs' tables are "
+                                     "rendered from), with each DiffKD run's losses epoch by epoch")
     return p.parse_args(argv)
 
 
@@ -146,6 +156,43 @@ def summary(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def epoch_losses(record: dict[str, Any]) -> dict[str, float]:
+    """One epoch of a run's history as the balance tables show it: the detection loss, the kd terms together,
+    each DiffKD level's diffusion loss (unweighted) and the final AP."""
+    losses = {"task": record["loss_task"], "AP": record["test_AP"],
+              "kd_total": sum(v for k, v in record.items() if k.startswith("loss_") and k.endswith("/kd"))}
+    for key, value in record.items():
+        if key.startswith("loss_diffkd_") and key.endswith("/diffusion"):
+            level = key[len("loss_diffkd_"):-len("/diffusion")]
+            losses[f"{level}_diff"] = record.get(f"diffkd_{level}/diffusion/raw", value)
+    return losses
+
+
+def write_results(name: str, results: dict[str, Any], args: argparse.Namespace, command: str) -> None:
+    """benchmarks/results/<name>.json: every run's final AP and its epochs; the table over seeds and, for seed 0
+    of each DiffKD row, its losses epoch by epoch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results import write
+
+    runs = [{"group": "fcos", "row": method, "seed": seed, "epochs": [epoch_losses(r) for r in run["history"]],
+             "metrics": {**run["final"], "best_AP": run["best"]["AP"], "train_seconds": run["train_seconds"]}}
+            for method, by_seed in results["methods"].items() for seed, run in by_seed.items()]
+    columns = [{"label": "seeds", "kind": "seeds"}, {"label": "box AP", "metric": "AP", "digits": 1},
+               {"label": "vs student", "metric": "AP", "kind": "delta", "base": "student", "digits": 1},
+               {"label": "best-epoch AP", "metric": "best_AP", "digits": 1},
+               {"label": "train s / run", "metric": "train_seconds", "kind": "mean", "digits": 0}]
+    tables = {"fcos": {"group": "fcos", "columns": columns, "rows": list(results["methods"])}}
+    balance = [{"label": "detection loss", "metric": "task"}, {"label": "DiffKD kd terms", "metric": "kd_total"},
+               *({"label": f"{p} diffusion", "metric": f"{p}_diff"} for p in ("p3", "p4", "p5", "p6", "p7")),
+               {"label": "AP", "metric": "AP", "digits": 1}]
+    for method in results["methods"]:
+        if METHODS[method][0] == "fcos_r50_r18_diffkd.yaml" and args.seeds[0] in results["methods"][method]:
+            tables[f"{method}-balance"] = {"row_label": "epoch", "columns": balance,
+                                           "epochs_of": {"group": "fcos", "row": method, "seed": args.seeds[0]}}
+    write(name, command=command, seeds=args.seeds, runs=runs,
+          extra={"stages": {"teacher": results["teacher"]["final"]}, "tables": tables})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -166,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method} seed {seed}: final AP {runs[seed]['final']['AP']:.1f}", flush=True)
             results["methods"][method] = runs
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            if args.results:
+                command = "OMP_NUM_THREADS=1 python benchmarks/detection.py " + " ".join(argv if argv is not None else sys.argv[1:])
+                write_results(args.results, results, args, command)
     report = summary(results, args)
     (out / "results.md").write_text(report + "\n")
     print(report)
