@@ -133,6 +133,7 @@ def test_each_task_distils_into_plain_checkpoints(tmp_path, one_thread, task):
     assert [f"train/{name}" for name in trainer.loss_names if re.fullmatch(r"p\d_\w+", name)] == kd_columns
     # the kd modules were optimised: in the optimizer (one group of their own), changed by the steps
     assert snapshots["kd_in_optimizer"] and len(snapshots["kd_group"]) == 1
+    assert snapshots["kd_group"][0]["lr"] == pytest.approx(10 * trainer.args.lr0)  # the default kd_lr_scale
     after = trainer.kd_step.state_dict()
     moved = [k for k, v in snapshots["kd"].items() if v.is_floating_point() and not torch.equal(v, after[k])]
     assert any(k.endswith("weight") for k in moved)

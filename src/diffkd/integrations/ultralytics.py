@@ -94,7 +94,8 @@ class KDSettings:
     student_layers: tuple[int, ...] | None = None  # default: the inputs of the student's head (only those can be read)
     method_options: dict[str, Any] = field(default_factory=dict)
     resize_maps: bool = False  # pair maps of different strides, the student's resized to the teacher's (else refused)
-    kd_lr_scale: float = 1.0  # the kd modules learn at this multiple of the student's learning rate (lr0)
+    kd_lr_scale: float = 10.0  # the kd modules learn at this multiple of the student's learning rate (lr0); 10:
+    # chosen on the YOLO benchmark's tuning setting by its written rule (DiffKD's denoiser learns; docs/benchmarks-yolo)
 
     def __post_init__(self) -> None:
         if self.method not in SUPPORTED_METHODS:
