@@ -430,14 +430,17 @@ def results_tables(workflows: list[str]) -> dict:
                {"label": "mAP50", "metric": "mAP50", **metric},
                {"label": "CPU s / epoch", "metric": "epoch_cpu_seconds", "kind": "mean", "digits": 1},
                {"label": "x student", "metric": "epoch_cpu_seconds", "kind": "ratio", "base": "student"},
-               {"label": "x native KD", "metric": "epoch_cpu_seconds", "kind": "ratio", "base": "native"}]
+               {"label": "x native KD", "metric": "epoch_cpu_seconds", "kind": "ratio", "base": "native"},
+               *({"label": f"{p.upper()} diffusion, last epoch", "metric": f"{p}_diff_last", "kind": "mean", "digits": 2}
+                 for p in ("p3", "p4", "p5"))]
     labels = {name: row.label for name, row in {**ROWS, **TUNING_ROWS}.items()}
     tables = {w: {"group": w, "columns": columns, "labels": labels, "rows": list({**ROWS, **TUNING_ROWS})}
               for w in workflows}
     balance = [{"label": "task (box+cls+dfl)", "metric": "task"}, {"label": "kd terms", "metric": "kd_total"},
                *({"label": f"{p} diffusion", "metric": f"{p}_diff"} for p in ("p3", "p4", "p5"))]
+    diffkd_rows = [name for name, row in {**ROWS, **TUNING_ROWS}.items() if row.method == "diffkd"]
     for w in workflows:
-        for row in ("diffkd", "diffkd_mse_auto", "diffkd_paper"):
+        for row in diffkd_rows:
             tables[f"{w}-{row}-balance"] = {"row_label": "epoch", "columns": balance,
                                            "epochs_of": {"group": w, "row": row, "seed": 0}}
     return tables
@@ -483,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
                     from results import write
 
                     runs = [{"group": r["workflow"], "row": r["row"], "seed": r["seed"], "epochs": r["epochs"],
-                             "metrics": {k: r[k] for k in ("mAP50-95", "mAP50", "epoch_cpu_seconds", "peak_rss_mib")}}
+                             "metrics": {**{k: r[k] for k in ("mAP50-95", "mAP50", "epoch_cpu_seconds", "peak_rss_mib")},
+                                         **{f"{k}_last": v for k, v in r["epochs"][-1].items() if k.endswith("_diff")}}}
                             for r in results]
                     stages = {name: json.loads((out / name / "summary.json").read_text())
                               for name in ("source-teacher", "source-student", "teacher")
