@@ -66,7 +66,9 @@ def render_table(results: dict, name: str) -> str:
              "|" + "---|" * (len(columns) + 1)]
     if "epochs_of" in spec:  # one run's training, epoch by epoch (its results.csv figures)
         wanted = spec["epochs_of"]
-        run = next(r for r in results["runs"] if all(r.get(k) == v for k, v in wanted.items()))
+        run = next((r for r in results["runs"] if all(r.get(k) == v for k, v in wanted.items())), None)
+        if run is None:
+            raise ValueError(f"table {name!r} of {results['benchmark']}.json shows the run {wanted}, which the file lacks")
         for i, epoch in enumerate(run["epochs"], start=1):
             cells = [fmt(epoch.get(c["metric"]), c.get("digits", 2)) for c in columns]
             lines.append("| " + " | ".join([str(i), *cells]) + " |")

@@ -422,9 +422,9 @@ def write_tables(results: list[dict], out: Path, command: str) -> str:
     return table
 
 
-def results_tables(workflows: list[str]) -> dict:
+def results_tables(workflows: list[str], runs: list[dict]) -> dict:
     """The tables benchmarks/render.py draws from the results file: one per workflow, and the balance of the kd
-    terms against the task loss, epoch by epoch, of seed 0 of the DiffKD rows."""
+    terms against the task loss, epoch by epoch, of the first seed of each DiffKD row that ran."""
     metric = {"digits": 3}
     columns = [{"label": "seeds", "kind": "seeds"},
                {"label": "mAP50-95", "metric": "mAP50-95", **metric},
@@ -440,11 +440,12 @@ def results_tables(workflows: list[str]) -> dict:
               for w in workflows}
     balance = [{"label": "task (box+cls+dfl)", "metric": "task"}, {"label": "kd terms", "metric": "kd_total"},
                *({"label": f"{p} diffusion", "metric": f"{p}_diff"} for p in ("p3", "p4", "p5"))]
-    diffkd_rows = [name for name, row in {**ROWS, **TUNING_ROWS}.items() if row.method == "diffkd"]
-    for w in workflows:
-        for row in diffkd_rows:
-            tables[f"{w}-{row}-balance"] = {"row_label": "epoch", "columns": balance,
-                                           "epochs_of": {"group": w, "row": row, "seed": 0}}
+    diffkd_rows = {name for name, row in {**ROWS, **TUNING_ROWS}.items() if row.method == "diffkd"}
+    for run in runs:
+        key = f"{run['group']}-{run['row']}-balance"
+        if run["row"] in diffkd_rows and key not in tables:
+            tables[key] = {"row_label": "epoch", "columns": balance,
+                           "epochs_of": {"group": run["group"], "row": run["row"], "seed": run["seed"]}}
     return tables
 
 
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
                               for name in ("source-teacher", "source-student", "teacher")
                               if (out / name / "summary.json").is_file()}
                     write(args.results, command=command, seeds=args.seeds, runs=runs,
-                          extra={"stages": stages, "tables": results_tables(args.workflows)})
+                          extra={"stages": stages, "tables": results_tables(args.workflows, runs)})
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def test_user_errors_print_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.strip() == (
         "diffkd train: error: unknown key 'optim.lrr'. Did you mean 'optim.lr'? Valid keys in optim: "
-        "name, lr, momentum, nesterov, weight_decay, no_decay_norm_bias, eps, alpha, betas"
+        "name, lr, momentum, nesterov, weight_decay, no_decay_norm_bias, eps, alpha, betas, methods_lr_scale"
     )
     assert main(["eval", str(tmp_path / "nowhere")]) == 1
     assert "checkpoint or run directory" in capsys.readouterr().err
