@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -156,6 +157,10 @@ def summary(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+LABELS = {"student": "student alone", "diffkd_auto_shared": "DiffKD, attention-MSE, weight auto (shared)",
+          "diffkd_mse_auto_shared": "DiffKD, MSE, weight auto (shared)"}
+
+
 def epoch_losses(record: dict[str, Any]) -> dict[str, float]:
     """One epoch of a run's history as the balance tables show it: the detection loss, the kd terms together,
     each DiffKD level's diffusion loss (unweighted) and the final AP."""
@@ -175,13 +180,15 @@ def write_results(name: str, results: dict[str, Any], args: argparse.Namespace, 
     from results import write
 
     runs = [{"group": "fcos", "row": method, "seed": seed, "epochs": [epoch_losses(r) for r in run["history"]],
-             "metrics": {**run["final"], "best_AP": run["best"]["AP"], "train_seconds": run["train_seconds"]}}
+             "metrics": {**{k: v for k, v in run["final"].items() if math.isfinite(v)}, "best_AP": run["best"]["AP"], "train_seconds": run["train_seconds"]}}
             for method, by_seed in results["methods"].items() for seed, run in by_seed.items()]
     columns = [{"label": "seeds", "kind": "seeds"}, {"label": "box AP", "metric": "AP", "digits": 1},
                {"label": "vs student", "metric": "AP", "kind": "delta", "base": "student", "digits": 1},
                {"label": "best-epoch AP", "metric": "best_AP", "digits": 1},
                {"label": "train s / run", "metric": "train_seconds", "kind": "mean", "digits": 0}]
-    tables = {"fcos": {"group": "fcos", "columns": columns, "rows": list(results["methods"])}}
+    labels = {name: LABELS.get(name.rsplit("_lr", 1)[0], name) + (f", modules at {name.rsplit('_lr', 1)[1]}x the rate"
+                                                                   if "_lr" in name else "") for name in results["methods"]}
+    tables = {"fcos": {"group": "fcos", "columns": columns, "rows": list(results["methods"]), "labels": labels}}
     balance = [{"label": "detection loss", "metric": "task"}, {"label": "DiffKD kd terms", "metric": "kd_total"},
                *({"label": f"{p} diffusion", "metric": f"{p}_diff"} for p in ("p3", "p4", "p5", "p6", "p7")),
                {"label": "AP", "metric": "AP", "digits": 1}]
@@ -189,8 +196,8 @@ def write_results(name: str, results: dict[str, Any], args: argparse.Namespace, 
         if METHODS[method][0] == "fcos_r50_r18_diffkd.yaml" and args.seeds[0] in results["methods"][method]:
             tables[f"{method}-balance"] = {"row_label": "epoch", "columns": balance,
                                            "epochs_of": {"group": "fcos", "row": method, "seed": args.seeds[0]}}
-    write(name, command=command, seeds=args.seeds, runs=runs,
-          extra={"stages": {"teacher": results["teacher"]["final"]}, "tables": tables})
+    teacher = {k: v for k, v in results["teacher"]["final"].items() if math.isfinite(v)}  # APl is NaN: no large boxes
+    write(name, command=command, seeds=args.seeds, runs=runs, extra={"stages": {"teacher": teacher}, "tables": tables})
 
 
 def main(argv: list[str] | None = None) -> int:
