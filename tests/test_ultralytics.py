@@ -67,7 +67,7 @@ def write_dataset(root: Path, task: str, images: int = 8, seed: int = 0) -> Path
 def run(tmp_path: Path, task: str, name: str = "run", **kwargs):
     data = write_dataset(tmp_path / f"data-{task}", task) if not (tmp_path / f"data-{task}").exists() else \
         tmp_path / f"data-{task}" / "data.yaml"
-    args = {**FAST, "student": MODELS[task], "teacher": MODELS[task].replace("n", "s", 1).replace("v8s", "v8s"),
+    args = {**FAST, "method": "diffkd", "student": MODELS[task], "teacher": MODELS[task].replace("n", "s", 1).replace("v8s", "v8s"),
             "data": str(data), "project": str(tmp_path / "runs"), "name": name, **kwargs}
     return yolo_kd.distill(**args)
 
@@ -291,7 +291,8 @@ def test_a_finished_run_says_so_on_resume_and_a_random_teacher_is_named(tmp_path
     kept = Kept()
     LOGGER.addHandler(kept)
     data = write_dataset(tmp_path / "data", "detect")
-    pairs = [f"{k}={v}" for k, v in {**FAST, "epochs": 1, "val": False, "project": tmp_path / "runs", "name": "done"}.items()]
+    given = {**FAST, "method": "diffkd", "epochs": 1, "val": False, "project": tmp_path / "runs", "name": "done"}
+    pairs = [f"{k}={v}" for k, v in given.items()]
     try:
         assert main(["yolo", "student=yolov8n.yaml", "teacher=yolov8s.yaml", f"data={data}", *pairs]) == 0
     finally:
@@ -364,15 +365,15 @@ def test_a_method_yolo_cannot_feed_is_refused(method, reason):
 
 
 def test_settings_are_checked():
-    assert yolo_kd.KDSettings("t.pt", kd_weight="auto").kd_weight == "auto"
+    assert yolo_kd.KDSettings("t.pt", method="diffkd", kd_weight="auto").kd_weight == "auto"
     for weight in (-1.0, "half", True):
         with pytest.raises(ValueError, match=">= 0 or 'auto'"):
-            yolo_kd.KDSettings("t.pt", kd_weight=weight)
+            yolo_kd.KDSettings("t.pt", method="diffkd", kd_weight=weight)
     with pytest.raises(ValueError, match="autoencoder"):
         yolo_kd.KDSettings("t.pt", method="mse", kd_latent=64)
     with pytest.raises(ValueError, match="layer indices"):
-        yolo_kd.KDSettings("t.pt", teacher_layers=("a",))
-    assert yolo_kd.KDSettings("t.pt", teacher_layers=[15, 18]).teacher_layers == (15, 18)
+        yolo_kd.KDSettings("t.pt", method="diffkd", teacher_layers=("a",))
+    assert yolo_kd.KDSettings("t.pt", method="diffkd", teacher_layers=[15, 18]).teacher_layers == (15, 18)
 
 
 def test_data_that_would_download_is_refused(tmp_path):
@@ -431,9 +432,9 @@ def test_student_layers_must_be_inputs_of_its_head():
 
     student, teacher = (DetectionModel(cfg, nc=2, verbose=False) for cfg in ("yolov8n.yaml", "yolo11s.yaml"))
     with pytest.raises(ValueError, match=r"student layers \[12\] are not inputs of the student's head \[15, 18, 21\]"):
-        yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", student_layers=(12, 15, 18)), 64, 3)
+        yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="diffkd", student_layers=(12, 15, 18)), 64, 3)
     with pytest.raises(ValueError, match="2 student maps .* but 3 teacher maps"):
-        yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", student_layers=(15, 18)), 64, 3)
+        yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="diffkd", student_layers=(15, 18)), 64, 3)
     # another family and width: the v8n's head inputs 15/18/21 pair with the 11s's 16/19/22
     step, levels = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="cwd"), 64, 3)
     assert [(lv.name, lv.student_position, lv.teacher_layer) for lv in levels] == [("p3", 0, 16), ("p4", 1, 19), ("p5", 2, 22)]
@@ -503,10 +504,13 @@ def test_the_cli_gives_one_line_for_bad_input(tmp_path, capsys):
 
     data = write_dataset(tmp_path / "data", "detect", images=2)
     for pairs, expected in ((["method=crd"], "index in the training set"), (["epohcs=3"], "did you mean 'epochs'"),
-                            (["model=yolov8n.yaml"], "student=")):
-        status = main(["yolo", "student=yolov8n.yaml", "teacher=yolov8s.yaml", f"data={data}", *pairs])
+                            (["model=yolov8n.yaml"], "student="),
+                            ([], "give method= (one of diffkd, mse, cwd, fgd, mgd, pkd): diffkd yolo has no default")):
+        status = main(["yolo", "student=yolov8n.yaml", "teacher=yolov8s.yaml", f"data={data}", *pairs,
+                       f"project={tmp_path / 'runs'}", "name=bad"])
         err = capsys.readouterr().err.strip()
         assert status == 1 and len(err.splitlines()) == 1 and expected in err, err
+        assert not (tmp_path / "runs" / "bad").exists()
 
 
 @pytest.mark.integration
@@ -662,7 +666,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unread_wherever_it_is_given
     assert not teacher.training
 
 
-FAST_ARGS = {k: v for k, v in FAST.items() if k != "exist_ok"}
+FAST_ARGS = {"method": "diffkd", **{k: v for k, v in FAST.items() if k != "exist_ok"}}  # a new run (no default method)
 
 
 def test_maps_of_different_strides_are_paired_only_when_asked_and_the_head_is_no_map():
@@ -674,14 +678,14 @@ def test_maps_of_different_strides_are_paired_only_when_asked_and_the_head_is_no
                              ({"teacher_layers": (15,), "student_layers": (21,)}, "student layer 21 is a 2x2 map (stride "
                                                                                   "32) but teacher layer 15 is 8x8")):
         with pytest.raises(ValueError) as excinfo:
-            yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", **layers), 64, 3)
+            yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="diffkd", **layers), 64, 3)
         message = one_line_error(excinfo)
         assert expected in message and "resize_maps=True" in message, message
     _, levels = yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="mse", teacher_layers=(15,),
                                                                              student_layers=(21,), resize_maps=True), 64, 3)
     assert [(lv.name, lv.teacher_layer) for lv in levels] == [("p5", 15)]
     with pytest.raises(ValueError) as excinfo:
-        yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", teacher_layers=(15, 18, 22)), 64, 3)
+        yolo_kd.build_levels(student, teacher, yolo_kd.KDSettings("t.pt", method="diffkd", teacher_layers=(15, 18, 22)), 64, 3)
     assert "teacher layer 22 (Detect) gives no feature map" in one_line_error(excinfo)
 
 

@@ -190,8 +190,9 @@ def _yolo(args: argparse.Namespace) -> int:
 YOLO = Command(
     "distil an Ultralytics YOLO student inside Ultralytics' trainer (detect, segment, pose, obb)",
     "Distil the student's neck maps from a YOLO teacher inside Ultralytics' own trainer. diffkd's keys:\n"
-    "student, teacher, method (diffkd, mse, cwd, fgd, mgd, pkd), kd_weight, kd_latent, teacher_layers,\n"
-    "student_layers, method_options, resize_maps, allow_download; every other key is an Ultralytics train argument.\n\n"
+    "student, teacher, method (required: diffkd, mse, cwd, fgd, mgd, pkd), kd_weight, kd_lr_scale, kd_latent,\n"
+    "teacher_layers, student_layers, method_options, resize_maps, allow_download; every other key is an Ultralytics\n"
+    "train argument.\n\n"
     "example:\n  diffkd yolo student=yolo11n.yaml teacher=runs/detect/train/weights/best.pt data=my.yaml \\\n"
     "      method=diffkd epochs=100 imgsz=640",
     lambda parser: parser.add_argument("pairs", nargs="*", metavar="key=value", help="diffkd and Ultralytics arguments"),

@@ -22,7 +22,7 @@ import difflib
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "mgd": {},
     "pkd": {},
 }
+NO_DEFAULT = (f"give method= (one of {', '.join(SUPPORTED_METHODS)}): diffkd yolo has no default method, since "
+              "none was at least the student alone in both workflows of the YOLO benchmark (docs/benchmarks-yolo.md)")
 KD_KEYS = ("teacher", "method", "kd_weight", "kd_latent", "kd_lr_scale", "teacher_layers", "student_layers",
            "method_options", "resize_maps", "allow_download")
 STATE_FILE = "kd_modules.pt"  # beside last.pt; not named last*.pt, which Ultralytics' resume=True searches for
@@ -86,7 +88,7 @@ class KDSettings:
     """What to distil: the teacher (YOLO checkpoint or model .yaml), the method, its level weight and options."""
 
     teacher: str
-    method: str = "diffkd"
+    method: str  # no default: none measured at least the student alone in both benchmark workflows (NO_DEFAULT)
     kd_weight: float | str = "auto"  # every level's weight: "auto" (the kd terms together on the task loss's scale,
     # the paper's rule; diffkd.weighting) or a number
     kd_latent: int | None = None  # diffkd only: an autoencoder with this many latent channels (at most the teacher's)
@@ -668,7 +670,7 @@ def resumed_settings(saved: KDSettings, given: dict[str, Any]) -> None:
     differing = []
     for key, value in given.items():
         theirs = getattr(saved, key)
-        mine = getattr(KDSettings(saved.teacher, **{key: value}), key) if key != "teacher" else str(value)
+        mine = getattr(replace(saved, **{key: value}), key) if key != "teacher" else str(value)
         if mine != theirs:
             differing.append(f"{key} is {theirs!r} there, {value!r} given")
     if differing:
@@ -703,6 +705,8 @@ def preflight_new(student: str, teacher: str | None, data: str | None, given: di
         raise ValueError("give teacher= (a YOLO checkpoint of the same task and classes, or a model .yaml)")
     if data is None:
         raise ValueError("give data= (an Ultralytics data yaml)")
+    if "method" not in given:
+        raise ValueError(NO_DEFAULT)
     if not allow_download:
         check_data(data)
     settings = KDSettings(str(teacher), **{k: dict(v) if k == "method_options" else v for k, v in given.items()})
