@@ -35,8 +35,12 @@ def fmt(value: float | None, digits: int, signed: bool = False) -> str:
 
 
 def cell(column: dict, runs: list[dict], base: list[dict] | None) -> str:
-    """One cell: a statistic of a metric over the row's runs (mean ± std, mean, ratio or difference to a base row)."""
+    """One cell: a statistic of a metric over the row's runs (mean ± std, mean, ratio or difference to a base row);
+    a column with a "group" reads that group's runs only (a table comparing two workflows side by side)."""
     kind, digits = column.get("kind", "mean_std"), column.get("digits", 3)
+    if "group" in column:
+        runs = [r for r in runs if r.get("group") == column["group"]]
+        base = [r for r in base or [] if r.get("group") == column["group"]]
     if kind == "seeds":
         return ", ".join(str(r["seed"]) for r in runs)
     values = [r["metrics"][column["metric"]] for r in runs if column["metric"] in r["metrics"]]

@@ -423,8 +423,9 @@ def write_tables(results: list[dict], out: Path, command: str) -> str:
 
 
 def results_tables(workflows: list[str], runs: list[dict]) -> dict:
-    """The tables benchmarks/render.py draws from the results file: one per workflow, and the balance of the kd
-    terms against the task loss, epoch by epoch, of the first seed of each DiffKD row that ran."""
+    """The tables benchmarks/render.py draws from the results file: one per workflow, the README's (both
+    workflows), and the balance of the kd terms against the task loss, epoch by epoch, of the first seed of each
+    DiffKD row that ran."""
     metric = {"digits": 3}
     columns = [{"label": "seeds", "kind": "seeds"},
                {"label": "mAP50-95", "metric": "mAP50-95", **metric},
@@ -440,6 +441,11 @@ def results_tables(workflows: list[str], runs: list[dict]) -> dict:
               for w in workflows}
     balance = [{"label": "task (box+cls+dfl)", "metric": "task"}, {"label": "kd terms", "metric": "kd_total"},
                *({"label": f"{p} diffusion", "metric": f"{p}_diff"} for p in ("p3", "p4", "p5"))]
+    if set(workflows) >= {"scratch", "finetune"}:  # the README's: both workflows side by side
+        tables["readme"] = {"source": "short", "labels": labels, "rows": list(ROWS), "columns": [
+            {"label": f"{title}, {label}", "group": w, "metric": "mAP50-95", **metric, **kind}
+            for w, title in (("scratch", "from scratch"), ("finetune", "fine-tuning"))
+            for label, kind in (("mAP50-95", {}), ("vs student", {"kind": "delta", "base": "student"}))]}
     diffkd_rows = {name for name, row in {**ROWS, **TUNING_ROWS}.items() if row.method == "diffkd"}
     for run in runs:
         key = f"{run['group']}-{run['row']}-balance"

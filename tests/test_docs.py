@@ -41,6 +41,20 @@ def test_a_table_that_differs_from_its_file_is_found_and_rewritten(tmp_path):
     assert render.render_text(rendered, {}) == rendered
 
 
+def test_a_column_with_a_group_reads_that_groups_runs_only():
+    def run(group, row, seed, value):
+        return {"group": group, "row": row, "seed": seed, "metrics": {"m": value}}
+
+    runs = [run("a", "s", 0, 0.30), run("a", "s", 1, 0.34), run("a", "k", 0, 0.40), run("a", "k", 1, 0.44),
+            run("b", "s", 0, 0.50), run("b", "k", 0, 0.45), run("b", "k", 1, 0.47)]
+    record = {"benchmark": "toy", "date": "today", "runs": runs, "tables": {"both": {"source": "short", "rows": ["s", "k"],
+              "columns": [{"label": "a", "group": "a", "metric": "m", "kind": "mean", "digits": 2},
+                          {"label": "b vs s", "group": "b", "metric": "m", "kind": "delta", "base": "s", "digits": 2}]}}}
+    lines = render.render_table(record, "both").splitlines()
+    # a: s (0.30 + 0.34) / 2, k (0.40 + 0.44) / 2; b: k's mean 0.46 less s's 0.50
+    assert lines[2:4] == ["| s | 0.32 | +0.00 |", "| k | 0.42 | -0.04 |"], lines
+
+
 def test_the_methods_page_lists_every_registered_method_and_option():
     from diffkd.methods import METHODS
 
