@@ -31,6 +31,9 @@ from diffkd.config import Config, load_config
 from diffkd.detection.evaluator import METRICS, format_table
 from diffkd.engine import resume_or_restart, run
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write  # noqa: E402  (benchmarks/results.py)
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection" / "mosaics"
 TEACHER = ("fcos_r50_teacher.yaml", "train")
 # The paper's kd weight 5 assumes FPN features of moderate size; these from-scratch ones reach a std
@@ -176,11 +179,9 @@ def epoch_losses(record: dict[str, Any]) -> dict[str, float]:
 def write_results(name: str, results: dict[str, Any], args: argparse.Namespace, command: str) -> None:
     """benchmarks/results/<name>.json: every run's final AP and its epochs; the table over seeds and, for seed 0
     of each DiffKD row, its losses epoch by epoch."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from results import write
-
     runs = [{"group": "fcos", "row": method, "seed": seed, "epochs": [epoch_losses(r) for r in run["history"]],
-             "metrics": {**{k: v for k, v in run["final"].items() if math.isfinite(v)}, "best_AP": run["best"]["AP"], "train_seconds": run["train_seconds"]}}
+             "metrics": {**{k: v for k, v in run["final"].items() if math.isfinite(v)},  # APl is NaN: no large boxes
+                         "best_AP": run["best"]["AP"], "train_seconds": run["train_seconds"]}}
             for method, by_seed in results["methods"].items() for seed, run in by_seed.items()]
     columns = [{"label": "seeds", "kind": "seeds"}, {"label": "box AP", "metric": "AP", "digits": 1},
                {"label": "vs student", "metric": "AP", "kind": "delta", "base": "student", "digits": 1},

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/results.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write  # noqa: E402  (benchmarks/results.py)
 
 SOURCE_CLASSES = (1, 5, 7, 8, 9)  # Trouser, Sandal, Sneaker, Bag, Ankle boot
 TARGET_CLASSES = (0, 2, 3, 4, 6)  # T-shirt/top, Pullover, Dress, Coat, Shirt
@@ -492,8 +493,6 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(json.loads(result_file.read_text()))
                 print(write_tables(results, out, command), flush=True)
                 if args.results:
-                    from results import write
-
                     runs = [{"group": r["workflow"], "row": r["row"], "seed": r["seed"], "epochs": r["epochs"],
                              "metrics": {**{k: r[k] for k in ("mAP50-95", "mAP50", "epoch_cpu_seconds", "peak_rss_mib")},
                                          **{f"{k}_last": v for k, v in r["epochs"][-1].items() if k.endswith("_diff")}}}

@@ -230,7 +230,9 @@ def test_resume_restores_kd_modules_and_their_optimizer_state(tmp_path, one_thre
         state_file.write_bytes(damaged)
         with pytest.raises(ValueError) as excinfo:
             yolo_kd.distill(resume=str(last))
-        assert "cannot read checkpoint" in one_line_error(excinfo) and "weights_only" not in str(excinfo.value)
+        message = one_line_error(excinfo)
+        assert "cannot read checkpoint" in message and "weights_only" not in message
+        assert "resume from another checkpoint (with its own kd_modules.pt), or start a new run" in message
     state_file.unlink()
     with pytest.raises(ValueError) as excinfo:
         yolo_kd.distill(resume=str(last))
@@ -693,13 +695,13 @@ def test_a_run_folder_in_use_is_refused_and_failed_checks_leave_no_folder(tmp_pa
     from diffkd.engine.runlock import RunLock
 
     data = write_dataset(tmp_path / "data", "detect", images=2)
-    folder = tmp_path / "runs" / "shared"
+    folder = tmp_path / "runs" / "busy"
     held = RunLock(folder)
     held.acquire()  # another live run (here: this process) writes the folder
     try:
         with pytest.raises(ValueError) as excinfo:
             yolo_kd.distill("yolov8n.yaml", "yolov8s.yaml", data=str(data), project=str(tmp_path / "runs"),
-                            name="shared", exist_ok=True, **FAST_ARGS)
+                            name="busy", exist_ok=True, **FAST_ARGS)
         assert "is already in use" in one_line_error(excinfo) and "name= (or project=)" in str(excinfo.value)
         assert not folder.exists()  # nothing written into it
     finally:

@@ -66,8 +66,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 
 def read_state_file(path: str | os.PathLike, expected_format: int, what: str) -> dict:
     """A state file diffkd writes beside a framework's checkpoint (`{"format", "diffkd_version", ...}`), read with
-    `read_checkpoint`; a missing, damaged or other-format file is one ValueError saying what `what` it is and what
-    to do. Files written before formats were numbered have none."""
+    `read_checkpoint`; a missing, damaged or other-format file is one ValueError saying what to do (`what`: why
+    the file is needed, said when it is missing). Files written before formats were numbered have none."""
     from .. import __version__
 
     path = Path(path)
@@ -76,7 +76,7 @@ def read_state_file(path: str | os.PathLike, expected_format: int, what: str) ->
     try:
         state = read_checkpoint(path)
     except UnreadableCheckpoint as exc:
-        raise ValueError(f"{exc}; without it {what.split(':')[0]}: start again from another checkpoint") from None
+        raise ValueError(f"{exc}; resume from another checkpoint (with its own {path.name}), or start a new run") from None
     found = state.get("format") if isinstance(state, dict) else None
     if found != expected_format:
         wrote = f"diffkd {state['diffkd_version']}" if isinstance(state, dict) and state.get("diffkd_version") else \
