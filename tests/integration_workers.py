@@ -114,6 +114,9 @@ def main() -> None:
     result = (run_hf if kind == "hf" else run_lightning)(out, batch, steps)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result, out / f"rank{os.environ.get('RANK', '0')}.pt")
+    if torch.distributed.is_initialized():  # an undestroyed gloo group may abort the exit (it failed one make test)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
